@@ -1,0 +1,107 @@
+"""The one small interface every engine adapter implements.
+
+An adapter knows how to start its engine, when it is healthy, how to warm it up, and what to call on the
+engine before a checkpoint and after a restore. It knows nothing about sandboxes, checkpointers or the
+proxy: the launcher drives it.
+
+Adapters are registered by name in ``coldstart.engine_adapters.registry``; an unknown name raises
+``UnknownEngine`` listing the valid ones.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import httpx
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """How to start one engine process: argv, extra environment, working directory."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the user asked for: the engine's model and the arguments passed through after ``--``."""
+
+    model: str
+    engine_args: tuple[str, ...] = ()
+    # Where the engine binds. Inside a sandbox with its own network namespace this is 0.0.0.0; the
+    # launcher reaches it at the sandbox's ``base_url``, which adapter calls receive explicitly.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Name clients use in the ``model`` field; defaults to the model string, as vLLM does.
+    served_model_name: str | None = None
+
+    @property
+    def public_model_name(self) -> str:
+        return self.served_model_name or self.model
+
+
+class EngineAdapter(abc.ABC):
+    """Base class: subclasses set ``name`` and ``extra`` and implement ``launch_spec``."""
+
+    name: ClassVar[str]
+    # The pip extra that installs this engine: ``pip install 'coldstart[<extra>]'``.
+    extra: ClassVar[str]
+    # Engine routes the public proxy must never forward (control plane, unauthenticated upstream).
+    control_paths: ClassVar[frozenset[str]] = frozenset()
+
+    @abc.abstractmethod
+    def check_installed(self) -> None:
+        """Raise ``EngineNotInstalled`` (naming the extra to install) when the engine is missing."""
+
+    @abc.abstractmethod
+    def version(self) -> str:
+        """The engine's version string; part of the snapshot identity."""
+
+    @abc.abstractmethod
+    def launch_spec(self, config: EngineConfig) -> LaunchSpec:
+        """The command line that serves ``config.model`` on ``config.host:config.port``."""
+
+    def upstream_model_name(self, config: EngineConfig) -> str:
+        """The ``model`` string the engine itself expects in requests (the proxy rewrites to it)."""
+        return config.model
+
+    async def is_healthy(self, client: httpx.AsyncClient, base_url: str) -> bool:
+        """True once the engine serves requests. Default: ``GET /health`` answers 200."""
+        try:
+            response = await client.get(f"{base_url}/health", timeout=2.0)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    def warmup_requests(self, config: EngineConfig) -> list[tuple[str, dict[str, Any]]]:
+        """(path, JSON body) pairs sent after health and before a checkpoint."""
+        return [
+            (
+                "/v1/chat/completions",
+                {
+                    "model": self.upstream_model_name(config),
+                    "messages": [{"role": "user", "content": "Say hello."}],
+                    "max_tokens": 4,
+                    "temperature": 0,
+                },
+            )
+        ]
+
+    async def before_checkpoint(self, client: httpx.AsyncClient, base_url: str) -> None:
+        """Bring the engine to a checkpointable state (weights off the device, KV cache dropped)."""
+
+    async def after_restore(self, client: httpx.AsyncClient, base_url: str) -> None:
+        """Undo ``before_checkpoint`` on a restored (or resumed) engine before it takes traffic."""
+
+    def identity(self, config: EngineConfig) -> dict[str, Any]:
+        """Everything of this engine that shapes the process; hashed into the snapshot identity."""
+        return {
+            "engine": self.name,
+            "engine_version": self.version(),
+            "model": config.model,
+            "engine_args": list(config.engine_args),
+        }

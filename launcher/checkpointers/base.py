@@ -1,0 +1,47 @@
+"""Checkpointers: save a running engine's process tree into a folder and restore it as a new sandbox.
+
+Registered by name in ``coldstart.launcher.checkpointers.registry`` (``runsc``, ``criu``; ``cuda`` composes
+with either). ``--snapshot off`` uses no checkpointer and a ``PlainSandbox``.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from coldstart.launcher.sandbox import Sandbox
+
+
+@dataclass(frozen=True)
+class CheckpointerInfo:
+    """What ``probe()`` found: version (part of the snapshot identity) and optional capabilities."""
+
+    name: str
+    version: str
+    capabilities: frozenset[str] = field(default_factory=frozenset)
+
+
+class Checkpointer(abc.ABC):
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def probe(self) -> CheckpointerInfo:
+        """Find the tool, its version and flags. Raise ``CheckpointerUnavailable`` with the fix."""
+
+    @abc.abstractmethod
+    def new_sandbox(self, workdir: Path, replica_id: str) -> Sandbox:
+        """A sandbox this checkpointer can later checkpoint; ``workdir`` is private scratch space."""
+
+    @abc.abstractmethod
+    async def checkpoint(self, sandbox: Sandbox, image_dir: Path, *, leave_running: bool) -> None:
+        """Write the sandbox's process tree into ``image_dir`` (empty, already created).
+
+        The engine must hold no established or TIME_WAIT TCP connections; the caller drains them.
+        With ``leave_running`` the engine keeps serving afterwards (used for the first replica).
+        """
+
+    @abc.abstractmethod
+    async def restore(self, image_dir: Path, workdir: Path, replica_id: str) -> Sandbox:
+        """A new running sandbox restored from ``image_dir``; does not modify ``image_dir``."""

@@ -1,0 +1,51 @@
+"""Where an engine process tree runs: the interface the replica lifecycle drives.
+
+A sandbox owns one engine process tree from start (or restore) to reap. Kinds:
+- ``PlainSandbox`` (``launcher/plain_sandbox.py``): a host process group, loopback port; no snapshots.
+- the CRIU sandbox: a process tree in its own PID and network namespace (``checkpointers/criu.py``);
+- the runsc sandbox: a gVisor container with its own network namespace (``checkpointers/runsc.py``).
+
+The engine's stdout/stderr always go to a pipe the launcher owns (never a file the engine holds open:
+CRIU refuses to restore a file that grew since the dump), and the launcher keeps the tail for errors.
+"""
+
+from __future__ import annotations
+
+import abc
+
+from coldstart.engine_adapters.base import LaunchSpec
+
+
+class Sandbox(abc.ABC):
+    """One engine process tree. Created by a ``Checkpointer`` (or directly, for ``PlainSandbox``)."""
+
+    @property
+    @abc.abstractmethod
+    def base_url(self) -> str:
+        """How the launcher reaches the engine's HTTP server, e.g. ``http://10.88.0.2:8000``."""
+
+    @property
+    @abc.abstractmethod
+    def bind_host(self) -> str:
+        """The address the engine must bind inside this sandbox (``127.0.0.1`` or ``0.0.0.0``)."""
+
+    @property
+    @abc.abstractmethod
+    def bind_port(self) -> int:
+        """The port the engine must bind inside this sandbox."""
+
+    @abc.abstractmethod
+    async def start(self, spec: LaunchSpec) -> None:
+        """Start the engine cold. Returns once the process exists (not when it is healthy)."""
+
+    @abc.abstractmethod
+    def exit_code(self) -> int | None:
+        """The engine's exit status once it has exited, else None (used to detect a crash during boot)."""
+
+    @abc.abstractmethod
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines the engine printed (stdout and stderr together)."""
+
+    @abc.abstractmethod
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM, wait ``grace_s``, SIGKILL, reap; release namespaces and mounts. Idempotent."""
