@@ -80,8 +80,11 @@ def make_model(out: Path, size: str = "tiny", seed: int = 0, dtype: str = "bfloa
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tokenizer = _train_tokenizer(int(SIZES[size]["vocab_size"]))  # type: ignore[arg-type]
+    shape = dict(SIZES[size])
+    if size == "tiny":  # every id decodes to text; the real shape keeps Qwen3's 151936 rows
+        shape["vocab_size"] = len(tokenizer)
     config = Qwen3Config(
-        **SIZES[size],  # type: ignore[arg-type]
+        **shape,  # type: ignore[arg-type]
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         bos_token_id=None,
