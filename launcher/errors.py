@@ -1,0 +1,85 @@
+"""Errors of the launcher: every one is a single line a user can act on.
+
+    ColdstartError                 base; ``str(exc)`` is the one-line message shown by the CLIs
+    ├── UsageError                 bad command line or config (exit code 2)
+    │   ├── UnknownEngine          engine name not in the adapter registry (lists the valid names)
+    │   └── ModelNotFound          a local model path that does not exist
+    ├── EngineNotInstalled         the engine's package is missing (names the pip extra)
+    ├── PortInUse                  the proxy's (or engine's) port is taken
+    ├── EngineExited               the engine died while booting (carries the tail of its log)
+    ├── BootTimeout                the engine did not become healthy in time (carries the tail of its log)
+    ├── WarmupFailed               a warm-up request failed
+    ├── ReplicaStateError          an operation illegal in the replica's current state
+    ├── CheckpointerUnavailable    criu/runsc missing or unusable here (names the fix)
+    ├── SnapshotError              a snapshot could not be written, read or verified
+    └── RestoreFailed              restore failed; ``reason`` is a short label for metrics
+
+Foreign errors (subprocess, httpx, OSError) are mapped where they cross into the launcher with
+``raise ... from exc``; nothing below the CLI layer calls ``sys.exit``.
+"""
+
+from __future__ import annotations
+
+
+class ColdstartError(Exception):
+    """Base of all launcher errors; the message is one line naming what failed and what to do."""
+
+    exit_code = 1
+
+
+class UsageError(ColdstartError):
+    exit_code = 2
+
+
+class UnknownEngine(UsageError):
+    pass
+
+
+class ModelNotFound(UsageError):
+    pass
+
+
+class EngineNotInstalled(ColdstartError):
+    pass
+
+
+class PortInUse(ColdstartError):
+    pass
+
+
+class _WithLogTail(ColdstartError):
+    def __init__(self, message: str, log_tail: str = "") -> None:
+        super().__init__(message)
+        self.log_tail = log_tail
+
+
+class EngineExited(_WithLogTail):
+    pass
+
+
+class BootTimeout(_WithLogTail):
+    pass
+
+
+class WarmupFailed(ColdstartError):
+    pass
+
+
+class ReplicaStateError(ColdstartError):
+    pass
+
+
+class CheckpointerUnavailable(ColdstartError):
+    pass
+
+
+class SnapshotError(ColdstartError):
+    pass
+
+
+class RestoreFailed(ColdstartError):
+    """A restore that did not produce a serving replica; the launcher cold-boots instead."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason  # short label: gate, digest, checkpointer, canary, timeout, hook, ...

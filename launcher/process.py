@@ -1,0 +1,104 @@
+"""Owned child processes: output captured through a pipe we hold, a tail kept for error messages, and a
+stop that always reaps (SIGTERM to the process group, grace period, SIGKILL).
+
+Why a pipe and not a log file: CRIU refuses to restore a process whose open log file grew after the dump
+(this-machine.md), and a pipe also lets the launcher show the last lines when an engine dies during boot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import signal
+import socket
+
+log = logging.getLogger("coldstart.engine")
+
+
+class OutputTail:
+    """Reads a stream line by line into a bounded buffer (and the debug log) until EOF."""
+
+    def __init__(self, stream: asyncio.StreamReader, prefix: str, max_lines: int = 200) -> None:
+        self._lines: collections.deque[str] = collections.deque(maxlen=max_lines)
+        self._prefix = prefix
+        self._task = asyncio.create_task(self._pump(stream), name=f"tail {prefix}")
+
+    async def _pump(self, stream: asyncio.StreamReader) -> None:
+        while True:
+            try:
+                raw = await stream.readline()
+            except ValueError:  # a line longer than the stream limit: take what is buffered
+                raw = await stream.read(65536)
+            if not raw:
+                return
+            line = raw.decode(errors="replace").rstrip()
+            self._lines.append(line)
+            log.debug("%s | %s", self._prefix, line)
+
+    def tail(self, lines: int = 20) -> str:
+        return "\n".join(list(self._lines)[-lines:])
+
+    async def close(self, drain_s: float = 1.0) -> None:
+        """Read what is left until EOF (the process has exited), at most ``drain_s``, then stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._task), drain_s)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+async def spawn(
+    argv: list[str], env: dict[str, str] | None, cwd: str | None, name: str
+) -> tuple[asyncio.subprocess.Process, OutputTail]:
+    """Start ``argv`` in a new session (its own process group) with stdout+stderr into one pipe."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
+        limit=1 << 20,
+    )
+    assert proc.stdout is not None  # guaranteed by stdout=PIPE
+    return proc, OutputTail(proc.stdout, name)
+
+
+async def terminate(proc: asyncio.subprocess.Process, grace_s: float) -> int:
+    """SIGTERM the process group, wait ``grace_s``, then SIGKILL it; always reap. Returns the exit status."""
+    if proc.returncode is None:
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), grace_s)
+        except TimeoutError:
+            _signal_group(proc.pid, signal.SIGKILL)
+            await proc.wait()
+    # Children that outlived the leader still belong to the group: make sure none is left.
+    _signal_group(proc.pid, signal.SIGKILL)
+    return proc.returncode if proc.returncode is not None else -1
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now (the engine binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
