@@ -11,10 +11,17 @@ Adapters are registered by name in ``coldstart.engine_adapters.registry``; an un
 from __future__ import annotations
 
 import abc
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import httpx
+from coldstart.engine_adapters.errors import EngineCallFailed, EngineNotInstalled, ModelNotFound
 
 
 @dataclass(frozen=True)
@@ -105,3 +112,54 @@ class EngineAdapter(abc.ABC):
             "model": config.model,
             "engine_args": list(config.engine_args),
         }
+
+
+def console_script(name: str) -> str | None:
+    """Path of an installed console script, preferring the one beside this Python (the same venv)."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    return shutil.which(name)
+
+
+def package_version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not-installed"
+
+
+def require_package(module: str, engine: str, extra: str) -> None:
+    """Raise ``EngineNotInstalled`` naming the extra when ``module`` cannot be imported."""
+    if importlib.util.find_spec(module) is None:
+        raise EngineNotInstalled(
+            f"engine {engine!r} is not installed in this environment: pip install 'coldstart[{extra}]'"
+        )
+
+
+def local_model_path(model: str) -> str:
+    """The absolute path of a local model, or ``model`` unchanged when it names a hub repository.
+
+    Anything that looks like a path (starts with / . ~, or exists) must exist: a missing model is a
+    usage error named before any process starts.
+    """
+    expanded = os.path.expanduser(model)
+    looks_local = model.startswith(("/", ".", "~")) or os.path.exists(expanded)
+    if not looks_local:
+        return model
+    if not os.path.isdir(expanded):
+        raise ModelNotFound(
+            f"model path {model!r} does not exist (make one with: coldstart make-model {model})"
+        )
+    return os.path.abspath(expanded)
+
+
+async def post_ok(client: httpx.AsyncClient, url: str, what: str, **kwargs: Any) -> httpx.Response:
+    """POST and require a 2xx answer, else ``EngineCallFailed`` naming the call."""
+    try:
+        response = await client.post(url, timeout=kwargs.pop("timeout", 300.0), **kwargs)
+    except httpx.HTTPError as exc:
+        raise EngineCallFailed(f"{what}: {exc!r}") from exc
+    if not response.is_success:
+        raise EngineCallFailed(f"{what} answered {response.status_code}: {response.text[:200]}")
+    return response

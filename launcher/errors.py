@@ -2,9 +2,6 @@
 
     ColdstartError                 base; ``str(exc)`` is the one-line message shown by the CLIs
     ├── UsageError                 bad command line or config (exit code 2)
-    │   ├── UnknownEngine          engine name not in the adapter registry (lists the valid names)
-    │   └── ModelNotFound          a local model path that does not exist
-    ├── EngineNotInstalled         the engine's package is missing (names the pip extra)
     ├── PortInUse                  the proxy's (or engine's) port is taken
     ├── EngineExited               the engine died while booting (carries the tail of its log)
     ├── BootTimeout                the engine did not become healthy in time (carries the tail of its log)
@@ -14,11 +11,17 @@
     ├── SnapshotError              a snapshot could not be written, read or verified
     └── RestoreFailed              restore failed; ``reason`` is a short label for metrics
 
+Engine adapters raise their own ``coldstart.engine_adapters.errors.AdapterError`` tree (UnknownEngine,
+ModelNotFound, EngineNotInstalled, EngineCallFailed): adapters cannot import the launcher. The CLIs catch
+both trees (``USER_ERRORS``).
+
 Foreign errors (subprocess, httpx, OSError) are mapped where they cross into the launcher with
 ``raise ... from exc``; nothing below the CLI layer calls ``sys.exit``.
 """
 
 from __future__ import annotations
+
+from coldstart.engine_adapters.errors import AdapterError
 
 
 class ColdstartError(Exception):
@@ -29,18 +32,6 @@ class ColdstartError(Exception):
 
 class UsageError(ColdstartError):
     exit_code = 2
-
-
-class UnknownEngine(UsageError):
-    pass
-
-
-class ModelNotFound(UsageError):
-    pass
-
-
-class EngineNotInstalled(ColdstartError):
-    pass
 
 
 class PortInUse(ColdstartError):
@@ -83,3 +74,7 @@ class RestoreFailed(ColdstartError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason  # short label: gate, digest, checkpointer, canary, timeout, hook, ...
+
+
+# What the CLIs catch and print as one line (with ``exc.exit_code``).
+USER_ERRORS: tuple[type[Exception], ...] = (ColdstartError, AdapterError)

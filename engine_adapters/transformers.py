@@ -1,0 +1,51 @@
+"""``transformers serve``: the engine that runs for real on CPU here, and our default.
+
+Facts this adapter relies on (measured, see shared/reference/this-machine.md):
+- the positional model argument preloads the model before the port binds, so ``GET /health`` 200 = ready;
+- ``HF_HUB_OFFLINE=1`` is needed for a local path (else it looks the hub up at start);
+- the request's ``model`` must equal the command-line string; ``GET /v1/models`` lists the hub cache (500
+  here), so the proxy answers ``/v1/models`` itself;
+- it has no sleep/offload API: on CPU there is no device state to drop, so before-checkpoint is a no-op.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from coldstart.engine_adapters.base import (
+    EngineAdapter,
+    EngineConfig,
+    LaunchSpec,
+    console_script,
+    local_model_path,
+    package_version,
+    require_package,
+)
+
+
+class TransformersAdapter(EngineAdapter):
+    name: ClassVar[str] = "transformers"
+    extra: ClassVar[str] = "transformers"
+    # Routes of `transformers serve` that are not inference (model loading, hub listing).
+    control_paths: ClassVar[frozenset[str]] = frozenset({"/load_model"})
+
+    def check_installed(self) -> None:
+        require_package("transformers", self.name, self.extra)
+        require_package("torch", self.name, self.extra)
+        if console_script("transformers") is None:
+            require_package("transformers.cli", self.name, self.extra)
+
+    def version(self) -> str:
+        return f"transformers-{package_version('transformers')}+torch-{package_version('torch')}"
+
+    def upstream_model_name(self, config: EngineConfig) -> str:
+        return local_model_path(config.model)
+
+    def launch_spec(self, config: EngineConfig) -> LaunchSpec:
+        model = local_model_path(config.model)
+        script = console_script("transformers") or "transformers"
+        argv = [script, "serve", model, "--host", config.host, "--port", str(config.port)]
+        env = {"HF_HUB_OFFLINE": "1"} if model.startswith("/") else {}
+        # Fewer threads than cores keeps two replicas on a small host from thrashing; users override
+        # with engine args or their own environment.
+        return LaunchSpec(argv=[*argv, *config.engine_args], env={**env, "PYTHONUNBUFFERED": "1"})
