@@ -7,7 +7,6 @@ import dataclasses
 import time
 
 import httpx
-
 from coldstart.engine_adapters.base import EngineAdapter, EngineConfig
 from coldstart.launcher.errors import BootTimeout, EngineExited, WarmupFailed
 from coldstart.launcher.sandbox import Sandbox

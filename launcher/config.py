@@ -1,0 +1,61 @@
+"""``ServeConfig``: every option of ``coldstart-serve``, written once.
+
+The CLI's options are generated from this dataclass (``cli_serve.py``), and Python users call
+``coldstart.launcher.server.run(ServeConfig(...))`` directly, as uvicorn's ``main()`` -> ``run(Config)``.
+Each field's ``metadata["help"]`` is its ``--help`` text; ``metadata["cli"]`` overrides the flag name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _default_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "coldstart"
+
+
+def opt(default: object, help: str, **extra: object) -> object:  # noqa: A002 - mirrors argparse
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class ServeConfig:
+    engine: str = opt("transformers", "engine adapter: transformers, vllm, sglang or custom", positional=True)
+    model: str = opt("", "model: a local path or a hub name the engine understands", positional=True)
+    engine_args: tuple[str, ...] = field(default=(), metadata={"help": "passed to the engine unchanged"})
+
+    host: str = opt("127.0.0.1", "address the OpenAI proxy listens on")
+    port: int = opt(8000, "port the OpenAI proxy listens on")
+    served_model_name: str | None = opt(None, "model name clients send (default: MODEL as given)")
+    api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' on /v1 routes, as vLLM does")
+    recipe: str | None = opt(None, "recipe name or TOML path (see 'coldstart recipes ls'); flags override it")
+
+    min_replicas: int = opt(0, "replicas kept when idle (0 = scale to zero)")
+    max_replicas: int = opt(1, "upper bound on replicas")
+    initial_replicas: int = opt(1, "replicas started at launch (0 = start on the first request)")
+    target_concurrency: int = opt(4, "in-flight requests per replica before another one is started")
+    idle_timeout: float = opt(300.0, "seconds a replica may sit idle before it is stopped (0 = never)")
+    max_queue: int = opt(256, "requests held while no replica is ready; more get 503")
+    queue_timeout: float = opt(600.0, "seconds a request waits for a replica before a 503")
+    boot_timeout: float = opt(900.0, "seconds an engine may take to become healthy")
+    drain_timeout: float = opt(30.0, "seconds a stopping replica gets to finish in-flight requests")
+
+    snapshot: str = opt(
+        "off",
+        "checkpointer: auto (the best 'coldstart doctor' finds), criu, runsc or off",
+        choices=("auto", "criu", "runsc", "off"),
+    )
+    snapshot_dir: Path = opt(_default_cache() / "snapshots", "where snapshots are stored")
+    work_dir: Path = opt(_default_cache() / "run", "scratch space for replicas (sandboxes, logs)")
+    image: Path | None = opt(None, "run the engine from this imagefs index (mounted lazily)")
+
+    log_format: str = opt("text", "log lines as 'text' or 'json'", choices=("text", "json"))
+    log_level: str = opt(
+        "info", "debug shows the engine's own output", choices=("debug", "info", "warning", "error")
+    )
+
+    @property
+    def public_model_name(self) -> str:
+        return self.served_model_name or self.model

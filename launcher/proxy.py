@@ -1,0 +1,259 @@
+"""The public OpenAI-compatible proxy (starlette): the only door to the replicas.
+
+Routes: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/responses``, ``/v1/embeddings`` are forwarded
+to the least-busy ready replica (requests are held while none is ready); ``/v1/models`` is answered here
+(some engines list a hub cache instead of the served model); ``/health`` and ``/metrics`` are the proxy's.
+Everything else is 404: engine control routes (``/sleep``, ``/wake_up``, ``/collective_rpc``,
+``/release_memory_occupation``, ...) have no authentication upstream and are never forwarded. This is an
+allow-list on purpose: a deny-list would leak each new control route an engine adds.
+
+Streaming (SSE) is passed through chunk by chunk. If the engine dies mid-stream the client receives an
+OpenAI-shaped ``error`` event and the stream ends (the ``openai`` client raises), never a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+from coldstart.launcher.metrics import Metrics
+from coldstart.launcher.replica import Replica, ReplicaState
+from coldstart.launcher.replicas import QueueFull, QueueTimeout, ReplicaManager
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+log = logging.getLogger("coldstart.proxy")
+
+FORWARDED = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings")
+RETRY_AFTER_S = 5
+# Hop-by-hop headers (RFC 9110 7.6.1) and those the proxy recomputes.
+_DROP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "content-length",
+        "host",
+        "authorization",
+        "content-encoding",
+    }
+)
+
+
+def openai_error(
+    status: int, message: str, type_: str, code: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class Proxy:
+    def __init__(
+        self,
+        manager: ReplicaManager,
+        metrics: Metrics,
+        public_model: str,
+        upstream_model: str,
+        api_key: str | None = None,
+    ) -> None:
+        self.manager = manager
+        self.metrics = metrics
+        self.public_model = public_model
+        self.upstream_model = upstream_model
+        self.api_key = api_key
+        self.created = int(time.time())
+        # Data-plane client: no overall pool cap (1000s of concurrent streams), no read timeout
+        # (generation can be long); connect errors are fast on loopback.
+        self.http = httpx.AsyncClient(
+            trust_env=False,
+            timeout=httpx.Timeout(None, connect=10.0),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
+        )
+
+    def app(self) -> Starlette:
+        routes = [Route(path, self.forward, methods=["POST"]) for path in FORWARDED]
+        routes += [
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+            Route("/metrics", self.metrics_route, methods=["GET"]),
+        ]
+        return Starlette(routes=routes, exception_handlers={404: self._not_found, 405: self._not_allowed})
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    # ------------------------------------------------------------------ local routes
+    async def _not_found(self, request: Request, exc: Exception) -> Response:
+        return openai_error(404, f"route {request.url.path} not found", "invalid_request_error", "not_found")
+
+    async def _not_allowed(self, request: Request, exc: Exception) -> Response:
+        return openai_error(
+            405,
+            f"method {request.method} not allowed on {request.url.path}",
+            "invalid_request_error",
+            "method_not_allowed",
+        )
+
+    def _unauthorized(self, request: Request) -> Response | None:
+        if self.api_key is None:
+            return None
+        if request.headers.get("authorization", "") != f"Bearer {self.api_key}":
+            return openai_error(
+                401,
+                "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                "authentication_error",
+                "invalid_api_key",
+            )
+        return None
+
+    async def models(self, request: Request) -> Response:
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
+        model = {"id": self.public_model, "object": "model", "created": self.created, "owned_by": "coldstart"}
+        return JSONResponse({"object": "list", "data": [model]})
+
+    async def health(self, request: Request) -> Response:
+        replicas = [
+            {"id": r.id, "state": r.state.value, "in_flight": r.in_flight, "how": r.how}
+            for r in self.manager.replicas.values()
+        ]
+        ready = any(r.state is ReplicaState.READY for r in self.manager.replicas.values())
+        body = {"status": "ok", "ready": ready, "replicas": replicas, "queue_depth": self.manager.queue_depth}
+        return JSONResponse(body)
+
+    async def metrics_route(self, request: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # ------------------------------------------------------------------ forwarding
+    async def forward(self, request: Request) -> Response:
+        route = request.url.path
+        if (denied := self._unauthorized(request)) is not None:
+            return self._count(route, denied)
+        try:
+            payload = json.loads(await request.body())
+        except json.JSONDecodeError as exc:
+            return self._count(
+                route, openai_error(400, f"request body is not JSON: {exc}", "invalid_request_error")
+            )
+        if not isinstance(payload, dict):
+            return self._count(
+                route, openai_error(400, "request body must be a JSON object", "invalid_request_error")
+            )
+        model = payload.get("model")
+        if model not in (self.public_model, self.upstream_model):
+            return self._count(
+                route,
+                openai_error(404, f"The model `{model}` does not exist.", "NotFoundError", "model_not_found"),
+            )
+        payload["model"] = self.upstream_model
+        body = json.dumps(payload).encode()
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROP]
+
+        # One retry when the chosen replica turns out to be gone before a byte was sent.
+        for attempt in (1, 2):
+            try:
+                replica = await self.manager.acquire()
+            except QueueFull as exc:
+                return self._count(
+                    route,
+                    openai_error(
+                        503, str(exc), "server_overloaded", "queue_full", {"Retry-After": str(RETRY_AFTER_S)}
+                    ),
+                )
+            except QueueTimeout as exc:
+                return self._count(
+                    route,
+                    openai_error(
+                        503,
+                        str(exc),
+                        "server_overloaded",
+                        "queue_timeout",
+                        {"Retry-After": str(RETRY_AFTER_S)},
+                    ),
+                )
+            assert replica.sandbox is not None  # READY replicas always have one
+            upstream = self.http.build_request(
+                "POST", replica.sandbox.base_url + route, content=body, headers=headers
+            )
+            try:
+                response = await self.http.send(upstream, stream=True)
+            except httpx.TransportError as exc:
+                self.manager.release(replica)
+                await self.manager.replica_failed(replica, f"unreachable: {exc!r}")
+                if attempt == 2:
+                    return self._count(
+                        route,
+                        openai_error(
+                            502, f"replica {replica.id} unreachable", "server_error", "upstream_unreachable"
+                        ),
+                    )
+                continue
+            return self._count(route, self._relay(replica, response), response.status_code)
+        raise AssertionError("unreachable")
+
+    def _relay(self, replica: Replica, response: httpx.Response) -> Response:
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in _DROP}
+        media = response.headers.get("content-type", "")
+        finish = _Finish(self.manager, replica, response)
+        return StreamingResponse(
+            self._stream(replica, response, media.startswith("text/event-stream"), finish),
+            status_code=response.status_code,
+            headers=headers,
+            background=BackgroundTask(finish),
+        )
+
+    async def _stream(
+        self, replica: Replica, response: httpx.Response, sse: bool, finish: _Finish
+    ) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in response.aiter_raw():
+                yield chunk
+        except httpx.TransportError as exc:
+            await self.manager.replica_failed(replica, f"lost mid-response: {exc!r}")
+            log.warning("replica %s lost mid-response: %r", replica.id, exc)
+            if sse:  # the openai client raises APIError on an SSE event carrying "error"
+                error = {
+                    "error": {
+                        "message": f"replica {replica.id} failed mid-stream; retry the request",
+                        "type": "server_error",
+                        "param": None,
+                        "code": "upstream_lost",
+                    }
+                }
+                yield f"data: {json.dumps(error)}\n\n".encode()
+            else:
+                raise  # the connection is cut: a client sees a protocol error, not a hang
+        finally:
+            await finish()
+
+    def _count(self, route: str, response: Response, status: int | None = None) -> Response:
+        self.metrics.requests.labels(route, str(status or response.status_code)).inc()
+        return response
+
+
+class _Finish:
+    """Closes the upstream response and releases the replica exactly once: from the stream's end, or from
+    the background task when the client went away before the stream started."""
+
+    def __init__(self, manager: ReplicaManager, replica: Replica, response: httpx.Response) -> None:
+        self._manager, self._replica, self._response = manager, replica, response
+        self._done = False
+
+    async def __call__(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._manager.release(self._replica)
+        await self._response.aclose()

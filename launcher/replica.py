@@ -1,0 +1,110 @@
+"""One replica: an engine in a sandbox, with an explicit lifecycle.
+
+    NEW ──▶ BOOTING ───────────────▶ READY ──▶ DRAINING ──▶ STOPPED
+     └───▶ RESTORING ──(fails)──▶ BOOTING      │
+                └──────────────────▶ READY     └──▶ SNAPSHOTTING ──▶ READY
+    any state ──▶ FAILED ──▶ STOPPED   (engine exited, boot failed)
+
+A state changes only after the operation it names has succeeded, and an illegal change raises
+``ReplicaStateError`` ("cannot drain replica r3 in state BOOTING"). Each change is logged as one line with
+the time spent in the state left behind.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+
+from coldstart.launcher.errors import ReplicaStateError
+from coldstart.launcher.sandbox import Sandbox
+
+log = logging.getLogger("coldstart.lifecycle")
+
+
+class ReplicaState(enum.Enum):
+    NEW = "new"
+    BOOTING = "booting"
+    RESTORING = "restoring"
+    SNAPSHOTTING = "snapshotting"
+    READY = "ready"
+    DRAINING = "draining"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+_ALLOWED: dict[ReplicaState, frozenset[ReplicaState]] = {
+    ReplicaState.NEW: frozenset({ReplicaState.BOOTING, ReplicaState.RESTORING, ReplicaState.FAILED}),
+    ReplicaState.BOOTING: frozenset({ReplicaState.READY, ReplicaState.SNAPSHOTTING, ReplicaState.FAILED}),
+    ReplicaState.RESTORING: frozenset({ReplicaState.READY, ReplicaState.BOOTING, ReplicaState.FAILED}),
+    ReplicaState.SNAPSHOTTING: frozenset({ReplicaState.READY, ReplicaState.FAILED}),
+    ReplicaState.READY: frozenset({ReplicaState.DRAINING, ReplicaState.FAILED}),
+    ReplicaState.DRAINING: frozenset({ReplicaState.STOPPED, ReplicaState.FAILED}),
+    ReplicaState.FAILED: frozenset({ReplicaState.STOPPED}),
+    ReplicaState.STOPPED: frozenset(),
+}
+
+
+class Replica:
+    def __init__(self, replica_id: str) -> None:
+        self.id = replica_id
+        self.state = ReplicaState.NEW
+        self.sandbox: Sandbox | None = None
+        self.in_flight = 0
+        self.created_at = time.monotonic()
+        self.state_since = self.created_at
+        self.last_used = self.created_at
+        self.ready_at: float | None = None
+        self.busy_since: float | None = None  # set while in_flight > 0: GPU-seconds serving
+        self.served_seconds = 0.0
+        self.how = ""  # "cold boot" or "restore": how this replica came up
+
+    def require(self, *states: ReplicaState, action: str) -> None:
+        if self.state not in states:
+            raise ReplicaStateError(f"cannot {action} replica {self.id} in state {self.state.name}")
+
+    def transition(self, new: ReplicaState, **details: object) -> float:
+        """Move to ``new`` (if legal), log one line, and return the seconds spent in the old state."""
+        if new not in _ALLOWED[self.state]:
+            raise ReplicaStateError(f"replica {self.id} cannot go from {self.state.name} to {new.name}")
+        now = time.monotonic()
+        spent = now - self.state_since
+        old, self.state, self.state_since = self.state, new, now
+        if new is ReplicaState.READY:
+            self.ready_at = now
+            self.last_used = now
+        extra = "".join(f" {k}={v}" for k, v in details.items())
+        log.info(
+            "replica %s %s -> %s after %.2fs%s",
+            self.id,
+            old.value,
+            new.value,
+            spent,
+            extra,
+            extra={
+                "event": "transition",
+                "replica": self.id,
+                "from": old.value,
+                "to": new.value,
+                "duration_s": round(spent, 4),
+                **details,
+            },
+        )
+        return spent
+
+    # -- request accounting (GPU allocation utilization = serving seconds / held seconds) --
+    def begin_request(self) -> None:
+        if self.in_flight == 0:
+            self.busy_since = time.monotonic()
+        self.in_flight += 1
+
+    def end_request(self) -> float:
+        """Returns the serving seconds to account when the replica went idle, else 0."""
+        self.in_flight -= 1
+        now = time.monotonic()
+        self.last_used = now
+        if self.in_flight == 0 and self.busy_since is not None:
+            served, self.busy_since = now - self.busy_since, None
+            self.served_seconds += served
+            return served
+        return 0.0

@@ -1,0 +1,176 @@
+"""``run(ServeConfig)``: the programmatic API behind ``coldstart-serve``.
+
+Order: validate everything a user can get wrong (engine, install, model path, port) before any process
+starts; bring the proxy up; start the initial replicas; serve until SIGINT/SIGTERM (uvicorn's handlers,
+scoped to ``serve()``); then stop every replica and release everything, also on errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import uvicorn
+from coldstart.engine_adapters.base import EngineAdapter, EngineConfig
+from coldstart.engine_adapters.registry import get_adapter
+from coldstart.launcher.config import ServeConfig
+from coldstart.launcher.errors import PortInUse, UsageError
+from coldstart.launcher.logs import configured_logging
+from coldstart.launcher.metrics import Metrics
+from coldstart.launcher.process import port_is_free
+from coldstart.launcher.proxy import Proxy
+from coldstart.launcher.replica import ReplicaState
+from coldstart.launcher.replicas import ReplicaManager, ScalingPolicy, Snapshots
+
+log = logging.getLogger("coldstart.serve")
+
+
+def engine_config(config: ServeConfig) -> EngineConfig:
+    return EngineConfig(
+        model=config.model, engine_args=tuple(config.engine_args), served_model_name=config.served_model_name
+    )
+
+
+def policy(config: ServeConfig) -> ScalingPolicy:
+    if config.max_replicas < max(1, config.min_replicas, config.initial_replicas):
+        raise UsageError("--max-replicas must be >= 1, --min-replicas and --initial-replicas")
+    return ScalingPolicy(
+        min_replicas=config.min_replicas,
+        max_replicas=config.max_replicas,
+        initial_replicas=config.initial_replicas,
+        target_concurrency=config.target_concurrency,
+        idle_timeout=config.idle_timeout,
+        max_queue=config.max_queue,
+        queue_timeout=config.queue_timeout,
+        boot_timeout=config.boot_timeout,
+        drain_timeout=config.drain_timeout,
+    )
+
+
+def validate(config: ServeConfig) -> EngineAdapter:
+    """Everything checkable before starting anything; raises one-line errors."""
+    if not config.model:
+        raise UsageError("MODEL is required: coldstart-serve ENGINE MODEL (see --help)")
+    if config.log_format not in ("text", "json"):
+        raise UsageError(f"--log-format must be 'text' or 'json', not {config.log_format!r}")
+    adapter = get_adapter(config.engine)
+    adapter.check_installed()
+    adapter.upstream_model_name(engine_config(config))  # raises ModelNotFound for a missing local path
+    if not port_is_free(config.host, config.port):
+        raise PortInUse(
+            f"port {config.port} on {config.host} is in use: pass --port N or stop what listens there"
+        )
+    return adapter
+
+
+def make_snapshots(config: ServeConfig, adapter: EngineAdapter, metrics: Metrics) -> Snapshots | None:
+    if config.snapshot == "off":
+        return None
+    from coldstart.launcher.snapshots import snapshots_for  # imported only when snapshots are on
+
+    return snapshots_for(config, adapter, engine_config(config), metrics)  # type: ignore[no-any-return]
+
+
+async def serve(config: ServeConfig, *, ready: asyncio.Event | None = None) -> None:
+    """Serve until cancelled or signalled. ``ready`` is set once the proxy listens."""
+    adapter = validate(config)
+    metrics = Metrics()
+    work_dir = Path(config.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    econf = engine_config(config)
+    manager = ReplicaManager(
+        adapter, econf, policy(config), metrics, work_dir, snapshots=make_snapshots(config, adapter, metrics)
+    )
+    proxy = Proxy(
+        manager, metrics, config.public_model_name, adapter.upstream_model_name(econf), config.api_key
+    )
+    server = _ProxyServer(
+        uvicorn.Config(
+            proxy.app(),
+            host=config.host,
+            port=config.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
+    )
+    started = time.monotonic()
+    server_task = asyncio.create_task(server.serve(), name="proxy")
+    try:
+        while not server.started:
+            if server_task.done():
+                await server_task
+                raise PortInUse(f"the proxy could not listen on {config.host}:{config.port}")
+            await asyncio.sleep(0.01)
+        log.info(
+            "proxy listening on http://%s:%d (model %r, engine %s)",
+            config.host,
+            config.port,
+            config.public_model_name,
+            adapter.name,
+            extra={"event": "proxy_up", "duration_s": round(time.monotonic() - started, 3)},
+        )
+        if ready is not None:
+            ready.set()
+        pending = set(await manager.start())
+        if pending:
+            while pending and not server_task.done():
+                done, _ = await asyncio.wait([server_task, *pending], return_when=asyncio.FIRST_COMPLETED)
+                pending -= done
+            if not server_task.done():
+                ok = any(r.state is ReplicaState.READY for r in manager.replicas.values())
+                if not ok and manager.last_boot_exception is not None:
+                    raise manager.last_boot_exception  # nothing serves: fail the launch, exit 1
+                log.info(
+                    "ready in %.2fs",
+                    time.monotonic() - started,
+                    extra={"event": "ready", "duration_s": round(time.monotonic() - started, 3)},
+                )
+        await server_task
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await server_task
+        await manager.close()
+        await proxy.aclose()
+        log.info("stopped", extra={"event": "stopped"})
+
+
+class _ProxyServer(uvicorn.Server):
+    """uvicorn without its signal handlers: it re-raises captured signals when it exits, and a re-raised
+    SIGTERM would kill the launcher before it stops its engines. ``run`` owns the signals instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve_until_signalled(config: ServeConfig) -> None:
+    """``serve`` until SIGINT or SIGTERM, which cancel it (its cleanup stops every replica)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None  # called from a coroutine
+    inner = asyncio.create_task(serve(config), name="serve")
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, inner.cancel)
+    try:
+        await inner
+    except asyncio.CancelledError:
+        if task.cancelling():  # we ourselves were cancelled, not by a signal
+            raise
+        log.info("signal received: stopped cleanly", extra={"event": "signal"})
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+def run(config: ServeConfig) -> None:
+    """Blocking entry point (``coldstart-serve``): logging set up for the call, then ``serve``."""
+    with configured_logging(config.log_format, config.log_level):
+        asyncio.run(serve_until_signalled(config))
