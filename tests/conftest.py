@@ -1,0 +1,30 @@
+"""Fixtures shared by the whole suite (helpers live in ``support.py``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import Served, make_cached_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """A tiny random Qwen3-architecture model with a local tokenizer (made once, cached in .cache/)."""
+    return make_cached_model("tiny")
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[object]:
+    """Factory: ``serve(["transformers", str(model), "--idle-timeout", "1"])`` -> a started ``Served``."""
+    started: list[Served] = []
+
+    def start(args: list[str], env: dict[str, str] | None = None) -> Served:
+        served = Served(args, tmp_path / f"serve-{len(started)}.log", env)
+        started.append(served)
+        return served
+
+    yield start
+    for served in started:
+        served.stop()

@@ -1,0 +1,91 @@
+"""Helpers the tests import (``from support import ...``): cached local models and a running
+``coldstart-serve`` (the real CLI in a subprocess, its log captured for lifecycle assertions)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("COLDSTART_TEST_CACHE", REPO / ".cache"))
+SERVE = [sys.executable, "-m", "coldstart.launcher.cli_serve"]
+
+
+def make_cached_model(size: str) -> Path:
+    from coldstart.launcher.tiny_model import make_model
+
+    return make_model(CACHE / "models" / size, size)
+
+
+def free_port() -> int:
+    from coldstart.launcher.process import free_port as _free_port
+
+    return _free_port()
+
+
+class Served:
+    """A ``coldstart-serve`` process: its URL, its log, and a clean stop."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [*SERVE, *args[:2], "--port", str(self.port), *args[2:]],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def health(self) -> dict:  # type: ignore[type-arg]
+        return httpx.get(f"{self.url}/health", timeout=5).json()  # type: ignore[no-any-return]
+
+    def wait_for(self, predicate, timeout: float = 120.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"coldstart-serve exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                if predicate(self.health()):
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what}:\n{self.log()}")
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        self.wait_for(lambda h: h["ready"], timeout, "a ready replica")
+
+    def engine_pids(self) -> list[int]:
+        """PIDs of the engine processes (children of coldstart-serve)."""
+        pids: list[int] = []
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            text = (task / "children").read_text().split()
+            pids += [int(p) for p in text]
+        return pids
+
+    def lifecycle(self) -> list[tuple[str, str, str]]:
+        """(replica, from, to) for every transition in the log."""
+        return re.findall(r"replica (r\d+) (\w+) -> (\w+) after", self.log())
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
