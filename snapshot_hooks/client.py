@@ -50,7 +50,8 @@ async def request(control_url: str, method: str, path: str, timeout_s: float) ->
         ) from exc
     except OSError as exc:
         raise ControlUnreachable(
-            f"control channel {control_url}: {exc.strerror or exc}; does the engine call snapshot_hooks.serve()?"
+            f"control channel {control_url}: {exc.strerror or exc}; "
+            "does the engine call snapshot_hooks.serve()?"
         ) from exc
 
 
@@ -97,7 +98,10 @@ async def run_before_checkpoint(control_url: str, timeout_s: float) -> dict[str,
         return body
     serving = body.get("state") == "serving"
     raise CheckpointAborted(
-        "before_checkpoint", body.get("failed_hook"), _message("checkpoint aborted", body, status), serving=serving
+        "before_checkpoint",
+        body.get("failed_hook"),
+        _message("checkpoint aborted", body, status),
+        serving=serving,
     )
 
 

@@ -113,7 +113,10 @@ class ControlServer:
             ) from exc
         self._server.registry = registry
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="coldstart-control", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name="coldstart-control",
+            daemon=True,
         )
         self._thread.start()
 

@@ -139,7 +139,9 @@ class HookRegistry:
     def run_after_restore(self) -> PhaseResult:
         with self._phase(Phase.AFTER_RESTORE, allowed=EngineState.CHECKPOINT_READY) as result:
             try:
-                self._run_all(Phase.AFTER_RESTORE, self._after_hooks(refresh=self._refresh_on_restore), result)
+                self._run_all(
+                    Phase.AFTER_RESTORE, self._after_hooks(refresh=self._refresh_on_restore), result
+                )
             except HookFailed as exc:
                 result.ok, result.error, result.failed_hook = False, str(exc), exc.hook
                 self._state = EngineState.BROKEN
@@ -150,7 +152,9 @@ class HookRegistry:
     def _after_hooks(self, *, refresh: bool) -> list[Hook]:
         hooks = list(reversed(self._hooks[Phase.AFTER_RESTORE]))
         if refresh:
-            builtin = Hook("coldstart.refresh_process_state", refresh_process_state, Phase.AFTER_RESTORE, 10.0)
+            builtin = Hook(
+                "coldstart.refresh_process_state", refresh_process_state, Phase.AFTER_RESTORE, 10.0
+            )
             hooks.insert(0, builtin)
         return hooks
 
@@ -215,7 +219,9 @@ class HookRegistry:
         if thread.is_alive():
             raise HookTimeout(phase.value, hook.name, f"{where} timed out after {hook.timeout_s:g} s")
         if "exc" in box:
-            raise HookFailed(phase.value, hook.name, f"{where} failed: {_describe(box['exc'])}") from box["exc"]
+            raise HookFailed(phase.value, hook.name, f"{where} failed: {_describe(box['exc'])}") from box[
+                "exc"
+            ]
 
     def _run_async(self, hook: Hook, where: str) -> None:
         phase = hook.phase.value

@@ -26,17 +26,11 @@ import resource
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import torch
 import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
-from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache
-
 from coldstart import snapshot_hooks as hooks
 from coldstart.snapshot_hooks.torch_helpers import (
     ReleasableBuffers,
@@ -44,6 +38,11 @@ from coldstart.snapshot_hooks.torch_helpers import (
     device_memory,
     empty_device_cache,
 )
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache
 
 T = TypeVar("T")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,7 +60,9 @@ class TinyEngine:
             raise RuntimeError("tiny_engine: --device cuda but torch sees no CUDA device")
         self.name = name
         self.device = torch.device(device)
-        self.dtype = DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if device == "cuda" else torch.float32)
+        self.dtype = (
+            DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if device == "cuda" else torch.float32)
+        )
         self.max_cache_len = max_cache_len
         # One thread owns the model: generation steps and hook work are queued here, never concurrent.
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -121,7 +122,9 @@ class TinyEngine:
         loop = asyncio.get_running_loop()
         budget = min(max_tokens, self.max_cache_len - len(prompt_ids))
         if budget <= 0:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in a {self.max_cache_len} cache")
+            raise ValueError(
+                f"prompt of {len(prompt_ids)} tokens leaves no room in a {self.max_cache_len} cache"
+            )
         logits = await loop.run_in_executor(self._executor, self._prefill, prompt_ids)
         position = len(prompt_ids)
         for step in range(budget):
@@ -213,7 +216,9 @@ def build_app(engine: TinyEngine) -> Starlette:
             body = await request.json()
             if chat:
                 messages = body["messages"]
-                text = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                text = engine.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True
+                )
             else:
                 text = body["prompt"]
                 text = text[0] if isinstance(text, list) else text
@@ -228,7 +233,9 @@ def build_app(engine: TinyEngine) -> Starlette:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         ctx = _Ctx(rid, chat, engine.name, len(prompt_ids))
         if stream:
-            return StreamingResponse(_sse(ctx, prompt_ids, max_tokens, temperature), media_type="text/event-stream")
+            return StreamingResponse(
+                _sse(ctx, prompt_ids, max_tokens, temperature), media_type="text/event-stream"
+            )
         async with _in_flight():
             try:
                 ids = [t async for t in engine.tokens(prompt_ids, max_tokens, temperature)]
@@ -250,7 +257,9 @@ def build_app(engine: TinyEngine) -> Starlette:
             engine.in_flight -= 1
             engine.served += 1
 
-    async def _sse(ctx: _Ctx, prompt_ids: list[int], max_tokens: int, temperature: float) -> AsyncIterator[str]:
+    async def _sse(
+        ctx: _Ctx, prompt_ids: list[int], max_tokens: int, temperature: float
+    ) -> AsyncIterator[str]:
         ids: list[int] = []
         sent = ""
         async with _in_flight():
@@ -302,7 +311,13 @@ class _Ctx:
         else:
             choice = {"index": 0, "text": piece, "finish_reason": finish, "logprobs": None}
             kind = "text_completion"
-        return {"id": self.rid, "object": kind, "created": self.created, "model": self.model, "choices": [choice]}
+        return {
+            "id": self.rid,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }
 
     def final(self, text: str, ids: list[int], finish: str) -> dict[str, Any]:
         if self.chat:
@@ -336,7 +351,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on cuda, else float32")
+    p.add_argument(
+        "--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on cuda, else float32"
+    )
     p.add_argument("--max-cache-len", type=int, default=1024, help="static KV cache length in tokens")
     p.add_argument("--served-model-name", default=None, help="name in /v1/models (default: --model)")
     return p.parse_args(argv)
@@ -345,7 +362,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    engine = TinyEngine(args.model, args.device, args.dtype, args.max_cache_len, args.served_model_name or args.model)
+    engine = TinyEngine(
+        args.model, args.device, args.dtype, args.max_cache_len, args.served_model_name or args.model
+    )
     engine.install_hooks()
     hooks.serve()  # the launcher's control channel (COLDSTART_CONTROL_PORT); no-op when run by hand
     uvicorn.run(build_app(engine), host=args.host, port=args.port, log_level="warning", access_log=False)
