@@ -1,0 +1,142 @@
+"""Fetch a chunk through the tiers, verify it, keep it in the nearer caches.
+
+Invariants:
+- a chunk handed out has the SHA-256 it was asked for, whatever tier it came from;
+- a corrupt copy on a cache tier is discarded and fetched from the next tier (counted as ``corrupt``);
+- an unreachable tier is skipped for ``cooldown_s`` (never the last tier, the origin), so a dead cache server
+  costs one connection attempt, not one per read;
+- when no tier has it, ``ChunkUnavailable`` names the chunk and why each tier failed (the FS maps it to EIO);
+- concurrent requests for one chunk share one fetch (single flight), so read-ahead and prefetch never
+  download the same bytes twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass
+
+from coldstart.imagefs.errors import ChunkUnavailable, TierError
+from coldstart.imagefs.tiers import DirectoryTier, MemoryTier, Tier
+
+log = logging.getLogger("coldstart.imagefs")
+
+
+@dataclass
+class TierStats:
+    hits: int = 0
+    bytes: int = 0
+    misses: int = 0
+    errors: int = 0
+    corrupt: int = 0
+
+
+class Fetcher:
+    """Memory -> disk cache -> remote tiers (the last one is the origin); thread-safe."""
+
+    def __init__(
+        self, memory: MemoryTier, disk: DirectoryTier | None, remotes: list[Tier], cooldown_s: float = 2.0
+    ) -> None:
+        self.tiers: list[Tier] = [memory] + ([disk] if disk is not None else []) + list(remotes)
+        self.memory = memory
+        self._local = {memory.name} | ({disk.name} if disk is not None else set())
+        self.cooldown_s = cooldown_s
+        self._stats = {t.name: TierStats() for t in self.tiers}
+        self._down_until: dict[str, float] = {}
+        self._inflight: dict[str, Future[bytes]] = {}
+        self._lock = threading.Lock()
+
+    def peek(self, digest_hex: str) -> bytes | None:
+        """The chunk if it is in memory (cheap enough for the trio thread)."""
+        data = self.memory.get(digest_hex)
+        if data is not None:
+            with self._lock:
+                st = self._stats[self.memory.name]
+                st.hits += 1
+                st.bytes += len(data)
+        return data
+
+    def get(self, digest_hex: str) -> bytes:
+        """The verified chunk, from the nearest tier that has it; blocks (call it from a worker thread)."""
+        with self._lock:
+            pending = self._inflight.get(digest_hex)
+            leader = pending is None
+            if leader:
+                pending = self._inflight[digest_hex] = Future()
+        assert pending is not None
+        if not leader:
+            return pending.result()
+        try:
+            data = self._fetch(digest_hex)
+        except BaseException as exc:
+            pending.set_exception(exc)
+            raise
+        else:
+            pending.set_result(data)
+            return data
+        finally:
+            with self._lock:
+                del self._inflight[digest_hex]
+
+    def _fetch(self, digest_hex: str) -> bytes:
+        want = bytes.fromhex(digest_hex)
+        reasons: list[str] = []
+        last = len(self.tiers) - 1
+        for i, tier in enumerate(self.tiers):
+            st = self._stats[tier.name]
+            if i != last and self._down_until.get(tier.name, 0.0) > time.monotonic():
+                reasons.append(f"{tier.name}: skipped, unreachable recently")
+                continue
+            try:
+                data = tier.get(digest_hex)
+            except TierError as exc:
+                with self._lock:
+                    st.errors += 1
+                    self._down_until[tier.name] = time.monotonic() + self.cooldown_s
+                log.warning("tier unreachable, trying the next one: %s", exc)
+                reasons.append(str(exc))
+                continue
+            if data is None:
+                with self._lock:
+                    st.misses += 1
+                reasons.append(f"{tier.name}: absent")
+                continue
+            if hashlib.sha256(data).digest() != want:
+                with self._lock:
+                    st.corrupt += 1
+                log.warning(
+                    "chunk %s from %s fails its digest; discarding it, trying the next tier",
+                    digest_hex,
+                    tier.name,
+                )
+                tier.discard(digest_hex)
+                reasons.append(f"{tier.name}: digest mismatch")
+                continue
+            with self._lock:
+                st.hits += 1
+                st.bytes += len(data)
+            for nearer in self.tiers[:i]:
+                if nearer.writable:
+                    try:
+                        nearer.put(digest_hex, data)
+                    except TierError as exc:
+                        log.warning("cannot keep chunk in a cache: %s", exc)
+            return data
+        log.error("chunk %s is unavailable on every tier: %s", digest_hex, "; ".join(reasons))
+        raise ChunkUnavailable(digest_hex, reasons)
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        with self._lock:
+            return {name: asdict(st) for name, st in self._stats.items()}
+
+    def remote_bytes(self) -> int:
+        """Bytes that came from beyond the local caches (HTTP cache servers and origin)."""
+        with self._lock:
+            return sum(st.bytes for name, st in self._stats.items() if name not in self._local)
+
+    def close(self) -> None:
+        for tier in self.tiers:
+            tier.close()

@@ -1,0 +1,210 @@
+"""Mount an image from any Python program: a FUSE daemon in a child process, owned by a context manager.
+
+    with mounted(index, "/mnt/img", cache_dir, tiers=["/srv/store"]) as m:
+        ...  # m.mountpoint is live; m.settings holds the tuning in effect
+        m.save_profile()  # optional: the boot is over, write the profile now
+    m.stats  # bytes per tier, chunks read (read at unmount)
+
+The daemon runs trio in its own process, so an asyncio caller (the launcher) is untouched; call
+``mounted`` from a worker thread there (``asyncio.to_thread``) if the ~0.3 s mount must not block the loop.
+Unmount on exit, including on exceptions: SIGTERM the daemon (it unmounts and saves its profile), wait
+``grace_s``, SIGKILL, reap; then, if the mount is somehow still there, ``fusermount3 -u -z``. Every step is
+registered before it is taken (``ExitStack``), so a failure half-way through undoes what was done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from coldstart.imagefs.daemon import DEFAULT_MAX_BACKGROUND, DEFAULT_READ_AHEAD_KB, MountConfig
+from coldstart.imagefs.errors import MountError, UsageError
+
+
+class MountState(enum.Enum):
+    STARTING = "starting"
+    MOUNTED = "mounted"
+    UNMOUNTED = "unmounted"
+    FAILED = "failed"
+
+
+def _unescape(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def is_mountpoint(path: str | Path) -> bool:
+    """True when ``path`` is a mount point in this mount namespace (reads /proc/self/mountinfo)."""
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(_unescape(line.split()[4]) == target for line in f)
+
+
+def force_unmount(path: str | Path) -> None:
+    """Lazy-unmount ``path`` if it is mounted (a dead daemon's mount answers ENOTCONN to everything)."""
+    if is_mountpoint(path):
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, check=False)
+    if is_mountpoint(path):
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+    if is_mountpoint(path):
+        raise MountError(f"{path} is still mounted after fusermount3 -u -z; unmount it by hand")
+
+
+class Mount:
+    """A live mount owned by this process; use ``mounted`` rather than constructing it."""
+
+    def __init__(self, config: MountConfig, log_path: Path, grace_s: float) -> None:
+        self.config = config
+        self.mountpoint = Path(config.mountpoint)
+        self.log_path = log_path
+        self.grace_s = grace_s
+        self.state = MountState.STARTING
+        self.settings: dict[str, object] = {}
+        self.digest = ""
+        self.stats: dict[str, object] = {}
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def _require(self, *states: MountState) -> None:
+        if self.state not in states:
+            raise MountError(f"cannot do that with the mount at {self.mountpoint} in state {self.state.name}")
+
+    def start(self, timeout_s: float) -> None:
+        self._require(MountState.STARTING)
+        read_fd, write_fd = os.pipe()
+        try:
+            with open(self.log_path, "ab") as log:
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-m", "coldstart.imagefs.daemon", self.config.to_json(), str(write_fd)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    pass_fds=(write_fd,),
+                    start_new_session=True,  # a terminal's Ctrl-C reaches us, and we stop it in order
+                )
+        finally:
+            os.close(write_fd)
+        try:
+            line = self._wait_ready(read_fd, timeout_s)
+        finally:
+            os.close(read_fd)
+        ready = json.loads(line)
+        self.settings = ready["settings"]
+        self.digest = ready["digest"]
+        self.state = MountState.MOUNTED
+
+    def _wait_ready(self, read_fd: int, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        buf = b""
+        while not buf.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.state = MountState.FAILED
+                raise MountError(
+                    f"mount of {self.mountpoint} not ready after {timeout_s:.0f} s; {self._tail()}"
+                )
+            ready, _, _ = select.select([read_fd], [], [], left)
+            if ready:
+                chunk = os.read(read_fd, 4096)
+                if not chunk:
+                    self.state = MountState.FAILED
+                    assert self._proc is not None
+                    self._proc.wait(timeout=10)
+                    raise MountError(f"image daemon exited before mounting {self.mountpoint}: {self._tail()}")
+                buf += chunk
+        return buf.decode()
+
+    def _tail(self) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "no log"
+        errors = [line for line in lines if " ERROR " in line or "Error:" in line or "error:" in line]
+        return (errors or lines or ["empty log"])[-1].strip()
+
+    def save_profile(self) -> None:
+        """Write the boot profile now (the boot is over) and stop recording."""
+        self._require(MountState.MOUNTED)
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGUSR1)
+
+    def stop(self) -> None:
+        """SIGTERM, grace, SIGKILL, reap; then make sure nothing is left mounted. Idempotent."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=self.grace_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        force_unmount(self.mountpoint)
+        if self.config.stats_path:
+            with contextlib.suppress(OSError, ValueError):
+                self.stats = json.loads(Path(self.config.stats_path).read_text())
+        if self.state is not MountState.FAILED:
+            self.state = MountState.UNMOUNTED
+
+
+@contextlib.contextmanager
+def mounted(
+    index_path: str | Path,
+    mountpoint: str | Path,
+    cache_dir: str | Path,
+    tiers: Sequence[str],
+    *,
+    prefetch: bool = True,
+    record_profile: bool = True,
+    profile_path: str | Path | None = None,
+    read_ahead_kb: int = DEFAULT_READ_AHEAD_KB,
+    max_background: int = DEFAULT_MAX_BACKGROUND,
+    memory_mib: int = 256,
+    timeout_s: float = 30.0,
+    grace_s: float = 10.0,
+) -> Iterator[Mount]:
+    """Mount ``index_path`` read-only at ``mountpoint`` until the block exits (see the module docstring).
+
+    ``tiers`` are remote tiers nearest first, the origin last: store directories or ``http(s)://`` cache
+    servers. ``cache_dir`` is the local disk cache (created if missing; daemon log and stats go there too).
+    """
+    if not tiers:
+        raise UsageError("mounted() needs at least one tier: the origin store (a directory or http URL)")
+    mountpoint = Path(mountpoint)
+    if not mountpoint.is_dir():
+        raise UsageError(f"mount point {mountpoint} is not a directory; create it first")
+    if is_mountpoint(mountpoint):
+        raise MountError(f"{mountpoint} is already a mount point; unmount it or pick another directory")
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    config = MountConfig(
+        index_path=str(Path(index_path).resolve()),
+        mountpoint=str(mountpoint.resolve()),
+        cache_dir=str(cache.resolve()),
+        tiers=tuple(str(t) for t in tiers),
+        prefetch=prefetch,
+        record_profile=record_profile,
+        profile_path=str(profile_path) if profile_path else None,
+        read_ahead_kb=read_ahead_kb,
+        max_background=max_background,
+        memory_mib=memory_mib,
+    )
+    stats_path = cache / f"mount-{os.getpid()}-{id(config):x}.stats.json"
+    config = replace(config, stats_path=str(stats_path))
+    mount = Mount(config, cache / "daemon.log", grace_s)
+    with contextlib.ExitStack() as undo:
+        undo.callback(stats_path.unlink, missing_ok=True)
+        undo.callback(mount.stop)
+        mount.start(timeout_s)
+        yield mount

@@ -1,0 +1,164 @@
+"""Tiers a chunk can come from, nearest first: memory LRU -> local disk cache -> HTTP cache servers -> origin.
+
+A tier answers ``get(digest) -> bytes | None``: None when it does not hold the chunk, ``TierError`` when it
+cannot be reached. Tiers never verify; the fetcher verifies every chunk against its digest, whatever tier
+it came from, and moves on to the next tier on a miss, an error or a mismatch.
+
+Remote tiers are named by URL (registry ``TIER_KINDS``): ``http(s)://host:port`` (a ``coldstart image
+serve`` cache server or origin: ``GET /chunks/<sha256 hex>``) or a local store directory (``file:///path``
+or a plain path). Calls are synchronous and thread-safe: the FUSE daemon runs them in worker threads so
+one slow tier never blocks the trio loop, and benchmarks can call them directly.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+from coldstart.imagefs.errors import TierError, UsageError
+from coldstart.imagefs.store import ChunkStore
+
+CONNECT_TIMEOUT_S = 2.0
+READ_TIMEOUT_S = 15.0
+
+
+class Tier(ABC):
+    """One place chunks may be found."""
+
+    name: str
+
+    @abstractmethod
+    def get(self, digest_hex: str) -> bytes | None: ...
+
+    def put(self, digest_hex: str, data: bytes) -> None:
+        """Keep a verified chunk (only caches do)."""
+
+    def discard(self, digest_hex: str) -> None:
+        """Drop a chunk that failed verification (only caches do)."""
+
+    @property
+    def writable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryTier(Tier):
+    """LRU of verified chunks bounded by bytes."""
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.name = "memory"
+        self.capacity = capacity_bytes
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, digest_hex: str) -> bytes | None:
+        with self._lock:
+            data = self._items.get(digest_hex)
+            if data is not None:
+                self._items.move_to_end(digest_hex)
+            return data
+
+    def put(self, digest_hex: str, data: bytes) -> None:
+        if len(data) > self.capacity:
+            return
+        with self._lock:
+            if digest_hex in self._items:
+                self._items.move_to_end(digest_hex)
+                return
+            self._items[digest_hex] = data
+            self._bytes += len(data)
+            while self._bytes > self.capacity:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= len(old)
+
+    def discard(self, digest_hex: str) -> None:
+        with self._lock:
+            old = self._items.pop(digest_hex, None)
+            if old is not None:
+                self._bytes -= len(old)
+
+    @property
+    def writable(self) -> bool:
+        return True
+
+
+class DirectoryTier(Tier):
+    """A chunk store directory: the local disk cache (writable) or an origin/shared store (read-only)."""
+
+    def __init__(self, root: str | Path, name: str | None = None, writable: bool = False) -> None:
+        self.store = ChunkStore(root)
+        self.name = name or f"dir:{root}"
+        self._writable = writable
+
+    def get(self, digest_hex: str) -> bytes | None:
+        try:
+            return self.store.read(digest_hex)
+        except OSError as exc:
+            raise TierError(f"{self.name}: cannot read chunk {digest_hex}: {exc.strerror}") from exc
+
+    def put(self, digest_hex: str, data: bytes) -> None:
+        if self._writable:
+            try:
+                self.store.write(digest_hex, data)
+            except OSError as exc:
+                raise TierError(f"{self.name}: cannot cache chunk {digest_hex}: {exc.strerror}") from exc
+
+    def discard(self, digest_hex: str) -> None:
+        if self._writable:
+            self.store.remove(digest_hex)
+
+    @property
+    def writable(self) -> bool:
+        return self._writable
+
+
+class HttpTier(Tier):
+    """A cache server or HTTP origin speaking ``GET /chunks/<hex>`` (200 bytes, 404 absent)."""
+
+    def __init__(self, url: str) -> None:
+        self.base = url.rstrip("/")
+        self.name = self.base
+        timeout = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
+        self._client = httpx.Client(timeout=timeout, limits=httpx.Limits(max_connections=16))
+
+    def get(self, digest_hex: str) -> bytes | None:
+        try:
+            response = self._client.get(f"{self.base}/chunks/{digest_hex}")
+        except httpx.HTTPError as exc:
+            raise TierError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise TierError(f"{self.name}: HTTP {response.status_code} for chunk {digest_hex}")
+        return response.content
+
+    def close(self) -> None:
+        self._client.close()
+
+
+TIER_KINDS: dict[str, type[Tier]] = {"http": HttpTier, "https": HttpTier, "file": DirectoryTier}
+
+
+def open_tier(url: str) -> Tier:
+    """A remote tier from its URL: ``http(s)://...``, ``file:///path`` or a plain directory path."""
+    scheme = urlsplit(url).scheme
+    if scheme in ("http", "https"):
+        return HttpTier(url)
+    if scheme == "file":
+        path = urlsplit(url).path
+    elif scheme == "":
+        path = url
+    else:
+        raise UsageError(f"tier {url!r}: unknown scheme {scheme!r}; valid: {', '.join(TIER_KINDS)} or a path")
+    if not Path(path).is_dir():
+        raise UsageError(
+            f"tier {url!r}: {path} is not a directory; pass a chunk store built by 'image build'"
+        )
+    return DirectoryTier(path, name=f"dir:{path}")
