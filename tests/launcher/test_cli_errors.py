@@ -1,0 +1,83 @@
+"""Bad input to coldstart-serve: one line that says what to do, the right exit code, nothing left running."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from support import SERVE
+
+
+def run_serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*SERVE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def children_of(pid: int) -> list[str]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return out.stdout.split()
+
+
+def test_unknown_engine_is_a_usage_error() -> None:
+    result = run_serve("nosuch", "model")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "coldstart-serve: error: unknown engine 'nosuch'; valid engines: custom, sglang, transformers, vllm"
+    ]
+
+
+def test_missing_model_path_is_a_usage_error(tmp_path: Path) -> None:
+    result = run_serve("transformers", str(tmp_path / "missing"))
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr and "coldstart make-model" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("engine", "extra"), [("vllm", "vllm"), ("sglang", "sglang")])
+def test_engine_not_installed_names_the_extra(engine: str, extra: str) -> None:
+    result = run_serve(engine, "Qwen/Qwen3-0.6B")
+    assert result.returncode == 1
+    assert f"pip install 'coldstart[{extra}]'" in result.stderr
+
+
+def test_busy_port_is_refused_before_anything_starts(tiny_model: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_serve("transformers", str(tiny_model), "--port", str(port))
+    assert result.returncode == 1
+    assert f"port {port} on 127.0.0.1 is in use" in result.stderr and "--port" in result.stderr
+
+
+def test_engine_exiting_during_boot_shows_its_log_tail(tmp_path: Path) -> None:
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    proc = subprocess.Popen(
+        [*SERVE, "transformers", str(broken), "--port", "0", "--work-dir", str(tmp_path / "run")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 1
+    first_error = next(line for line in err.splitlines() if line.startswith("coldstart-serve: error:"))
+    assert "transformers exited with status" in first_error
+    assert "last lines:" in first_error
+    assert children_of(proc.pid) == []
+
+
+def test_help_explains_the_engine_args_passthrough() -> None:
+    result = subprocess.run([*SERVE, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "passed to the engine unchanged" in result.stdout
+
+
+def test_coldstart_unknown_subcommand() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "coldstart.launcher.cli", "nope"], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "valid:" in result.stderr
