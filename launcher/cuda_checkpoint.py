@@ -74,6 +74,10 @@ _HINTS: dict[tuple[str, str], str] = {
     ("restore", "CUDA_ERROR_OUT_OF_MEMORY"): "the target GPU has not enough free memory",
     ("restore", "CUDA_ERROR_NOT_INITIALIZED"): "enable persistence mode (nvidia-smi -pm 1) and retry",
 }
+_CALLS = tuple(
+    f"cuCheckpointProcess{step}"
+    for step in ("GetState", "GetRestoreThreadId", "Lock", "Checkpoint", "Restore", "Unlock")
+)
 _LOCK_TIMEOUT_RESULTS = frozenset({"CUDA_ERROR_TIMEOUT", "CUDA_ERROR_NOT_READY"})
 
 
@@ -145,6 +149,14 @@ class CudaCheckpointAPI:
             if not self._initialized:
                 self._call("cuInit", None, 0)
                 self._initialized = True
+
+    def require_checkpoint_api(self) -> None:
+        """Raise ``CheckpointUnsupported`` when the bindings lack any ``cuCheckpointProcess*`` call."""
+        for call in _CALLS:
+            if getattr(self.driver, call, None) is None:
+                raise CheckpointUnsupported(
+                    f"cuda-bindings has no {call}: upgrade it to >= 12.8 (pip install 'coldstart[gpu]')"
+                )
 
     # -- queries ---------------------------------------------------------------------------------------
 
