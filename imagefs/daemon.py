@@ -10,8 +10,8 @@ or unmount: stop, ``pyfuse3.close(unmount=True)``, save the boot profile, write 
 profile now and stops recording (the launcher sends it when the engine is healthy: the boot is over).
 
 Tuning (reported in the ready line and ``Mount.settings``):
-- requests of up to 1 MiB: libfuse negotiates max_pages from its 1 MiB buffer (``max_pages_limit`` is 256 pages
-  here); the largest read seen is reported as ``max_request_bytes`` in the stats;
+- requests of up to 1 MiB: libfuse negotiates max_pages from its 1 MiB buffer (``max_pages_limit`` is 256
+  pages here); the largest read seen is reported as ``max_request_bytes`` in the stats;
 - ``read_ahead_kb`` on the mount's bdi (``/sys/class/bdi/0:N``): kernel default 128, DEFAULT_READ_AHEAD_KB;
 - ``max_background`` (and ``congestion_threshold`` = 3/4 of it) via fusectl, mounted at
   ``/sys/fs/fuse/connections`` if it is not (kernel default 12): more read-ahead requests in flight.
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pyfuse3
 import trio
+
 from coldstart.imagefs.errors import ChunkUnavailable, ImageError, MountError
 from coldstart.imagefs.fetcher import Fetcher
 from coldstart.imagefs.fs import ImageFS

@@ -21,6 +21,7 @@ from typing import NewType
 
 import pyfuse3
 import trio
+
 from coldstart.imagefs.errors import ImageError, IndexFormatError
 from coldstart.imagefs.fetcher import Fetcher
 from coldstart.imagefs.index import ImageIndex

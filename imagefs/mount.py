@@ -29,6 +29,7 @@ from pathlib import Path
 
 from coldstart.imagefs.daemon import DEFAULT_MAX_BACKGROUND, DEFAULT_READ_AHEAD_KB, MountConfig
 from coldstart.imagefs.errors import MountError, UsageError
+from coldstart.imagefs.index import ImageIndex
 
 
 class MountState(enum.Enum):
@@ -186,6 +187,7 @@ def mounted(
         raise UsageError(f"mount point {mountpoint} is not a directory; create it first")
     if is_mountpoint(mountpoint):
         raise MountError(f"{mountpoint} is already a mount point; unmount it or pick another directory")
+    ImageIndex.open(index_path)  # refuse a bad index here, with its own error, before any process starts
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     config = MountConfig(

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import anyio
 import httpx
-from coldstart.imagefs.store import ChunkStore, is_hex_digest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
+
+from coldstart.imagefs.store import ChunkStore, is_hex_digest
 
 log = logging.getLogger("coldstart.imagefs")
 

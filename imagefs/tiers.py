@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+
 from coldstart.imagefs.errors import TierError, UsageError
 from coldstart.imagefs.store import ChunkStore
 
