@@ -203,12 +203,15 @@ class CudaCheckpointAPI:
         self.expect(pid, CudaProcessState.LOCKED, "checkpoint")
         self._call("cuCheckpointProcessCheckpoint", pid, pid, None)
 
-    def restore(self, pid: int, gpu_pairs: Mapping[str, str] | None = None) -> None:
+    def restore(
+        self, pid: int, gpu_pairs: Mapping[str, str] | None = None, *, explicit: bool = False
+    ) -> None:
         """CHECKPOINTED -> LOCKED. ``gpu_pairs`` maps each checkpointed GPU UUID to a target GPU UUID
-        and must name every GPU the process used; identical pairs (or None) restore in place."""
+        and must name every GPU the process used; identical pairs (or None) restore in place, and are
+        not passed to the driver unless ``explicit`` (r570 drivers cannot take pairs at all)."""
         self.expect(pid, CudaProcessState.CHECKPOINTED, "restore")
         self._init_driver()
-        self._call("cuCheckpointProcessRestore", pid, pid, self._restore_args(gpu_pairs))
+        self._call("cuCheckpointProcessRestore", pid, pid, self._restore_args(gpu_pairs, explicit))
 
     def unlock(self, pid: int) -> None:
         """LOCKED -> RUNNING."""
@@ -224,9 +227,11 @@ class CudaCheckpointAPI:
             )
         return state
 
-    def _restore_args(self, gpu_pairs: Mapping[str, str] | None) -> Any:
+    def _restore_args(self, gpu_pairs: Mapping[str, str] | None, explicit: bool = False) -> Any:
         # Pairs mapping every GPU onto itself are the same as none, and work on drivers without remap.
-        if not gpu_pairs or all(uuid_bytes(a) == uuid_bytes(b) for a, b in gpu_pairs.items()):
+        if not gpu_pairs:
+            return None
+        if not explicit and all(uuid_bytes(a) == uuid_bytes(b) for a, b in gpu_pairs.items()):
             return None
         driver = self.driver
         pairs = []

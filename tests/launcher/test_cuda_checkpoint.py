@@ -4,6 +4,7 @@ against the real ``cuda.bindings`` without a driver (this machine has none)."""
 from __future__ import annotations
 
 import pytest
+
 from coldstart.launcher.cuda_checkpoint import (
     CudaCheckpointAPI,
     CudaProcessState,
@@ -61,6 +62,7 @@ def test_identity_pairs_restore_in_place_without_remap(host: FakeGpuHost) -> Non
     api.lock(PID)
     api.checkpoint(PID)
     assert api._restore_args({uuid: uuid}) is None  # works on r570 drivers, which cannot remap
+    assert api._restore_args({uuid: uuid}, explicit=True).gpuPairsCount == 1
     api.restore(PID, {uuid: uuid})
     assert host.processes[PID].gpus == [uuid]
 

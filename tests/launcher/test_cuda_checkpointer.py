@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from coldstart.engine_adapters.base import LaunchSpec
 from coldstart.launcher.checkpointers.base import Checkpointer, CheckpointerInfo
 from coldstart.launcher.checkpointers.cuda import (
