@@ -27,6 +27,7 @@ import sys
 from typing import Any, ClassVar
 
 import httpx
+
 from coldstart import snapshot_hooks
 from coldstart.engine_adapters.base import EngineAdapter, EngineConfig, LaunchSpec, local_model_path
 from coldstart.engine_adapters.errors import EngineCallFailed, EngineNotInstalled

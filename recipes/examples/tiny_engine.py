@@ -31,6 +31,12 @@ from typing import Any, TypeVar
 
 import torch
 import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache
+
 from coldstart import snapshot_hooks as hooks
 from coldstart.snapshot_hooks.torch_helpers import (
     ReleasableBuffers,
@@ -38,11 +44,6 @@ from coldstart.snapshot_hooks.torch_helpers import (
     device_memory,
     empty_device_cache,
 )
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
-from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache
 
 T = TypeVar("T")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+
 from coldstart.snapshot_hooks import HookRegistry, Phase, serve
 from coldstart.snapshot_hooks.client import (
     control_url_for,

@@ -7,6 +7,7 @@ import random
 import threading
 
 import pytest
+
 from coldstart import snapshot_hooks
 from coldstart.snapshot_hooks import EngineState, HookRegistry, Phase
 from coldstart.snapshot_hooks.errors import HookRegistrationError, HookStateError
