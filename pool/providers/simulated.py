@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+
 from coldstart.pool.catalog import InstanceType, default_types
 from coldstart.pool.errors import CapacityError, ConfigError
 from coldstart.pool.health import HealthReport
