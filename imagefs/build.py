@@ -261,7 +261,7 @@ class _LayeredTree:
             f = tar.extractfile(member)
             assert f is not None
             node.chunks = self.chunker.chunk(f, member.size)
-        elif not member.isfifo():
+        elif not (member.isfifo() or member.isdir()):
             raise BuildError(f"layer member {member.name!r} has an unsupported type {member.type!r}")
         parent.children[key] = node
 
