@@ -137,7 +137,7 @@ class Pool:
             await self._hand_back(unit, "failed")
         elif unit.state is not S.DRAINING:
             raise IllegalTransitionError(f"cannot release unit {unit.id} in state {unit.state.value}")
-        elif len(self._idle) >= self.target_idle:
+        elif len(self._idle) >= self.target_idle + self._waiting:
             await self._hand_back(unit, "buffer at target")
         else:
             self.inventory.move(unit, S.HEALTH_CHECKING, "back from a replica")
@@ -241,7 +241,7 @@ class Pool:
 
     async def _trim(self) -> None:
         """Hand back idle units above the target (newest first: the oldest have the longest health record)."""
-        while len(self._idle) > self.target_idle:
+        while len(self._idle) > self.target_idle + self._waiting:  # waiting acquirers take the rest
             unit = self._idle.pop()
             await self._hand_back(unit, f"buffer above target {self.target_idle}")
 

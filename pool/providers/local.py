@@ -2,7 +2,8 @@
 
 On a host without a driver, constructing it raises ``NoDriverError`` with one line that says so and
 points at the ``cpu`` provider. Units are whole GPUs; allocation is instant (they are already here), so the
-buffer only saves the health check; a GPU that fails a check is not handed out again until it passes.
+buffer only saves the health check. A GPU that fails a check is quarantined: not handed out again by this
+provider (``quarantined`` says why; ``coldstart pool health`` re-checks by hand).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class LocalProvider(Provider):
         self._watch = XidWatch(self.nvml, list(range(self.count)))
         self._xids: dict[int, list[int]] = {i: [] for i in range(self.count)}
         self._used: set[int] = set()
+        self.quarantined: dict[int, str] = {}
 
     def capacity(self) -> int:
         return self.count
@@ -45,10 +47,16 @@ class LocalProvider(Provider):
 
     async def allocate(self, type_name: str | None = None) -> Device:
         for device in self.devices:
-            if device.index not in self._used and (type_name in (None, device.type_name)):
+            index = device.index or 0
+            if (
+                index not in self._used
+                and index not in self.quarantined
+                and type_name in (None, device.type_name)
+            ):
                 self._used.add(device.index or 0)
                 return device
-        raise CapacityError(f"all {self.count} local GPUs are in use; stop a replica or add GPUs")
+        bad = f", {len(self.quarantined)} quarantined after failed checks" if self.quarantined else ""
+        raise CapacityError(f"all {self.count} local GPUs are in use{bad}; stop a replica or add GPUs")
 
     async def free(self, device: Device) -> None:
         self._used.discard(device.index or 0)
@@ -61,6 +69,8 @@ class LocalProvider(Provider):
         report = run(self.nvml, index, self.policy, pending)
         if report.ok:
             self._xids[index] = []  # seen and judged harmless
+        else:
+            self.quarantined[index] = report.summary()
         return report
 
     def poll_failures(self, devices: list[Device]) -> dict[str, str]:
@@ -70,6 +80,7 @@ class LocalProvider(Provider):
             critical = [x for x in self._xids.get(device.index or 0, []) if x in self.policy.critical_xids]
             if critical:
                 out[device.id] = f"critical XID {critical} on {device.label}"
+                self.quarantined[device.index or 0] = out[device.id]
         return out
 
     def describe(self) -> list[str]:
@@ -79,7 +90,7 @@ class LocalProvider(Provider):
             lines.append(
                 f"{d.id}  {r.name}  {r.uuid}  {r.memory_total // 2**20} MiB  {r.temperature_c} C  "
                 f"SM {r.sm_clock_mhz}/{r.sm_clock_max_mhz} MHz  "
-                + ("in use" if d.index in self._used else "free")
+                + ("in use" if d.index in self._used else self.quarantined.get(d.index or 0, "free"))
             )
         return lines
 
