@@ -91,7 +91,7 @@ class BufferRestore:
     @property
     def name(self) -> str:
         size = f"buffer {self.buffer}" if self.buffer is not None else "LP buffer"
-        return f"{size} + restore {self.restore_s:g}s"
+        return f"{size} (lead {self.lead_time_s:g}s) + restore {self.restore_s:g}s"
 
 
 Policy = FixedPeak | Reactive | BufferRestore

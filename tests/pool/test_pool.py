@@ -129,3 +129,35 @@ def test_set_target_trims_the_buffer() -> None:
 def test_unknown_provider_lists_valid_names() -> None:
     with pytest.raises(UnknownProviderError, match="valid: local, simulated, cpu"):
         make_provider("aws")
+
+
+def test_pool_for_host_falls_back_to_cpu_slots_here() -> None:
+    from coldstart.pool import pool_for_host, unit_env
+
+    pynvml = pytest.importorskip("pynvml")
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        pass
+    else:  # pragma: no cover
+        pynvml.nvmlShutdown()
+        pytest.skip("this host has an NVIDIA driver")
+
+    async def main() -> None:
+        async with pool_for_host(cpu_slots=1, target_idle=0) as pool:
+            assert pool.kind == "cpu"
+            unit = await pool.acquire(timeout=1)
+            assert unit_env(unit) == {}
+
+    asyncio.run(main())
+
+
+def test_unit_env_pins_the_gpu() -> None:
+    from coldstart.pool import unit_env
+
+    async def main() -> None:
+        async with Pool(local(FakeNvml(gpus(1))), target_idle=0) as pool:
+            unit = await pool.acquire(timeout=1)
+            assert unit_env(unit) == {"CUDA_VISIBLE_DEVICES": "GPU-00000000-fake"}
+
+    asyncio.run(main())
