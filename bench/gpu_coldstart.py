@@ -26,7 +26,15 @@ completion recorded before the first checkpoint) after every restore; restore by
 gpuPairs entry). Everything that fails is reported with its one-line reason instead of a traceback, and
 the table says what was not measured. Results also go to ``OUT/gpu_coldstart.json``.
 
-Runs with the repo checked out and not installed (the GPU machine has torch, transformers, cuda-bindings,
+On the H200 (the device tool), prepare ``.carry/`` here with ``sh bench/pack_gpu_carry.sh``, then one call
+with ``carry: [".carry"]`` and ``timeout_s: 600``::
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/whl/*.whl &&
+    PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 bench/gpu_coldstart.py --out $OUT 2>&1 | tee $OUT/log.txt
+
+``--criu auto`` (the default) uses ``.carry/criu/criu`` (or a ``criu`` on PATH), with ``.carry/criu`` as
+``--libdir`` when it holds CRIU's ``cuda_plugin.so``, and puts ``.carry/bin`` (``cuda-checkpoint`` = our
+CLI) on PATH. The repo need not be installed (the GPU machine has torch, transformers, cuda-bindings,
 nvidia-ml-py and httpx; starlette and uvicorn travel as wheels): the ``coldstart`` package is then made
 importable from a temporary folder of links to the repo's top-level folders.
 """
@@ -75,7 +83,9 @@ def bootstrap() -> dict[str, str]:
     for folder in FOLDERS:
         (pkg / folder).symlink_to(REPO / folder)
     sys.path.insert(0, str(shim))
-    return {"PYTHONPATH": os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH", "")) if p)}
+    # Exported, not only passed to the engine: CRIU's CUDA plugin runs `cuda-checkpoint` (our CLI) too.
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": os.environ["PYTHONPATH"]}
 
 
 CHILD_ENV = bootstrap()
@@ -556,11 +566,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cold-runs", type=int, default=3, help="cold boots")
     p.add_argument("--kv-tokens", type=int, default=32768, help="static KV cache length of the engine")
     p.add_argument("--model", type=Path, default=None, help="model folder (made if absent)")
-    p.add_argument("--criu", default=None, help="a criu binary (>= 4.2) to measure the full path")
-    p.add_argument("--criu-libdir", default=None, help="criu --libdir (plugins), if any")
+    p.add_argument(
+        "--criu", default="auto", help="criu (>= 4.2) for the full path: auto (.carry, PATH) | none | PATH"
+    )
+    p.add_argument(
+        "--criu-libdir", default="auto", help="criu --libdir with cuda_plugin.so: auto | none | DIR"
+    )
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     p.add_argument("--fake-gpu", action="store_true", help="plumbing check without a GPU: tiny model on CPU")
     args = p.parse_args(argv)
+    resolve_criu(args)
     if args.fake_gpu:
         FAKE["host"] = FakeGpuHost.with_gpus("NVIDIA H200 (simulated)", driver_version="580.65.06")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -575,6 +590,22 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "gpu_coldstart.json").write_text(json.dumps(results.__dict__, indent=2, default=str))
         shutil.rmtree(workdir, ignore_errors=True)
     return 0 if results.cold and (results.modes.get("hooks") or results.modes.get("no_hooks")) else 1
+
+
+def resolve_criu(args: argparse.Namespace) -> None:
+    carry = REPO / ".carry"
+    if args.criu == "auto":
+        carried = carry / "criu" / "criu"
+        args.criu = str(carried) if carried.exists() else shutil.which("criu")
+    elif args.criu == "none":
+        args.criu = None
+    if args.criu_libdir == "auto":
+        plugin = carry / "criu" / "cuda_plugin.so"
+        args.criu_libdir = str(plugin.parent) if plugin.exists() else None
+    elif args.criu_libdir == "none":
+        args.criu_libdir = None
+    if (carry / "bin").is_dir():  # cuda-checkpoint -> our CLI, for CRIU's CUDA plugin
+        os.environ["PATH"] = f"{carry / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def run_all(args: argparse.Namespace, workdir: Path, results: Results) -> None:
@@ -623,7 +654,7 @@ def run_all(args: argparse.Namespace, workdir: Path, results: Results) -> None:
             note_error(results, "CRIU + CUDA", exc)
     else:
         results.not_measured.append(
-            "CRIU dump/restore of the CUDA-checkpointed engine (no --criu: CRIU is not installed here; "
+            "CRIU dump/restore of the CUDA-checkpointed engine (no criu: none carried in .carry/criu; "
             "the in-place rows time the CUDA half of a restore, the CPU half was measured on the CPU box)"
         )
 
