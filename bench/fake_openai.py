@@ -18,7 +18,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 ANSWER = {
-    "id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": "fake",
+    "id": "chatcmpl-bench",
+    "object": "chat.completion",
+    "created": 0,
+    "model": "fake",
     "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}],
     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
 }
@@ -33,8 +36,13 @@ async def chat(request: Request) -> Response:
 
     async def events() -> AsyncIterator[bytes]:
         for i in range(chunks):
-            delta = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "fake",
-                     "choices": [{"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}]}
+            delta = {
+                "id": "c",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": "fake",
+                "choices": [{"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}],
+            }
             yield f"data: {json.dumps(delta)}\n\n".encode()
             if interval:
                 await asyncio.sleep(interval)

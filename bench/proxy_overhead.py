@@ -111,7 +111,9 @@ def start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=2000, help="sequential requests per side")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=5.0, help="throughput run length per side")
@@ -121,11 +123,32 @@ def main() -> int:
     logs = Path(os.environ.get("TMPDIR", "/tmp")) / "coldstart-bench-proxy"
     logs.mkdir(parents=True, exist_ok=True)
     up_port, proxy_port = free_port(), free_port()
-    upstream = start([sys.executable, str(HERE / "fake_openai.py"), "--port", str(up_port)], logs / "upstream.log")
-    proxy = start([sys.executable, "-m", "coldstart.launcher.cli_serve", "custom", "fake", "--port",
-                   str(proxy_port), "--max-queue", "4096", "--log-level", "warning", "--",
-                   sys.executable, str(HERE / "fake_openai.py"), "--host", "{host}", "--port", "{port}"],
-                  logs / "proxy.log")
+    upstream = start(
+        [sys.executable, str(HERE / "fake_openai.py"), "--port", str(up_port)], logs / "upstream.log"
+    )
+    proxy = start(
+        [
+            sys.executable,
+            "-m",
+            "coldstart.launcher.cli_serve",
+            "custom",
+            "fake",
+            "--port",
+            str(proxy_port),
+            "--max-queue",
+            "4096",
+            "--log-level",
+            "warning",
+            "--",
+            sys.executable,
+            str(HERE / "fake_openai.py"),
+            "--host",
+            "{host}",
+            "--port",
+            "{port}",
+        ],
+        logs / "proxy.log",
+    )
     try:
         direct_url = f"http://127.0.0.1:{up_port}/v1/chat/completions"
         proxied_url = f"http://127.0.0.1:{proxy_port}/v1/chat/completions"
@@ -133,24 +156,32 @@ def main() -> int:
         wait_ready(f"http://127.0.0.1:{proxy_port}/health", key="ready")
 
         rows = []
-        lat = {name: asyncio.run(sequential(url, args.requests))
-               for name, url in (("direct", direct_url), ("proxy", proxied_url))}
-        rps = {name: asyncio.run(throughput(url, args.concurrency, args.seconds))
-               for name, url in (("direct", direct_url), ("proxy", proxied_url))}
+        lat = {
+            name: asyncio.run(sequential(url, args.requests))
+            for name, url in (("direct", direct_url), ("proxy", proxied_url))
+        }
+        rps = {
+            name: asyncio.run(throughput(url, args.concurrency, args.seconds))
+            for name, url in (("direct", direct_url), ("proxy", proxied_url))
+        }
         for name in ("direct", "proxy"):
             rows.append((name, statistics.median(lat[name]) * 1e3, pct(lat[name], 0.99) * 1e3, rps[name]))
         completed, took, peak = asyncio.run(streams(proxied_url, args.streams, chunks=20, interval=0.1))
 
-        print(f"\nproxy overhead: {args.requests} sequential requests, {args.concurrency} concurrent for "
-              f"{args.seconds:.0f} s, one host (2 cores shared by client, proxy and upstream)\n")
+        print(
+            f"\nproxy overhead: {args.requests} sequential requests, {args.concurrency} concurrent for "
+            f"{args.seconds:.0f} s, one host (2 cores shared by client, proxy and upstream)\n"
+        )
         print(f"{'path':<8} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>9}")
         for name, p50, p99, r in rows:
             print(f"{name:<8} {p50:>8.3f} {p99:>8.3f} {r:>9.0f}")
         added50 = rows[1][1] - rows[0][1]
         added99 = rows[1][2] - rows[0][2]
         print(f"{'added':<8} {added50:>8.3f} {added99:>8.3f} {rows[1][3] / rows[0][3]:>8.2f}x")
-        print(f"\nstreaming: {completed}/{args.streams} concurrent SSE streams completed through the proxy "
-              f"(20 chunks, 0.1 s apart; peak {peak} open at once) in {took:.1f} s")
+        print(
+            f"\nstreaming: {completed}/{args.streams} concurrent SSE streams completed through the proxy "
+            f"(20 chunks, 0.1 s apart; peak {peak} open at once) in {took:.1f} s"
+        )
         print(f"goal p50 added <= 1 ms: {'met' if added50 <= 1.0 else 'NOT met'}")
         return 0
     finally:

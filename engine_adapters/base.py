@@ -16,11 +16,13 @@ import importlib.util
 import os
 import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import httpx
+
 from coldstart.engine_adapters.errors import EngineCallFailed, EngineNotInstalled, ModelNotFound
 
 
@@ -45,6 +47,10 @@ class EngineConfig:
     port: int = 8000
     # Name clients use in the ``model`` field; defaults to the model string, as vLLM does.
     served_model_name: str | None = None
+    # Extra environment for the engine process (recipes' ``env``), on top of the adapter's own.
+    env: Mapping[str, str] = field(default_factory=dict)
+    # Warm-up requests from a recipe: (path, JSON body); empty = the adapter's default warm-up.
+    warmup: tuple[tuple[str, Mapping[str, Any]], ...] = ()
 
     @property
     def public_model_name(self) -> str:
@@ -85,7 +91,11 @@ class EngineAdapter(abc.ABC):
         return response.status_code == 200
 
     def warmup_requests(self, config: EngineConfig) -> list[tuple[str, dict[str, Any]]]:
-        """(path, JSON body) pairs sent after health and before a checkpoint."""
+        """(path, JSON body) pairs sent after health and before a checkpoint: the recipe's, with the
+        engine's model name filled in, else one short greedy chat."""
+        if config.warmup:
+            model = self.upstream_model_name(config)
+            return [(path, {"model": model, **body}) for path, body in config.warmup]
         return [
             (
                 "/v1/chat/completions",

@@ -16,6 +16,7 @@ import sys
 from typing import ClassVar
 
 import httpx
+
 from coldstart.engine_adapters.base import (
     EngineAdapter,
     EngineConfig,

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import httpx
+
 from coldstart.engine_adapters.base import (
     EngineAdapter,
     EngineConfig,

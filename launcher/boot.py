@@ -7,6 +7,7 @@ import dataclasses
 import time
 
 import httpx
+
 from coldstart.engine_adapters.base import EngineAdapter, EngineConfig
 from coldstart.launcher.errors import BootTimeout, EngineExited, WarmupFailed
 from coldstart.launcher.sandbox import Sandbox
@@ -72,6 +73,8 @@ async def cold_boot(
     On failure the sandbox is left for the caller to stop (the caller owns it).
     """
     spec = adapter.launch_spec(config_for(sandbox, engine_config))
+    if engine_config.env:
+        spec = dataclasses.replace(spec, env={**spec.env, **engine_config.env})
     await sandbox.start(spec)
     await wait_healthy(sandbox, adapter, http, timeout_s=timeout_s)
     if warmup:

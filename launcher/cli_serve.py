@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Arguments after '--' are passed to the engine unchanged.",
     )
     for f in dataclasses.fields(ServeConfig):
-        if f.name == "engine_args":
+        if f.name == "engine_args" or f.metadata.get("cli") is False:
             continue
         help_ = f.metadata.get("help", "")
         if f.metadata.get("positional"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 def _default_cache() -> Path:
@@ -50,6 +51,11 @@ class ServeConfig:
     snapshot_dir: Path = opt(_default_cache() / "snapshots", "where snapshots are stored")
     work_dir: Path = opt(_default_cache() / "run", "scratch space for replicas (sandboxes, logs)")
     image: Path | None = opt(None, "run the engine from this imagefs index (mounted lazily)")
+
+    # From recipes only (no flag): engine environment, warm-up requests, canary prompt.
+    engine_env: dict[str, str] = field(default_factory=dict, metadata={"cli": False})
+    warmup: tuple[Any, ...] = field(default=(), metadata={"cli": False})
+    canary: Any = field(default=None, metadata={"cli": False})
 
     log_format: str = opt("text", "log lines as 'text' or 'json'", choices=("text", "json"))
     log_level: str = opt(

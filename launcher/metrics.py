@@ -24,12 +24,17 @@ class Metrics:
         self.cold_boots = Counter("coldstart_cold_boots", "Replicas started by a cold boot", registry=r)
         self.restores = Counter("coldstart_restores", "Replicas restored from a snapshot", registry=r)
         self.restore_failures = Counter(
-            "coldstart_restore_failures", "Restores that failed and fell back to a cold boot", ["reason"],
+            "coldstart_restore_failures",
+            "Restores that failed and fell back to a cold boot",
+            ["reason"],
             registry=r,
         )
         self.snapshots_taken = Counter("coldstart_snapshots_taken", "Snapshots written", registry=r)
         self.phase_seconds = Histogram(
-            "coldstart_phase_seconds", "Duration of lifecycle phases", ["phase"], buckets=_PHASE_BUCKETS,
+            "coldstart_phase_seconds",
+            "Duration of lifecycle phases",
+            ["phase"],
+            buckets=_PHASE_BUCKETS,
             registry=r,
         )
         self.snapshot_bytes = Gauge("coldstart_snapshot_bytes", "Size of the snapshot in use", registry=r)

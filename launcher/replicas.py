@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Protocol
 
 import httpx
+
 from coldstart.engine_adapters.base import EngineAdapter, EngineConfig
 from coldstart.launcher.boot import cold_boot
 from coldstart.launcher.errors import ColdstartError, RestoreFailed

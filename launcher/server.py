@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import uvicorn
+
 from coldstart.engine_adapters.base import EngineAdapter, EngineConfig
 from coldstart.engine_adapters.registry import get_adapter
 from coldstart.launcher.config import ServeConfig

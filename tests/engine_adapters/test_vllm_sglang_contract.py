@@ -9,13 +9,14 @@ from typing import Any
 
 import httpx
 import pytest
-from coldstart.engine_adapters.base import EngineConfig
-from coldstart.engine_adapters.errors import EngineCallFailed
-from coldstart.engine_adapters.registry import get_adapter
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from coldstart.engine_adapters.base import EngineConfig
+from coldstart.engine_adapters.errors import EngineCallFailed
+from coldstart.engine_adapters.registry import get_adapter
 
 BASE = "http://engine"
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+
 from coldstart.launcher.errors import ReplicaStateError
 from coldstart.launcher.replica import Replica, ReplicaState
 
