@@ -81,6 +81,9 @@ class CustomAdapter(EngineAdapter):
             "COLDSTART_CONTROL_HOST": config.host,
             "COLDSTART_CONTROL_PORT": values["control_port"],
             "PYTHONUNBUFFERED": "1",
+            # libuv >= 1.45 (uvloop, hence uvicorn's default loop) opens an io_uring that CRIU and
+            # gVisor cannot checkpoint; this makes it use epoll.
+            "UV_USE_IO_URING": "0",
         }
         return LaunchSpec(argv=self._argv(config), env=env)
 

@@ -368,7 +368,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     engine.install_hooks()
     hooks.serve()  # the launcher's control channel (COLDSTART_CONTROL_PORT); no-op when run by hand
-    uvicorn.run(build_app(engine), host=args.host, port=args.port, log_level="warning", access_log=False)
+    # loop="asyncio": uvloop's libuv (>= 1.45) opens an io_uring, which neither CRIU nor gVisor can save.
+    uvicorn.run(
+        build_app(engine),
+        host=args.host,
+        port=args.port,
+        loop="asyncio",
+        log_level="warning",
+        access_log=False,
+    )
     return 0
 
 
