@@ -18,6 +18,7 @@ import time
 
 from coldstart.launcher.errors import ReplicaStateError
 from coldstart.launcher.sandbox import Sandbox
+from coldstart.pool import Unit
 
 log = logging.getLogger("coldstart.lifecycle")
 
@@ -58,6 +59,7 @@ class Replica:
         self.busy_since: float | None = None  # set while in_flight > 0: GPU-seconds serving
         self.served_seconds = 0.0
         self.how = ""  # "cold boot" or "restore": how this replica came up
+        self.unit: Unit | None = None  # the pool unit (GPU or CPU slot) the replica runs on
 
     def require(self, *states: ReplicaState, action: str) -> None:
         if self.state not in states:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import time
@@ -32,6 +33,7 @@ from coldstart.launcher.metrics import Metrics
 from coldstart.launcher.plain_sandbox import PlainSandbox
 from coldstart.launcher.replica import Replica, ReplicaState
 from coldstart.launcher.sandbox import Sandbox
+from coldstart.pool import Pool, unit_env
 
 log = logging.getLogger("coldstart.lifecycle")
 
@@ -90,6 +92,7 @@ class ReplicaManager:
         work_dir: Path,
         snapshots: Snapshots | None = None,
         sandbox_factory: Callable[[str], Sandbox] | None = None,
+        pool: Pool | None = None,
     ) -> None:
         self.adapter = adapter
         self.engine_config = engine_config
@@ -98,6 +101,8 @@ class ReplicaManager:
         self.work_dir = work_dir
         self.snapshots = snapshots
         self._sandbox_factory = sandbox_factory
+        # Where replicas run: a GPU (or CPU slot) from the buffer pool, handed back when they stop.
+        self.pool = pool
         self.replicas: dict[str, Replica] = {}
         self._ids = itertools.count(1)
         self._changed = asyncio.Condition()
@@ -267,11 +272,17 @@ class ReplicaManager:
     async def _bring_up(self, replica: Replica) -> None:
         started = time.monotonic()
         try:
+            if self.pool is not None:
+                replica.unit = await self.pool.acquire(timeout=self.policy.boot_timeout)
             if self.snapshots is not None and self.snapshots.has_snapshot():
                 replica.transition(ReplicaState.RESTORING)
                 try:
                     replica.sandbox = await self.snapshots.restore(
-                        self.adapter, self.engine_config, self.http, self.work_dir / replica.id, replica.id
+                        self.adapter,
+                        self._config_for(replica),
+                        self.http,
+                        self.work_dir / replica.id,
+                        replica.id,
                     )
                 except RestoreFailed as exc:
                     self.metrics.restore_failures.labels(exc.reason).inc()
@@ -320,7 +331,11 @@ class ReplicaManager:
         replica.sandbox = self._new_sandbox(replica)
         started = time.monotonic()
         await cold_boot(
-            replica.sandbox, self.adapter, self.engine_config, self.http, timeout_s=self.policy.boot_timeout
+            replica.sandbox,
+            self.adapter,
+            self._config_for(replica),
+            self.http,
+            timeout_s=self.policy.boot_timeout,
         )
         self.metrics.cold_boots.inc()
         self.metrics.phase_seconds.labels("boot").observe(time.monotonic() - started)
@@ -328,6 +343,13 @@ class ReplicaManager:
         if snapshot and self.snapshots is not None:
             replica.transition(ReplicaState.SNAPSHOTTING)
             await self.snapshots.snapshot(replica.sandbox, self.adapter, self.engine_config, self.http)
+
+    def _config_for(self, replica: Replica) -> EngineConfig:
+        """The engine config pinned to the replica's unit (``CUDA_VISIBLE_DEVICES`` for a GPU)."""
+        if replica.unit is None:
+            return self.engine_config
+        env = {**self.engine_config.env, **unit_env(replica.unit)}
+        return dataclasses.replace(self.engine_config, env=env)
 
     async def _stop(self, replica: Replica, *, drain: bool) -> None:
         if replica.state is ReplicaState.READY:
@@ -343,6 +365,10 @@ class ReplicaManager:
                 replica.transition(ReplicaState.FAILED, reason="cancelled")
             replica.transition(ReplicaState.STOPPED)
         self.replicas.pop(replica.id, None)
+        if replica.unit is not None and self.pool is not None:
+            unit, replica.unit = replica.unit, None
+            with contextlib.suppress(Exception):  # a closed pool on shutdown: nothing to hand back
+                await self.pool.release(unit)
 
 
 def _counter_value(counter: object) -> float:

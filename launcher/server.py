@@ -27,6 +27,7 @@ from coldstart.launcher.process import port_is_free
 from coldstart.launcher.proxy import Proxy
 from coldstart.launcher.replica import ReplicaState
 from coldstart.launcher.replicas import ReplicaManager, ScalingPolicy, Snapshots
+from coldstart.pool import pool_for_host
 
 log = logging.getLogger("coldstart.serve")
 
@@ -84,8 +85,17 @@ async def serve(config: ServeConfig, *, ready: asyncio.Event | None = None) -> N
     work_dir = Path(config.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     econf = engine_config(config)
+    # Replicas run on units of the buffer pool: this host's GPUs, or CPU slots where there are none.
+    pool = pool_for_host(cpu_slots=config.max_replicas, target_idle=min(1, config.max_replicas))
+    await pool.start()
     manager = ReplicaManager(
-        adapter, econf, policy(config), metrics, work_dir, snapshots=make_snapshots(config, adapter, metrics)
+        adapter,
+        econf,
+        policy(config),
+        metrics,
+        work_dir,
+        snapshots=make_snapshots(config, adapter, metrics),
+        pool=pool,
     )
     proxy = Proxy(
         manager, metrics, config.public_model_name, adapter.upstream_model_name(econf), config.api_key
@@ -138,6 +148,7 @@ async def serve(config: ServeConfig, *, ready: asyncio.Event | None = None) -> N
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await server_task
         await manager.close()
+        await pool.close()
         await proxy.aclose()
         log.info("stopped", extra={"event": "stopped"})
 
