@@ -111,3 +111,33 @@ def test_refresh_gives_fresh_temp_names() -> None:
     identity = refresh_process_state()
     assert tempfile._get_candidate_names() is not old  # type: ignore[attr-defined]
     assert identity.rng_seed != 0 and identity.hostname
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_readme_five_lines(device: str) -> None:
+    """The pattern in snapshot_hooks/README.md, on a registry of its own."""
+    from coldstart import snapshot_hooks as hooks
+
+    registry = hooks.HookRegistry()
+    model = Tied().to(device).eval()
+    kv = torch.randn(1, 2, 64, 8, device=device)
+    ids = torch.arange(5, device=device)
+    with torch.no_grad():
+        expected = model(ids).cpu()
+
+    weights = WeightOffloader(model)
+    cache = ReleasableBuffers()
+    cache.register("kv", kv)
+    hooks.before_checkpoint(weights.offload, registry=registry)
+    hooks.before_checkpoint(cache.free, registry=registry)
+    hooks.after_restore(weights.reload, registry=registry)
+    hooks.after_restore(cache.recreate, registry=registry)
+
+    before = registry.run_before_checkpoint()
+    assert before.ok and [h.name for h in before.hooks] == ["offload", "free"]
+    assert weights.report()["module_bytes"] == 0 and not cache.is_allocated
+    after = registry.run_after_restore()
+    assert [h.name for h in after.hooks] == ["coldstart.refresh_process_state", "recreate", "reload"]
+    assert cache.is_allocated and kv.shape == (1, 2, 64, 8)
+    with torch.no_grad():
+        assert torch.equal(model(ids).cpu(), expected)
