@@ -24,6 +24,7 @@ import json
 import os
 import resource
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -35,6 +36,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache
 
 from coldstart import snapshot_hooks as hooks
@@ -362,6 +364,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    # tqdm (transformers' loading bars) otherwise makes a multiprocessing lock: a POSIX semaphore in
+    # /dev/shm, unlinked at once, that CRIU must carry as a "ghost" file which replicas restored at the same
+    # time on one host then race to re-create. A thread lock does the same job here.
+    tqdm.set_lock(threading.RLock())
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     engine = TinyEngine(
         args.model, args.device, args.dtype, args.max_cache_len, args.served_model_name or args.model
