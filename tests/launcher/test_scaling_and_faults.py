@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from support import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -92,3 +94,50 @@ def test_queue_overflow_and_timeout_answer_503(serve, tiny_model: Path, tmp_path
     # The request that arrived while nobody served started a replica: later requests are answered.
     served.wait_ready()
     assert httpx.post(f"{served.url}/v1/completions", json=body, timeout=60).status_code == 200
+
+
+def test_demand_starts_a_second_replica_and_routes_to_the_least_busy(serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # A canned OpenAI upstream whose streams last 2 s makes the concurrency deterministic.
+    fake = str(REPO / "bench" / "fake_openai.py")
+    served = serve(
+        [
+            "custom",
+            "fake",
+            "--max-replicas",
+            "2",
+            "--target-concurrency",
+            "1",
+            "--work-dir",
+            str(tmp_path),
+            "--",
+            sys.executable,
+            fake,
+            "--host",
+            "{host}",
+            "--port",
+            "{port}",
+        ]
+    )
+    served.wait_ready()
+    body = {"model": "fake", "messages": [], "stream": True, "chunks": 20, "interval": 0.1}
+    results: list[int] = []
+
+    def ask() -> None:
+        with httpx.stream("POST", f"{served.url}/v1/chat/completions", json=body, timeout=60) as r:
+            r.read()
+            results.append(r.status_code)
+
+    first = [threading.Thread(target=ask) for _ in range(2)]
+    for t in first:
+        t.start()
+    served.wait_for(lambda h: len(h["replicas"]) == 2, 10, "demand above the target starts a second replica")
+    for t in first:
+        t.join()
+    served.wait_for(lambda h: sum(r["state"] == "ready" for r in h["replicas"]) == 2, 60, "two ready")
+    threads = [threading.Thread(target=ask) for _ in range(2)]
+    for t in threads:
+        t.start()
+    served.wait_for(lambda h: [r["in_flight"] for r in h["replicas"]] == [1, 1], 10, "one request each")
+    for t in threads:
+        t.join()
+    assert results == [200] * 4
