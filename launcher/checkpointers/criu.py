@@ -1,0 +1,283 @@
+"""CRIU checkpointer: the engine as a plain host process tree in its own PID and network namespace.
+
+Start:    nsenter --net=<replica netns> unshare --pid --fork --kill-child -- setsid ENGINE...
+          (ENGINE is prefixed by ``no_io_uring``: CRIU cannot dump an io_uring, see that module.)
+          The engine is PID 1 of a fresh PID namespace and leads its own session (CRIU refuses a tree whose
+          session leader lives outside its PID namespace). Only the network namespace is entered, not a
+          mount namespace (``ip netns exec`` would make one, and CRIU would then have to dump it).
+Dump:     nsenter --net=<same netns> criu dump -t <engine host pid> --tcp-close [--leave-running]
+          CRIU runs inside the engine's network namespace, so the namespace itself is not dumped (only
+          the sockets); the PID namespace is dumped (the target is its init).
+Restore:  nsenter --net=<new replica netns> criu restore --tcp-close --inherit-fd fd[N]:pipe:[INO]
+          CRIU gives the restored tree a new PID namespace (no "File exists" PID clash with the original
+          or with other restored replicas) and our new netns; it stays in the foreground as the restored
+          tree's parent, so the launcher owns it like any child and learns the exit status.
+
+Output: the engine's stdout/stderr is a pipe the launcher owns. At restore the old pipe cannot come back,
+so ``--inherit-fd`` hands CRIU a fresh pipe whose read end the launcher holds (a log file would break
+restore as soon as it grew after the dump). ``--tcp-close``: connections open at dump time (keep-alive
+from the launcher's control client) come back closed instead of failing the dump.
+
+Upstream issues that decide the version: CRIU 3.17 fails on recent kernels (vDSO, checkpoint-restore/criu
+#2532), 4.1 fails at dump on Linux >= 6.16 (socket options, #2705); 4.2 works (.ci/install-checkpointers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+from typing import ClassVar
+
+from coldstart.engine_adapters.base import LaunchSpec
+from coldstart.launcher.checkpointers import no_io_uring
+from coldstart.launcher.checkpointers._pipes import (
+    OwnedPipe,
+    exec_into,
+    first_child,
+    kill_quietly,
+    log_errors,
+    run_quiet,
+    wait_exit,
+)
+from coldstart.launcher.checkpointers.base import Checkpointer, CheckpointerInfo
+from coldstart.launcher.errors import CheckpointerUnavailable, ReplicaStateError, RestoreFailed, SnapshotError
+from coldstart.launcher.netns import NetNamespace, create_netns
+from coldstart.launcher.sandbox import Sandbox
+
+MIN_VERSION = (4, 2)
+ENGINE_PORT = 8000  # fixed inside every replica's own network namespace
+SIDECAR = "coldstart-criu.json"  # which pipes the engine's fds 1/2 were, for --inherit-fd at restore
+CRIU_CANDIDATES = ("/usr/local/sbin/criu", "/opt/coldstart/bin/criu")
+
+
+def find_criu() -> str | None:
+    explicit = os.environ.get("COLDSTART_CRIU")
+    if explicit:
+        return explicit
+    for path in CRIU_CANDIDATES:
+        if os.access(path, os.X_OK):
+            return path
+    return shutil.which("criu")
+
+
+def criu_version(binary: str) -> tuple[int, ...]:
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise CheckpointerUnavailable(
+            f"criu at {binary} does not run ({exc}): run .ci/install-checkpointers"
+        ) from exc
+    match = re.search(r"Version:\s*(\d+(?:\.\d+)*)", out)
+    if not match:
+        raise CheckpointerUnavailable(f"criu at {binary} printed no version: run .ci/install-checkpointers")
+    return tuple(int(p) for p in match.group(1).split("."))
+
+
+class CriuSandbox(Sandbox):
+    """One engine tree in its own PID + network namespace; cold-started or restored by CRIU."""
+
+    def __init__(self, workdir: Path, replica_id: str, criu: str) -> None:
+        self.workdir = Path(workdir)
+        self.replica_id = replica_id
+        self.criu = criu
+        self.netns: NetNamespace | None = None
+        self._proc: asyncio.subprocess.Process | None = None  # unshare (cold) or criu restore
+        self._pipe: OwnedPipe | None = None
+        self._engine_pid: int | None = None  # host PID of the engine (PID 1 of its namespace)
+        self._pidfile = self.workdir / "criu-restore.pid"
+        self._restore_log: Path | None = None
+        self._stopped = False
+
+    # -- addresses --------------------------------------------------------------------------------
+    @property
+    def base_url(self) -> str:
+        if self.netns is None:
+            raise ReplicaStateError(f"replica {self.replica_id}: sandbox not started, no address yet")
+        return f"http://{self.netns.guest_ip}:{ENGINE_PORT}"
+
+    @property
+    def bind_host(self) -> str:
+        return "0.0.0.0"
+
+    @property
+    def bind_port(self) -> int:
+        return ENGINE_PORT
+
+    # -- processes --------------------------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        """Host PID of the engine (root of the tree), once known."""
+        if self._engine_pid is None and self._restore_log is not None:
+            try:
+                self._engine_pid = int(self._pidfile.read_text().strip())
+            except (OSError, ValueError):
+                return None
+        return self._engine_pid
+
+    def host_pids(self) -> list[int]:
+        from coldstart.launcher.checkpointers.cuda import process_tree
+
+        return process_tree(self.pid) if self.pid else []
+
+    async def start(self, spec: LaunchSpec) -> None:
+        if self._proc is not None:
+            raise ReplicaStateError(f"replica {self.replica_id}: sandbox already started")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.netns = await create_netns()
+        self._pipe = OwnedPipe(f"engine {self.replica_id}")
+        argv = [
+            *self.netns.enter_argv(),
+            "unshare", "--pid", "--fork", "--kill-child", "--", "setsid",
+            *no_io_uring.argv_prefix(), *spec.argv,
+        ]  # fmt: skip
+        self._proc = await exec_into(argv, self._pipe, env={**os.environ, **spec.env}, cwd=spec.cwd)
+        await self._pipe.start_reading()
+        for _ in range(200):  # unshare forks the engine at once; wait until it is there (<< 1 s)
+            self._engine_pid = first_child(self._proc.pid)
+            if self._engine_pid or self._proc.returncode is not None:
+                break
+            await asyncio.sleep(0.005)
+
+    async def restore_from(self, image_dir: Path) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        sidecar = json.loads((image_dir / SIDECAR).read_text())
+        self.netns = await create_netns()
+        self._pipe = OwnedPipe(f"engine {self.replica_id}")
+        self._pidfile.unlink(missing_ok=True)
+        self._restore_log = self.workdir / "criu-restore.log"
+        # Every pipe the engine wrote to comes back as our fresh pipe.
+        inherit = [
+            arg
+            for pipe_id in sidecar["pipes"]
+            for arg in ("--inherit-fd", f"fd[{self._pipe.write_fd}]:{pipe_id}")
+        ]
+        # CRIU writes stats-restore into its images directory: give it a private directory of links so
+        # the snapshot stays untouched (and several replicas can restore from it at once).
+        images = self.workdir / "criu-images"
+        shutil.rmtree(images, ignore_errors=True)
+        images.mkdir()
+        for item in image_dir.iterdir():
+            (images / item.name).symlink_to(item.resolve())
+        argv = [
+            *self.netns.enter_argv(), self.criu, "restore", "-D", str(images),
+            "-o", str(self._restore_log), "-v2", "--tcp-close", "--pidfile", str(self._pidfile), *inherit,
+        ]  # fmt: skip
+        self._proc = await exec_into(argv, self._pipe, extra_fds=[self._pipe.write_fd])
+        await self._pipe.start_reading()
+
+    def exit_code(self) -> int | None:
+        return self._proc.returncode if self._proc else None
+
+    def log_tail(self, lines: int = 20) -> str:
+        text = self._pipe.text(lines) if self._pipe else ""
+        if self._restore_log is not None and self.exit_code() not in (None, 0):
+            text = "\n".join(filter(None, [text, "criu restore: " + log_errors(self._restore_log)]))
+        return text
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            # The engine, not unshare/criu, gets SIGTERM; they exit when it does. PID 1 of a namespace
+            # only sees signals it handles (uvicorn does); SIGKILL of PID 1 kills the whole namespace.
+            engine = self.pid
+            kill_quietly(engine, signal.SIGTERM) if engine else kill_quietly(proc.pid, signal.SIGTERM)
+            if not await wait_exit(proc, grace_s):
+                kill_quietly(self.pid, signal.SIGKILL)
+                kill_quietly(proc.pid, signal.SIGKILL)
+                await wait_exit(proc, 10.0)
+        if self._pipe is not None:
+            await self._pipe.close()
+        if self.netns is not None:
+            await self.netns.adelete()
+
+
+class CriuCheckpointer(Checkpointer):
+    name: ClassVar[str] = "criu"
+
+    def __init__(self, binary: str | None = None) -> None:
+        self._binary = binary
+        self._info: CheckpointerInfo | None = None
+
+    @property
+    def binary(self) -> str:
+        found = self._binary or find_criu()
+        if not found:
+            raise CheckpointerUnavailable(
+                "criu is not installed: run .ci/install-checkpointers (CRIU >= 4.2)"
+            )
+        return found
+
+    def probe(self) -> CheckpointerInfo:
+        if self._info is not None:
+            return self._info
+        if os.geteuid() != 0:
+            raise CheckpointerUnavailable(
+                "criu needs root: run coldstart-serve as root or use --snapshot off"
+            )
+        for tool in ("nsenter", "unshare", "ip"):
+            if shutil.which(tool) is None:
+                raise CheckpointerUnavailable(f"{tool} is missing: apt-get install util-linux iproute2")
+        version = criu_version(self.binary)
+        if version < MIN_VERSION:
+            raise CheckpointerUnavailable(
+                f"criu {'.'.join(map(str, version))} at {self.binary} fails on this kernel (needs >= 4.2): "
+                "run .ci/install-checkpointers"
+            )
+        self._info = CheckpointerInfo(
+            name=self.name,
+            version=".".join(map(str, version)),
+            capabilities=frozenset({"leave-running", "pid-namespace", "net-namespace", "tcp-close"}),
+        )
+        return self._info
+
+    def new_sandbox(self, workdir: Path, replica_id: str) -> Sandbox:
+        return CriuSandbox(workdir, replica_id, self.binary)
+
+    async def checkpoint(self, sandbox: Sandbox, image_dir: Path, *, leave_running: bool) -> None:
+        if not isinstance(sandbox, CriuSandbox) or sandbox.netns is None or not sandbox.pid:
+            raise SnapshotError(
+                f"criu can only checkpoint a started CRIU sandbox, not {type(sandbox).__name__}"
+            )
+        if sandbox.exit_code() is not None:
+            raise SnapshotError(
+                f"replica {sandbox.replica_id}: engine exited ({sandbox.exit_code()}), nothing to dump"
+            )
+        pid = sandbox.pid
+        pipes = sorted({os.readlink(f"/proc/{pid}/fd/{fd}") for fd in (1, 2)} - {"/dev/null"})
+        if any(not p.startswith("pipe:") for p in pipes):
+            raise SnapshotError(f"engine stdout/stderr must be pipes the launcher owns, found {pipes}")
+        dump_log = sandbox.workdir / "criu-dump.log"
+        argv = [
+            *sandbox.netns.enter_argv(), sandbox.criu, "dump", "-t", str(pid), "-D", str(image_dir),
+            "-o", str(dump_log), "-v2", "--tcp-close",
+        ]  # fmt: skip
+        if leave_running:
+            argv.append("--leave-running")
+        status, out = await run_quiet(argv)
+        if status != 0:
+            detail = log_errors(dump_log) or out.strip()
+            raise SnapshotError(f"criu dump of replica {sandbox.replica_id} failed ({status}): {detail}")
+        (image_dir / SIDECAR).write_text(json.dumps({"pipes": pipes, "port": ENGINE_PORT}))
+
+    async def restore(self, image_dir: Path, workdir: Path, replica_id: str) -> Sandbox:
+        sandbox = CriuSandbox(workdir, replica_id, self.binary)
+        try:
+            await sandbox.restore_from(Path(image_dir))
+        except (OSError, ValueError, KeyError) as exc:
+            await sandbox.stop(1.0)
+            raise RestoreFailed(
+                "checkpointer", f"criu restore of {image_dir} could not start: {exc}"
+            ) from exc
+        except BaseException:
+            await sandbox.stop(1.0)
+            raise
+        return sandbox

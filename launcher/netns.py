@@ -1,0 +1,147 @@
+"""Per-replica network namespaces: a veth pair, a /30 of 10.88.0.0/16, the engine on 0.0.0.0 inside.
+
+Why: several replicas restored from ONE snapshot all listen on the port they listened on at checkpoint
+time; each gets its own network namespace so they never collide, and the launcher reaches replica N at
+``http://10.88.x.y+2:PORT`` through the host end of its veth.
+
+    host netns                         replica netns (/run/netns/cs-<launcher pid>-<token>)
+    csh<token> 10.88.x.(4k+1)/30  <->  eth0 10.88.x.(4k+2)/30, lo up
+
+Subnets are handed out round-robin (a counter under a file lock in /run/coldstart), not lowest-free: an
+HTTP client may still pool a keep-alive connection to a stopped replica's address, and an address reused
+at once would send its next request into a namespace that no longer exists.
+
+Names carry the launcher's PID so ``cleanup_stale()`` can remove what a killed launcher left behind.
+All commands are ``ip`` (iproute2); the namespace is deleted (and its veth with it) by ``delete()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import ipaddress
+import logging
+import os
+import re
+import secrets
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from coldstart.launcher.errors import ColdstartError
+
+log = logging.getLogger("coldstart.netns")
+
+NETNS_DIR = Path("/run/netns")
+STATE_DIR = Path("/run/coldstart")
+SUBNET = ipaddress.IPv4Network("10.88.0.0/16")
+_SLOTS = SUBNET.num_addresses // 4
+_NAME = re.compile(r"^cs-(\d+)-([0-9a-f]{8})$")
+
+
+class NetnsError(ColdstartError):
+    """A network namespace could not be created or removed (needs root and iproute2)."""
+
+
+def _ip(*args: str) -> str:
+    try:
+        done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise NetnsError(f"ip {' '.join(args)} failed: {exc} (install iproute2; run as root)") from exc
+    if done.returncode != 0:
+        raise NetnsError(f"ip {' '.join(args)} failed: {done.stderr.strip()} (run as root)")
+    return done.stdout
+
+
+@dataclass
+class NetNamespace:
+    name: str
+    host_if: str
+    host_ip: str
+    guest_ip: str
+    prefix: int = 30
+    deleted: bool = False
+
+    @property
+    def path(self) -> str:
+        return str(NETNS_DIR / self.name)
+
+    def enter_argv(self) -> list[str]:
+        """Prefix that runs a command inside this namespace (network only: same mount namespace, so
+        CRIU sees no foreign mount namespace to dump)."""
+        return ["nsenter", f"--net={self.path}", "--"]
+
+    @classmethod
+    def create(cls) -> NetNamespace:
+        token = secrets.token_hex(4)
+        name, host_if = f"cs-{os.getpid()}-{token}", f"csh{token}"
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        with open(STATE_DIR / "netns.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            host_ip, guest_ip = _next_subnet(lock)
+            ns = cls(name, host_if, host_ip, guest_ip)
+            try:
+                _ip("netns", "add", name)
+                _ip("link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", name)
+                _ip("addr", "add", f"{host_ip}/30", "dev", host_if)
+                _ip("link", "set", host_if, "up")
+                _ip("-n", name, "link", "set", "lo", "up")
+                _ip("-n", name, "link", "set", "eth0", "up")
+                ns.set_guest_address()
+            except BaseException:
+                ns.delete()
+                raise
+        return ns
+
+    def set_guest_address(self) -> None:
+        """(Re)assign the guest address; runsc moves it into its own network stack at every start."""
+        _ip("-n", self.name, "addr", "replace", f"{self.guest_ip}/30", "dev", "eth0")
+
+    def delete(self) -> None:
+        """Remove the namespace (its veth goes with it once no process holds it). Idempotent."""
+        if self.deleted:
+            return
+        self.deleted = True
+        with contextlib.suppress(NetnsError):
+            _ip("link", "del", self.host_if)
+        with contextlib.suppress(NetnsError):
+            _ip("netns", "del", self.name)
+
+    async def adelete(self) -> None:
+        await asyncio.to_thread(self.delete)
+
+
+async def create_netns() -> NetNamespace:
+    return await asyncio.to_thread(NetNamespace.create)
+
+
+def _next_subnet(lock_file: object) -> tuple[str, str]:
+    """The next free /30 after the last one handed out (round-robin), skipping addresses in use."""
+    counter = STATE_DIR / "netns.next"
+    try:
+        start = int(counter.read_text().strip() or 0)
+    except (OSError, ValueError):
+        start = 0
+    in_use = set(re.findall(r"inet (10\.88\.\d+\.\d+)/", _ip("-4", "-o", "addr", "show")))
+    base = int(SUBNET.network_address)
+    for step in range(_SLOTS):
+        slot = (start + step) % _SLOTS
+        if slot == 0:
+            continue  # keep 10.88.0.0/30 unused (reads like a network address)
+        host = str(ipaddress.IPv4Address(base + 4 * slot + 1))
+        if host not in in_use:
+            counter.write_text(str(slot + 1))
+            return host, str(ipaddress.IPv4Address(base + 4 * slot + 2))
+    raise NetnsError("no free /30 left in 10.88.0.0/16: stop some replicas (or run 'coldstart doctor')")
+
+
+def cleanup_stale() -> list[str]:
+    """Delete ``cs-PID-*`` namespaces whose launcher PID is gone; returns the names removed."""
+    removed = []
+    for entry in NETNS_DIR.glob("cs-*") if NETNS_DIR.is_dir() else []:
+        match = _NAME.match(entry.name)
+        if match and not Path(f"/proc/{match.group(1)}").exists():
+            NetNamespace(entry.name, f"csh{match.group(2)}", "", "").delete()
+            removed.append(entry.name)
+    return removed
