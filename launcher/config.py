@@ -50,7 +50,20 @@ class ServeConfig:
     )
     snapshot_dir: Path = opt(_default_cache() / "snapshots", "where snapshots are stored")
     work_dir: Path = opt(_default_cache() / "run", "scratch space for replicas (sandboxes, logs)")
-    image: Path | None = opt(None, "run the engine from this imagefs index (mounted lazily)")
+    image: Path | None = opt(
+        None,
+        "run the engine from this imagefs index, mounted lazily; {image} in MODEL "
+        "and engine args is its mount point",
+    )
+    image_mount: Path | None = opt(None, "where to mount --image (default: WORK_DIR/image)")
+    image_tiers: str | None = opt(
+        None,
+        "comma-separated chunk tiers, nearest first, origin last (cache server "
+        "URLs, store dirs; default: the store the index was built into)",
+    )
+    image_cache: Path | None = opt(
+        None, "local disk cache for image chunks (default: ~/.cache/coldstart/chunks)"
+    )
 
     # From recipes only (no flag): engine environment, warm-up requests, canary prompt.
     engine_env: dict[str, str] = field(default_factory=dict, metadata={"cli": False})

@@ -76,5 +76,11 @@ class RestoreFailed(ColdstartError):
         self.reason = reason  # short label: gate, digest, checkpointer, canary, timeout, hook, ...
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    from coldstart.imagefs.errors import ImageError  # plain module: no FUSE imports
+
+    return (ColdstartError, AdapterError, ImageError)
+
+
 # What the CLIs catch and print as one line (with ``exc.exit_code``).
-USER_ERRORS: tuple[type[Exception], ...] = (ColdstartError, AdapterError)
+USER_ERRORS: tuple[type[Exception], ...] = _user_errors()

@@ -14,6 +14,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -21,6 +22,7 @@ from coldstart.engine_adapters.base import EngineAdapter, EngineConfig
 from coldstart.engine_adapters.registry import get_adapter
 from coldstart.launcher.config import ServeConfig
 from coldstart.launcher.errors import PortInUse, UsageError
+from coldstart.launcher.image import image_mounted, with_mountpoint
 from coldstart.launcher.logs import configured_logging
 from coldstart.launcher.metrics import Metrics
 from coldstart.launcher.process import port_is_free
@@ -55,19 +57,25 @@ def policy(config: ServeConfig) -> ScalingPolicy:
 
 
 def validate(config: ServeConfig) -> EngineAdapter:
-    """Everything checkable before starting anything; raises one-line errors."""
+    """Everything checkable before starting anything; raises one-line errors. A model inside ``--image``
+    is checked once the image is mounted (``check_model``)."""
     if not config.model:
         raise UsageError("MODEL is required: coldstart-serve ENGINE MODEL (see --help)")
-    if config.log_format not in ("text", "json"):
-        raise UsageError(f"--log-format must be 'text' or 'json', not {config.log_format!r}")
     adapter = get_adapter(config.engine)
     adapter.check_installed()
-    adapter.upstream_model_name(engine_config(config))  # raises ModelNotFound for a missing local path
+    if config.image is None:
+        check_model(adapter, config)
+    elif not Path(config.image).is_file():
+        raise UsageError(f"--image {config.image}: no such index (build one with: coldstart image build)")
     if not port_is_free(config.host, config.port):
         raise PortInUse(
             f"port {config.port} on {config.host} is in use: pass --port N or stop what listens there"
         )
     return adapter
+
+
+def check_model(adapter: EngineAdapter, config: ServeConfig) -> None:
+    adapter.upstream_model_name(engine_config(config))  # raises ModelNotFound for a missing local path
 
 
 def make_snapshots(config: ServeConfig, adapter: EngineAdapter, metrics: Metrics) -> Snapshots | None:
@@ -79,27 +87,48 @@ def make_snapshots(config: ServeConfig, adapter: EngineAdapter, metrics: Metrics
 
 
 async def serve(config: ServeConfig, *, ready: asyncio.Event | None = None) -> None:
-    """Serve until cancelled or signalled. ``ready`` is set once the proxy listens."""
+    """Serve until cancelled or signalled. ``ready`` is set once the proxy listens. Everything started
+    here is stopped on the way out (replicas, pool, image mount), also on errors."""
     adapter = validate(config)
-    metrics = Metrics()
-    work_dir = Path(config.work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    econf = engine_config(config)
-    # Replicas run on units of the buffer pool: this host's GPUs, or CPU slots where there are none.
-    pool = pool_for_host(cpu_slots=config.max_replicas, target_idle=min(1, config.max_replicas))
-    await pool.start()
-    manager = ReplicaManager(
-        adapter,
-        econf,
-        policy(config),
-        metrics,
-        work_dir,
-        snapshots=make_snapshots(config, adapter, metrics),
-        pool=pool,
-    )
-    proxy = Proxy(
-        manager, metrics, config.public_model_name, adapter.upstream_model_name(econf), config.api_key
-    )
+    async with contextlib.AsyncExitStack() as undo:
+        undo.callback(log.info, "stopped", extra={"event": "stopped"})  # runs last
+        mount = await undo.enter_async_context(image_mounted(config))
+        if mount is not None:
+            config = with_mountpoint(config, mount.mountpoint)
+            check_model(adapter, config)
+        metrics = Metrics()
+        work_dir = Path(config.work_dir)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        econf = engine_config(config)
+        # Replicas run on units of the buffer pool: this host's GPUs, or CPU slots where there are none.
+        pool = pool_for_host(cpu_slots=config.max_replicas, target_idle=min(1, config.max_replicas))
+        await pool.start()
+        undo.push_async_callback(pool.close)
+        manager = ReplicaManager(
+            adapter,
+            econf,
+            policy(config),
+            metrics,
+            work_dir,
+            snapshots=make_snapshots(config, adapter, metrics),
+            pool=pool,
+        )
+        undo.push_async_callback(manager.close)
+        proxy = Proxy(
+            manager, metrics, config.public_model_name, adapter.upstream_model_name(econf), config.api_key
+        )
+        undo.push_async_callback(proxy.aclose)
+        await _serve_proxy(config, adapter, manager, proxy, mount, ready)
+
+
+async def _serve_proxy(
+    config: ServeConfig,
+    adapter: EngineAdapter,
+    manager: ReplicaManager,
+    proxy: Proxy,
+    mount: Any,
+    ready: asyncio.Event | None,
+) -> None:
     server = _ProxyServer(
         uvicorn.Config(
             proxy.app(),
@@ -129,28 +158,25 @@ async def serve(config: ServeConfig, *, ready: asyncio.Event | None = None) -> N
         if ready is not None:
             ready.set()
         pending = set(await manager.start())
-        if pending:
-            while pending and not server_task.done():
-                done, _ = await asyncio.wait([server_task, *pending], return_when=asyncio.FIRST_COMPLETED)
-                pending -= done
-            if not server_task.done():
-                ok = any(r.state is ReplicaState.READY for r in manager.replicas.values())
-                if not ok and manager.last_boot_exception is not None:
+        while pending and not server_task.done():
+            done, _ = await asyncio.wait([server_task, *pending], return_when=asyncio.FIRST_COMPLETED)
+            pending -= done
+        if manager.replicas and not server_task.done():
+            if not any(r.state is ReplicaState.READY for r in manager.replicas.values()):
+                if manager.last_boot_exception is not None:
                     raise manager.last_boot_exception  # nothing serves: fail the launch, exit 1
-                log.info(
-                    "ready in %.2fs",
-                    time.monotonic() - started,
-                    extra={"event": "ready", "duration_s": round(time.monotonic() - started, 3)},
-                )
+            log.info(
+                "ready in %.2fs",
+                time.monotonic() - started,
+                extra={"event": "ready", "duration_s": round(time.monotonic() - started, 3)},
+            )
+            if mount is not None:
+                await asyncio.to_thread(mount.save_profile)  # the boot is over: what it read, in order
         await server_task
     finally:
         server.should_exit = True
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await server_task
-        await manager.close()
-        await pool.close()
-        await proxy.aclose()
-        log.info("stopped", extra={"event": "stopped"})
 
 
 class _ProxyServer(uvicorn.Server):

@@ -1,0 +1,72 @@
+"""``coldstart-serve ... --image INDEX``: run the engine from a lazily mounted imagefs image.
+
+The image is mounted once per launcher (all replicas on this host share it) before the first replica
+starts, and unmounted when the launcher stops. ``{image}`` in MODEL and in the engine arguments is the
+mount point, e.g. ``coldstart-serve transformers '{image}' --image store/images/model.cidx`` serves a model
+whose files are fetched on demand; ``--image-mount /opt/venv`` puts an image where its files expect to be.
+After the first replica is ready the boot's read order is saved as the image's profile, so the next
+launch prefetches it. The image digest is part of the snapshot identity (a snapshot maps these files).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from coldstart.launcher.config import ServeConfig
+
+log = logging.getLogger("coldstart.image")
+
+PLACEHOLDER = "{image}"
+
+
+def default_tiers(index: Path) -> list[str]:
+    """The origin store an index was built into: ``STORE/images/NAME.cidx`` -> ``STORE``."""
+    parent = index.resolve().parent
+    return [str(parent.parent if parent.name == "images" else parent)]
+
+
+def with_mountpoint(config: ServeConfig, mountpoint: Path) -> ServeConfig:
+    """``{image}`` in MODEL and the engine arguments replaced by the mount point."""
+    where = str(mountpoint)
+    return dataclasses.replace(
+        config,
+        model=config.model.replace(PLACEHOLDER, where),
+        engine_args=tuple(a.replace(PLACEHOLDER, where) for a in config.engine_args),
+    )
+
+
+@contextlib.asynccontextmanager
+async def image_mounted(config: ServeConfig) -> AsyncIterator[Any]:
+    """Yields the imagefs ``Mount`` (or None without ``--image``); unmounts on exit, also on errors."""
+    if config.image is None:
+        yield None
+        return
+    from coldstart.imagefs import mounted  # pyfuse3 and trio only when an image is used
+
+    mountpoint = Path(config.image_mount or Path(config.work_dir) / "image")
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    tiers = [t for t in (config.image_tiers or "").split(",") if t] or default_tiers(Path(config.image))
+    cache = Path(config.image_cache or Path(config.snapshot_dir).parent / "chunks")
+    started = time.monotonic()
+    manager = mounted(config.image, mountpoint, cache, tiers)
+    mount = await asyncio.to_thread(manager.__enter__)
+    log.info(
+        "image %s mounted at %s in %.2fs (tiers: %s)",
+        config.image,
+        mountpoint,
+        time.monotonic() - started,
+        ", ".join(tiers),
+        extra={"event": "image_mounted", "duration_s": round(time.monotonic() - started, 3)},
+    )
+    try:
+        yield mount
+    finally:
+        await asyncio.to_thread(manager.__exit__, None, None, None)
+        log.info("image unmounted from %s", mountpoint, extra={"event": "image_unmounted"})
