@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("src", type=Path, help="directory, OCI image layout, or 'docker save' tar")
     b.add_argument("-o", "--output", dest="store", type=Path, required=True, help="chunk store directory")
     b.add_argument("--index", type=Path, help="index path (default STORE/images/NAME.cidx)")
-    b.add_argument("--chunk-size", type=int, default=None, help="bytes per chunk (default 1 MiB)")
+    b.add_argument("--chunk-size", type=int, default=None, help="bytes per chunk (default 256 KiB)")
 
     i = sub.add_parser("inspect", help="verify an index and print its digest and sizes")
     i.add_argument("index", type=Path)
@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--no-record", action="store_true", help="do not record a boot profile")
     m.add_argument("--read-ahead-kb", type=int, default=None, help="bdi read_ahead_kb for the mount")
     m.add_argument("--max-background", type=int, default=None, help="FUSE background requests")
-    m.add_argument("--memory-mib", type=int, default=256, help="in-memory chunk LRU size")
+    m.add_argument("--memory-mib", type=int, default=128, help="in-memory chunk LRU size")
 
     u = sub.add_parser("umount", help="unmount a mount point (lazy), e.g. after a crashed daemon")
     u.add_argument("mountpoint", type=Path)

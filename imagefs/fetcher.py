@@ -7,7 +7,11 @@ Invariants:
   costs one connection attempt, not one per read;
 - when no tier has it, ``ChunkUnavailable`` names the chunk and why each tier failed (the FS maps it to EIO);
 - concurrent requests for one chunk share one fetch (single flight), so read-ahead and prefetch never
-  download the same bytes twice.
+  download the same bytes twice;
+- the local disk cache is written off the read path by one writer thread (writing a file costs more than
+  reading and hashing it here: ext4 write+rename ~0.4-0.8 GB/s against ~1.3 GB/s); at most
+  ``max_pending_writes`` wait, beyond that a chunk is not cached (counted as ``cache_skipped``) rather than
+  slowing the read; prefetch waits for a slot instead. ``close`` flushes what is pending.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import hashlib
 import logging
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 from coldstart.imagefs.errors import ChunkUnavailable, TierError
@@ -32,13 +36,19 @@ class TierStats:
     misses: int = 0
     errors: int = 0
     corrupt: int = 0
+    cache_skipped: int = 0
 
 
 class Fetcher:
     """Memory -> disk cache -> remote tiers (the last one is the origin); thread-safe."""
 
     def __init__(
-        self, memory: MemoryTier, disk: DirectoryTier | None, remotes: list[Tier], cooldown_s: float = 2.0
+        self,
+        memory: MemoryTier,
+        disk: DirectoryTier | None,
+        remotes: list[Tier],
+        cooldown_s: float = 2.0,
+        max_pending_writes: int = 128,
     ) -> None:
         self.tiers: list[Tier] = [memory] + ([disk] if disk is not None else []) + list(remotes)
         self.memory = memory
@@ -48,6 +58,8 @@ class Fetcher:
         self._down_until: dict[str, float] = {}
         self._inflight: dict[str, Future[bytes]] = {}
         self._lock = threading.Lock()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imagefs-cache-writer")
+        self._write_slots = threading.BoundedSemaphore(max_pending_writes)
 
     def peek(self, digest_hex: str) -> bytes | None:
         """The chunk if it is in memory (cheap enough for the trio thread)."""
@@ -59,8 +71,10 @@ class Fetcher:
                 st.bytes += len(data)
         return data
 
-    def get(self, digest_hex: str) -> bytes:
-        """The verified chunk, from the nearest tier that has it; blocks (call it from a worker thread)."""
+    def get(self, digest_hex: str, must_cache: bool = False) -> bytes:
+        """The verified chunk, from the nearest tier that has it; blocks (call it from a worker thread).
+
+        ``must_cache`` (prefetch) waits for a cache-write slot instead of skipping the disk cache."""
         with self._lock:
             pending = self._inflight.get(digest_hex)
             leader = pending is None
@@ -70,7 +84,7 @@ class Fetcher:
         if not leader:
             return pending.result()
         try:
-            data = self._fetch(digest_hex)
+            data = self._fetch(digest_hex, must_cache)
         except BaseException as exc:
             pending.set_exception(exc)
             raise
@@ -81,7 +95,11 @@ class Fetcher:
             with self._lock:
                 del self._inflight[digest_hex]
 
-    def _fetch(self, digest_hex: str) -> bytes:
+    def get_many(self, digests: list[str], must_cache: bool = False) -> list[bytes]:
+        """``get`` for several chunks in one call (one thread hop for a whole FUSE request)."""
+        return [self.get(digest_hex, must_cache) for digest_hex in digests]
+
+    def _fetch(self, digest_hex: str, must_cache: bool = False) -> bytes:
         want = bytes.fromhex(digest_hex)
         reasons: list[str] = []
         last = len(self.tiers) - 1
@@ -119,14 +137,33 @@ class Fetcher:
                 st.hits += 1
                 st.bytes += len(data)
             for nearer in self.tiers[:i]:
-                if nearer.writable:
-                    try:
-                        nearer.put(digest_hex, data)
-                    except TierError as exc:
-                        log.warning("cannot keep chunk in a cache: %s", exc)
+                if nearer is self.memory:
+                    nearer.put(digest_hex, data)
+                elif nearer.writable:
+                    self._keep_later(nearer, digest_hex, data, must_cache)
             return data
         log.error("chunk %s is unavailable on every tier: %s", digest_hex, "; ".join(reasons))
         raise ChunkUnavailable(digest_hex, reasons)
+
+    def _keep_later(self, tier: Tier, digest_hex: str, data: bytes, wait: bool = False) -> None:
+        if not self._write_slots.acquire(blocking=wait):
+            with self._lock:
+                self._stats[tier.name].cache_skipped += 1
+            return
+
+        def write() -> None:
+            try:
+                tier.put(digest_hex, data)
+            except TierError as exc:
+                log.warning("cannot keep chunk in a cache: %s", exc)
+            finally:
+                self._write_slots.release()
+
+        self._writer.submit(write)
+
+    def flush(self) -> None:
+        """Wait for pending cache writes."""
+        self._writer.submit(lambda: None).result()
 
     def stats(self) -> dict[str, dict[str, int]]:
         with self._lock:
@@ -138,5 +175,6 @@ class Fetcher:
             return sum(st.bytes for name, st in self._stats.items() if name not in self._local)
 
     def close(self) -> None:
+        self._writer.shutdown(wait=True)
         for tier in self.tiers:
             tier.close()

@@ -9,6 +9,11 @@
   keep their page cache (``keep_cache``): a second read of a page never reaches this process.
 - Chunk fetches run in worker threads (``trio.to_thread``) behind a capacity limiter; chunks already in
   memory are served on the trio thread.
+- Sequential reads fetch ahead, ramping up like the kernel's read-ahead: after a file's reads have been
+  contiguous ``RAMP_AFTER`` times in a row, the next 1, 2, 4 ... ``readahead_chunks`` chunks are fetched in
+  the background, so fetch latency overlaps the reader. Scattered access (mmap faults in a shared library)
+  triggers nothing: fetching ahead on every adjacent pair of faults raised the bytes fetched for
+  ``import torch`` from 17% to 24% of the image.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from coldstart.imagefs.profile import Recorder
 
 log = logging.getLogger("coldstart.imagefs")
 
+RAMP_AFTER = 2
 FuseInode = NewType("FuseInode", int)
 FileHandle = NewType("FileHandle", int)
 CACHE_TIMEOUT_S = 3600.0
@@ -84,7 +90,12 @@ class LookupCounts:
 
 class ImageFS(pyfuse3.Operations):
     def __init__(
-        self, index: ImageIndex, fetcher: Fetcher, recorder: Recorder | None = None, fetch_threads: int = 16
+        self,
+        index: ImageIndex,
+        fetcher: Fetcher,
+        recorder: Recorder | None = None,
+        fetch_threads: int = 16,
+        readahead_chunks: int = 16,
     ) -> None:
         super().__init__()
         self.index = index
@@ -93,6 +104,12 @@ class ImageFS(pyfuse3.Operations):
         self.counts = LookupCounts()
         self._limiter = trio.CapacityLimiter(fetch_threads)
         self.chunk_reads = 0
+        self.readahead_chunks = readahead_chunks
+        self.readahead_started = 0
+        self._streaks: dict[int, tuple[int, int]] = {}  # inode -> (last chunk read, contiguous reads)
+        self._ahead: set[str] = set()  # digests being fetched ahead
+        self._ahead_limiter = trio.CapacityLimiter(4)
+        self.nursery: trio.Nursery | None = None  # set by the daemon: owns the read-ahead tasks
         self.max_request = 0
 
     # -- metadata ----------------------------------------------------------------------------------------
@@ -200,16 +217,23 @@ class ImageFS(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=FileHandle(inode), keep_cache=True)
 
     @fuse_errors
-    async def read(self, fh: FileHandle, off: int, size: int) -> bytes:
+    async def read(self, fh: FileHandle, off: int, size: int) -> bytes | memoryview:
         idx = self.index
         self.max_request = max(self.max_request, size)
         end = min(off + size, idx.size[fh])
         if off >= end:
             return b""
         cs = idx.chunk_size
+        first, last = off // cs, (end - 1) // cs
+        previous, streak = self._streaks.get(fh, (-2, 0))
+        streak = streak + 1 if first in (previous, previous + 1) else 0
+        self._streaks[fh] = (last, streak)
+        if streak >= RAMP_AFTER and self.nursery is not None:
+            window = min(self.readahead_chunks, 2 ** (streak - RAMP_AFTER))
+            self._read_ahead(fh, last + 1, min(last + 1 + window, idx.chunk_count(fh)))
+        chunks = await self._chunks(fh, first, last + 1)
         parts: list[bytes | memoryview] = []
-        for k in range(off // cs, (end - 1) // cs + 1):
-            data = await self._chunk(idx.chunk_digest(fh, k).hex())
+        for k, data in zip(range(first, last + 1), chunks, strict=True):
             if len(data) != idx.chunk_length(fh, k):
                 raise IndexFormatError(
                     f"chunk {k} of inode {fh} has {len(data)} bytes, the index says otherwise"
@@ -217,16 +241,49 @@ class ImageFS(pyfuse3.Operations):
             base = k * cs
             lo, hi = max(off - base, 0), min(end - base, len(data))
             parts.append(data if (lo, hi) == (0, len(data)) else memoryview(data)[lo:hi])
-        return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
+        # pyfuse3 replies from any contiguous buffer: a slice of one chunk goes out without a copy.
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def _chunk(self, digest_hex: str) -> bytes:
-        self.chunk_reads += 1
-        if self.recorder is not None:
-            self.recorder.touch(digest_hex)
-        data = self.fetcher.peek(digest_hex)
-        if data is None:
-            data = await trio.to_thread.run_sync(self.fetcher.get, digest_hex, limiter=self._limiter)
-        return data
+    async def _chunks(self, inode: int, start: int, stop: int) -> list[bytes]:
+        """Chunks start..stop-1 of a file: from memory on this thread, the rest in ONE worker-thread hop
+        (a hop costs more than fetching a 256 KiB chunk from a local tier on a busy machine)."""
+        digests = [self.index.chunk_digest(inode, k).hex() for k in range(start, stop)]
+        self.chunk_reads += len(digests)
+        found: list[bytes | None] = []
+        for digest_hex in digests:
+            if self.recorder is not None:
+                self.recorder.touch(digest_hex)
+            found.append(self.fetcher.peek(digest_hex))
+        missing = [d for d, data in zip(digests, found, strict=True) if data is None]
+        if missing:
+            fetched = iter(
+                await trio.to_thread.run_sync(self.fetcher.get_many, missing, limiter=self._limiter)
+            )
+            found = [data if data is not None else next(fetched) for data in found]
+        return found  # type: ignore[return-value]
+
+    def _read_ahead(self, inode: int, start: int, stop: int) -> None:
+        assert self.nursery is not None
+        batch = []
+        for k in range(start, stop):
+            digest_hex = self.index.chunk_digest(inode, k).hex()
+            if digest_hex in self._ahead or self.fetcher.memory.get(digest_hex) is not None:
+                continue
+            self._ahead.add(digest_hex)
+            batch.append(digest_hex)
+        if batch:
+            self.readahead_started += len(batch)
+            self.nursery.start_soon(self._fetch_ahead, batch)
+
+    async def _fetch_ahead(self, batch: list[str]) -> None:
+        try:
+            await trio.to_thread.run_sync(
+                self.fetcher.get_many, batch, limiter=self._ahead_limiter, abandon_on_cancel=True
+            )
+        except ImageError:
+            pass  # logged by the fetcher; the demand read will fail with EIO if it comes
+        finally:
+            self._ahead.difference_update(batch)
 
     async def release(self, fh: FileHandle) -> None:
-        pass
+        self._streaks.pop(fh, None)

@@ -171,7 +171,8 @@ def mounted(
     profile_path: str | Path | None = None,
     read_ahead_kb: int = DEFAULT_READ_AHEAD_KB,
     max_background: int = DEFAULT_MAX_BACKGROUND,
-    memory_mib: int = 256,
+    memory_mib: int = 128,
+    readahead_chunks: int = 16,
     timeout_s: float = 30.0,
     grace_s: float = 10.0,
 ) -> Iterator[Mount]:
@@ -201,6 +202,7 @@ def mounted(
         read_ahead_kb=read_ahead_kb,
         max_background=max_background,
         memory_mib=memory_mib,
+        readahead_chunks=readahead_chunks,
     )
     stats_path = cache / f"mount-{os.getpid()}-{id(config):x}.stats.json"
     config = replace(config, stats_path=str(stats_path))

@@ -25,6 +25,7 @@ def test_fetch_fills_nearer_tiers(tmp_path) -> None:
     fetcher, origin, disk = _setup(tmp_path)
     digest, _ = origin.put(b"chunk")
     assert fetcher.get(digest.hex()) == b"chunk"
+    fetcher.flush()
     assert disk.read(digest.hex()) == b"chunk"
     assert fetcher.peek(digest.hex()) == b"chunk"
     stats = fetcher.stats()
@@ -37,6 +38,7 @@ def test_corrupt_disk_copy_is_replaced(tmp_path) -> None:
     digest, _ = origin.put(b"right")
     disk.write(digest.hex(), b"wrong")
     assert fetcher.get(digest.hex()) == b"right"
+    fetcher.flush()
     assert disk.read(digest.hex()) == b"right"
     assert fetcher.stats()["disk"]["corrupt"] == 1
 

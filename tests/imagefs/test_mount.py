@@ -64,7 +64,7 @@ def test_mount_matches_source(sample_image, mount_image) -> None:
         assert "user.origin" in os.listxattr(mnt / "small.txt")
         assert os.lstat(mnt / "fifo").st_mode == os.lstat(src / "fifo").st_mode
         assert (mnt / "dir" / "dirlink" / "deeper" / "leaf").read_text() == "leaf\n"
-        assert m.settings["read_ahead_kb"] == 4096
+        assert m.settings["read_ahead_kb"] == 256
 
 
 def test_mount_is_read_only(sample_image, mount_image) -> None:

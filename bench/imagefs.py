@@ -1,0 +1,269 @@
+"""imagefs benchmark: one run, tables side by side with ratios to a baseline.
+
+    .venv/bin/python bench/imagefs.py [--quick]
+
+1. Index open for a synthetic 100,000-file image (goal < 100 ms), against the same tree as JSON lines.
+2. ``import torch`` from a venv image: fraction of image bytes fetched (goal <= 15%), and time with a cold
+   local cache without and with the boot profile, against the same import from a plain directory.
+3. Sequential read of a 256 MiB file through the mount (cold mount, empty local cache, directory origin)
+   against reading and verifying the same chunks directly (goal >= 0.5), at several read_ahead_kb values.
+
+Needs root and /dev/fuse (as the tests). The torch venv and its image are cached in .cache/imagefs (shared
+with the tests). Page caches are not dropped (other work shares this machine): the origin store and the
+plain-directory venv are warm, so the mount numbers measure the FUSE path and the tiers, not the disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import stat
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from coldstart.imagefs.build import build
+from coldstart.imagefs.index import ImageIndex, Node, encode
+from coldstart.imagefs.mount import mounted
+from coldstart.imagefs.store import ChunkStore
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / ".cache" / "imagefs"
+IMPORT = "import torch"
+
+
+def table(title: str, header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
+    return "\n".join([f"\n### {title}\n", line, sep, *body])
+
+
+# -- 1. index open --------------------------------------------------------------------------------------------
+
+
+def synthetic_tree(files: int, seed: int = 7) -> tuple[Node, list[dict[str, object]]]:
+    """A site-packages-like tree: ~100 files per directory, 3 levels, small files (1 chunk each)."""
+    rng = random.Random(seed)
+    root = Node(mode=stat.S_IFDIR | 0o755, children={})
+    records: list[dict[str, object]] = []
+    per_dir = 100
+    for i in range(files):
+        d1, d2 = f"pkg{i // (per_dir * 20):03d}", f"mod{(i // per_dir) % 20:02d}"
+        parent = root
+        for part in (d1, d2):
+            assert parent.children is not None
+            parent = parent.children.setdefault(part.encode(), Node(mode=stat.S_IFDIR | 0o755, children={}))
+        size = rng.randint(100, 60_000)
+        digest = hashlib.sha256(f"{i}".encode()).digest()
+        name = f"file_{i:06d}_{rng.choice(['py', 'pyc', 'so', 'txt'])}"
+        node = Node(mode=stat.S_IFREG | 0o644, size=size, mtime_ns=1_700_000_000 * 10**9, chunks=[digest])
+        assert parent.children is not None
+        parent.children[name.encode()] = node
+        path = f"{d1}/{d2}/{name}"
+        records.append({"path": path, "mode": node.mode, "uid": 0, "gid": 0, "size": size, "mtime": node.mtime_ns,
+                        "chunks": [digest.hex()]})  # fmt: skip
+    return root, records
+
+
+def bench_index_open(files: int, reps: int) -> str:
+    root, records = synthetic_tree(files)
+    t0 = time.perf_counter()
+    data = encode(root, 1 << 20)
+    encode_s = time.perf_counter() - t0
+    jsonl = "\n".join(json.dumps(r, sort_keys=True) for r in records).encode()
+    with tempfile.TemporaryDirectory() as tmp:
+        idx_path, jl_path = Path(tmp) / "i.cidx", Path(tmp) / "i.jsonl"
+        idx_path.write_bytes(data)
+        jl_path.write_bytes(jsonl)
+        opens, jls, lookups = [], [], []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            index = ImageIndex.open(idx_path)
+            opens.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            entries = [json.loads(line) for line in jl_path.read_bytes().splitlines()]
+            by_path = {e["path"]: e for e in entries}
+            jls.append(time.perf_counter() - t0)
+            assert len(by_path) == files
+            t0 = time.perf_counter()
+            for rec in records[:: files // 1000]:
+                inode = 1
+                for part in str(rec["path"]).split("/"):
+                    inode = index.lookup(inode, part.encode())  # type: ignore[assignment]
+                assert index.size[inode] == rec["size"]
+            lookups.append((time.perf_counter() - t0) / 1000)
+    assert index.n_inodes > files
+    o, j = statistics.median(opens), statistics.median(jls)
+    rows = [
+        ["coldstart index (open + verify)", f"{len(data) / 1e6:.1f} MB", f"{o * 1e3:.1f} ms", "1.00",
+         "yes" if o < 0.1 else "NO"],
+        ["JSON lines (parse + path dict)", f"{len(jsonl) / 1e6:.1f} MB", f"{j * 1e3:.1f} ms", f"{j / o:.2f}", ""],
+    ]  # fmt: skip
+    out = table(
+        f"Index open, {files:,} files ({index.n_inodes:,} inodes), median of {reps}",
+        ["format", "size", "open", "x coldstart", "< 100 ms"],
+        rows,
+    )
+    out += (
+        f"\n\nencode {encode_s:.2f} s; path lookup (3 components) {statistics.median(lookups) * 1e6:.1f} us"
+    )
+    return out
+
+
+# -- 2. import torch ------------------------------------------------------------------------------------------
+
+
+def torch_image() -> tuple[Path, Path]:
+    """(venv, index): the same cache the tests use (.cache/imagefs)."""
+    venv = CACHE / "torch-venv"
+    if not (venv / ".complete").exists():
+        tmp = CACHE / "torch-venv.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", str(tmp)], check=True)
+        (CACHE / "constraints.txt").write_text("torch==2.13.0\n")
+        pip = [str(tmp / "bin" / "python"), "-m", "pip", "install", "-q", "--no-cache-dir"]
+        subprocess.run([*pip, "-c", str(CACHE / "constraints.txt"), "torch==2.13.0"], check=True)
+        shutil.rmtree(venv, ignore_errors=True)
+        tmp.rename(venv)
+        (venv / ".complete").write_text("torch==2.13.0\n")
+    store = CACHE / "torch-store"
+    index = store / "images" / "torch-venv.cidx"
+    if not ((store / ".complete").exists() and index.exists()):
+        result = build(venv, store, index)
+        (store / ".complete").write_text(result.digest + "\n")
+    return venv, index
+
+
+def time_import(python: Path) -> float:
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp"}
+    t0 = time.perf_counter()
+    subprocess.run(
+        [str(python), "-I", "-W", "ignore", "-c", IMPORT], check=True, env=env, capture_output=True
+    )
+    return time.perf_counter() - t0
+
+
+def bench_torch(reps: int, tuned_ra: int) -> str:
+    venv, index = torch_image()
+    origin = str(index.parent.parent)
+    image_bytes = ImageIndex.open(index).total_bytes
+    plain = [time_import(venv / "bin" / "python") for _ in range(reps)]
+    results: dict[str, list[float]] = {}
+    fractions: dict[str, float] = {}
+    prefetched = ""
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        profile = Path(tmp) / "torch.profile"
+        mnt = Path(tmp) / "mnt"
+        mnt.mkdir()
+        for ra in sorted({128, tuned_ra}):
+            key = f"mount, cold cache, no profile (ra {ra} KiB)"
+            for rep in range(reps):
+                cache = Path(tmp) / f"cache-{ra}-{rep}"
+                record = ra == tuned_ra and rep == 0
+                with mounted(index, mnt, cache, [origin], prefetch=False, record_profile=record,
+                             profile_path=profile, read_ahead_kb=ra) as m:  # fmt: skip
+                    results.setdefault(key, []).append(time_import(mnt / "bin" / "python"))
+                fractions[f"ra {ra} KiB"] = m.stats["remote_bytes"] / image_bytes  # type: ignore[operator]
+                shutil.rmtree(cache)
+        key = f"mount, cold cache, boot profile prefetch (ra {tuned_ra} KiB)"
+        for rep in range(reps):
+            cache = Path(tmp) / f"cache-profile-{rep}"
+            with mounted(index, mnt, cache, [origin], prefetch=True, record_profile=False, profile_path=profile,
+                         read_ahead_kb=tuned_ra) as m:  # fmt: skip
+                results.setdefault(key, []).append(time_import(mnt / "bin" / "python"))
+            prefetched = f"{m.stats['prefetched']} of {m.stats['profile_chunks']} profile chunks prefetched"
+            shutil.rmtree(cache)
+    base = statistics.median(plain)
+    rows = [["plain directory (warm page cache)", f"{base:.2f} s", "1.00"]]
+    for key, times in results.items():
+        med = statistics.median(times)
+        rows.append([key, f"{med:.2f} s", f"{med / base:.2f}"])
+    out = table(f"`import torch` (median of {reps})", ["from", "time", "x plain dir"], rows)
+    frows = [[k, f"{v * 100:.1f}%", f"{v * image_bytes / 1e6:.0f} MB", "yes" if v <= 0.15 else "NO"]
+             for k, v in fractions.items()]  # fmt: skip
+    out += table(
+        f"Fraction of image bytes fetched for `import torch` (image {image_bytes / 1e6:.0f} MB)",
+        ["read-ahead", "fetched", "bytes", "<= 15%"],
+        frows,
+    )
+    return out + f"\n\n{prefetched} (last profile run)"
+
+
+# -- 3. sequential throughput ---------------------------------------------------------------------------------
+
+
+def bench_throughput(size_mib: int, ras: list[int], reps: int) -> str:
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        src = Path(tmp) / "src"
+        src.mkdir()
+        with open(src / "big.bin", "wb") as f:
+            for _ in range(size_mib):
+                f.write(os.urandom(1 << 20))
+        store = Path(tmp) / "store"
+        result = build(src, store)
+        index = ImageIndex.open(result.index_path)
+        digests = [d.hex() for d in index.file_chunks(index.lookup(1, b"big.bin") or 0)]
+        chunk_store = ChunkStore(store)
+        direct = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for d in digests:
+                data = chunk_store.read(d)
+                assert data is not None and hashlib.sha256(data).hexdigest() == d
+            direct.append(time.perf_counter() - t0)
+        mnt = Path(tmp) / "mnt"
+        mnt.mkdir()
+        rows = []
+        base = size_mib / statistics.median(direct) / 1024
+        rows.append(["direct: read + verify chunks", "-", f"{base:.2f} GB/s", "1.00"])
+        for ra in ras:
+            times = []
+            for rep in range(reps):
+                cache = Path(tmp) / f"cache-{ra}-{rep}"
+                with mounted(result.index_path, mnt, cache, [str(store)], prefetch=False, record_profile=False,
+                             read_ahead_kb=ra) as m:  # fmt: skip
+                    t0 = time.perf_counter()
+                    with open(mnt / "big.bin", "rb", buffering=0) as f:
+                        while f.read(1 << 20):
+                            pass
+                    times.append(time.perf_counter() - t0)
+                shutil.rmtree(cache)
+            gbs = size_mib / statistics.median(times) / 1024
+            rows.append([f"mount, read_ahead_kb {ra}", str(m.settings.get("max_background")), f"{gbs:.2f} GB/s",
+                         f"{gbs / base:.2f}"])  # fmt: skip
+    return table(
+        f"Sequential read, {size_mib} MiB file, cold mount + empty local cache, origin = store dir "
+        f"(median of {reps})",
+        ["path", "max_background", "throughput", "x direct"],
+        rows,
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--tuned-ra", type=int, default=4096, help="read_ahead_kb to compare with 128")
+    parser.add_argument("--skip-torch", action="store_true")
+    args = parser.parse_args()
+    reps = 1 if args.quick else 3
+    CACHE.mkdir(parents=True, exist_ok=True)
+    print(f"imagefs bench on {os.cpu_count()} CPUs, kernel {os.uname().release}")
+    print(bench_index_open(100_000, 3 if args.quick else 5))
+    print(bench_throughput(256, [128, 1024, args.tuned_ra, 16384], reps))
+    if not args.skip_torch:
+        print(bench_torch(reps, args.tuned_ra))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
