@@ -1,0 +1,127 @@
+"""Snapshot identity: what a snapshot is of, derived from typed config (never a hand-kept list of names).
+
+Two parts, on purpose:
+- the **key** (the store folder's name): everything that shapes the engine process -- the adapter's own
+  ``identity(config)`` (engine, engine version, model, engine args), the warm-up and canary requests, the
+  checkpointer's name, the hooks version, the image digest (imagefs) and our sandbox layout version. Any
+  change gives a new key, so a stale snapshot is simply never found.
+- the **gate fields** (recorded in the manifest, compared at restore): the checkpointer's version and the
+  host fingerprint. They are not in the key so that a snapshot from another host or tool version is found
+  and refused with the exact field that differs ("runsc 20240729 != 20221219", "cpu flag avx512f missing on
+  this host") instead of silently missing; the cold boot that follows then replaces it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from coldstart.engine_adapters.base import EngineAdapter, EngineConfig
+from coldstart.launcher.checkpointers.base import CheckpointerInfo
+from coldstart.launcher.fingerprint import HostFingerprint, host_fingerprint, incompatibilities
+
+# Bump when the sandboxes change what a restored process expects (ports, namespaces, env, fd layout).
+SANDBOX_LAYOUT_VERSION = 1
+
+
+def hooks_version() -> str:
+    try:
+        from coldstart.snapshot_hooks import __version__
+    except ImportError:
+        return "none"
+    return str(__version__)
+
+
+def canonical_digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class SnapshotIdentity:
+    engine: dict[str, Any]
+    warmup: list[Any]
+    canary: dict[str, Any]
+    checkpointer: str
+    checkpointer_version: str
+    hooks_version: str
+    image_digest: str | None
+    fingerprint: HostFingerprint
+    layout_version: int = SANDBOX_LAYOUT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def key_fields(self) -> dict[str, Any]:
+        return {
+            "engine": self.engine,
+            "warmup": self.warmup,
+            "canary": self.canary,
+            "checkpointer": self.checkpointer,
+            "hooks_version": self.hooks_version,
+            "image_digest": self.image_digest,
+            "layout_version": self.layout_version,
+            "extra": self.extra,
+        }
+
+    @property
+    def key(self) -> str:
+        """The store folder name: 24 hex digits of the SHA-256 of the key fields."""
+        return canonical_digest(self.key_fields())[:24]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.key_fields(),
+            "checkpointer_version": self.checkpointer_version,
+            "fingerprint": self.fingerprint.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SnapshotIdentity:
+        return cls(
+            engine=data["engine"],
+            warmup=data["warmup"],
+            canary=data["canary"],
+            checkpointer=data["checkpointer"],
+            checkpointer_version=data["checkpointer_version"],
+            hooks_version=data["hooks_version"],
+            image_digest=data.get("image_digest"),
+            fingerprint=HostFingerprint.from_json(data["fingerprint"]),
+            layout_version=int(data.get("layout_version", 0)),
+            extra=data.get("extra") or {},
+        )
+
+    def gate(self, recorded: SnapshotIdentity) -> list[str]:
+        """Why the ``recorded`` snapshot cannot restore here (empty: it can). Names the differing field."""
+        problems = []
+        if recorded.key != self.key:  # a folder renamed by hand, or a key scheme change
+            for name, value in self.key_fields().items():
+                if recorded.key_fields().get(name) != value:
+                    problems.append(f"{name} differs from this launcher's")
+        if recorded.checkpointer_version != self.checkpointer_version:
+            problems.append(
+                f"{self.checkpointer} {recorded.checkpointer_version} != {self.checkpointer_version} "
+                "on this host"
+            )
+        problems += incompatibilities(recorded.fingerprint, self.fingerprint)
+        return problems
+
+
+def snapshot_identity(
+    adapter: EngineAdapter,
+    config: EngineConfig,
+    checkpointer: CheckpointerInfo,
+    canary: dict[str, Any],
+    *,
+    image_digest: str | None = None,
+    fingerprint: HostFingerprint | None = None,
+) -> SnapshotIdentity:
+    return SnapshotIdentity(
+        engine=adapter.identity(config),
+        warmup=[list(item) for item in adapter.warmup_requests(config)],
+        canary=canary,
+        checkpointer=checkpointer.name,
+        checkpointer_version=checkpointer.version,
+        hooks_version=hooks_version(),
+        image_digest=image_digest,
+        fingerprint=fingerprint or host_fingerprint(),
+    )

@@ -1,0 +1,262 @@
+"""The snapshot store: one folder per identity key, written atomically, verified before use.
+
+    <root>/<key>/manifest.json     identity (with gate fields), sizes + SHA-256 of every image file, model
+                                   file digests, phase timings, canary; written last
+    <root>/<key>/image/...         the checkpointer's files (CRIU or runsc), nothing else
+    <root>/.tmp-<key>-<pid>-<rand> a snapshot being written (renamed to <key> when complete)
+    <root>/.bad-<key>-<time>       a snapshot that failed verification (kept for inspection; gc removes)
+    <root>/.state/                 digest caches (see file_digests.py), last-use stamps
+
+A folder named by a key is always complete: it is renamed into place only after every file and the
+manifest are written and fsynced. Replacing a snapshot (the host changed, or the old one was refused) moves
+the old folder aside first, so readers see either the old or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from coldstart.launcher.errors import SnapshotError
+from coldstart.launcher.file_digests import DigestCache, sha256_file
+from coldstart.launcher.identity import SnapshotIdentity
+
+MANIFEST = "manifest.json"
+IMAGE = "image"
+FORMAT = 1
+
+
+class SnapshotCorrupt(SnapshotError):
+    """A snapshot file is missing, has the wrong size or the wrong digest."""
+
+
+@dataclass
+class Snapshot:
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return str(self.manifest["key"])
+
+    @property
+    def image_dir(self) -> Path:
+        return self.path / IMAGE
+
+    @property
+    def identity(self) -> SnapshotIdentity:
+        return SnapshotIdentity.from_json(self.manifest["identity"])
+
+    @property
+    def total_bytes(self) -> int:
+        return int(self.manifest.get("bytes", 0))
+
+
+@dataclass
+class PendingSnapshot:
+    key: str
+    path: Path
+
+    @property
+    def image_dir(self) -> Path:
+        return self.path / IMAGE
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class SnapshotStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.state_dir = self.root / ".state"
+
+    # -- reading ----------------------------------------------------------------------------------
+    def has(self, key: str) -> bool:
+        return (self.root / key / MANIFEST).is_file()
+
+    def lookup(self, key: str) -> Snapshot | None:
+        """The complete snapshot under ``key``, or None. A broken manifest raises ``SnapshotCorrupt``."""
+        path = self.root / key
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise SnapshotCorrupt(f"snapshot {key}: unreadable {MANIFEST}: {exc}") from exc
+        if manifest.get("format") != FORMAT or manifest.get("key") != key:
+            raise SnapshotCorrupt(
+                f"snapshot {key}: manifest has format {manifest.get('format')} / key {manifest.get('key')}"
+            )
+        return Snapshot(path, manifest)
+
+    def ls(self) -> list[Snapshot]:
+        out = []
+        if not self.root.is_dir():
+            return out
+        for entry in sorted(self.root.iterdir()):
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            with contextlib.suppress(SnapshotError):
+                snap = self.lookup(entry.name)
+                if snap is not None:
+                    out.append(snap)
+        return out
+
+    def find(self, prefix: str) -> Snapshot:
+        """The one snapshot whose key starts with ``prefix`` (as git abbreviates commits)."""
+        matches = [s for s in self.ls() if s.key.startswith(prefix)]
+        if not matches:
+            raise SnapshotError(f"no snapshot {prefix!r} in {self.root} (see 'coldstart snapshot ls')")
+        if len(matches) > 1:
+            raise SnapshotError(f"{prefix!r} matches {len(matches)} snapshots: give more of the key")
+        return matches[0]
+
+    # -- writing ----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def begin(self, key: str) -> Iterator[PendingSnapshot]:
+        """A temporary folder to write a snapshot into; removed unless ``commit`` moved it into place."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        pending = PendingSnapshot(key, self.root / f".tmp-{key}-{os.getpid()}-{secrets.token_hex(3)}")
+        pending.image_dir.mkdir(parents=True)
+        try:
+            yield pending
+        finally:
+            if pending.path.exists():
+                shutil.rmtree(pending.path, ignore_errors=True)
+
+    def commit(self, pending: PendingSnapshot, manifest: dict[str, Any]) -> Snapshot:
+        """Digest the image files, write the manifest, and rename the folder into place (atomically)."""
+        cache = self._verified_cache(pending.key)
+        files: dict[str, dict[str, Any]] = {}
+        for file in sorted(p for p in pending.image_dir.rglob("*") if p.is_file() and not p.is_symlink()):
+            rel = file.relative_to(pending.path).as_posix()
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+            files[rel] = {"size": file.stat().st_size, "sha256": sha256_file(file)}
+        manifest = {
+            **manifest,
+            "format": FORMAT,
+            "key": pending.key,
+            "files": files,
+            "bytes": sum(f["size"] for f in files.values()),
+        }
+        _write_atomic(pending.path / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+        _fsync_dir(pending.path)
+        dest = self.root / pending.key
+        trash = None
+        if dest.exists():
+            trash = self.root / f".trash-{pending.key}-{secrets.token_hex(3)}"
+            os.rename(dest, trash)
+        os.rename(pending.path, dest)
+        _fsync_dir(self.root)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+        snapshot = Snapshot(dest, manifest)
+        for rel, meta in files.items():  # just hashed: the first restore need not hash again
+            cache.remember(dest / rel, meta["sha256"])
+        cache.save()
+        return snapshot
+
+    # -- verifying --------------------------------------------------------------------------------
+    def _verified_cache(self, key: str) -> DigestCache:
+        return DigestCache(self.state_dir / f"{key}.digests.json")
+
+    def verify(self, snapshot: Snapshot, *, full: bool = False) -> None:
+        """Raise ``SnapshotCorrupt`` naming the first file that is missing, truncated or altered.
+
+        Sizes always; digests through the stat-keyed cache unless ``full`` (see file_digests.py).
+        """
+        cache = self._verified_cache(snapshot.key)
+        files = snapshot.manifest.get("files") or {}
+        if not files:
+            raise SnapshotCorrupt(f"snapshot {snapshot.key}: manifest lists no files")
+        for rel, meta in files.items():
+            path = snapshot.path / rel
+            try:
+                size = path.stat().st_size
+            except OSError as exc:
+                raise SnapshotCorrupt(f"snapshot {snapshot.key}: {rel} is missing ({exc.strerror})") from exc
+            if size != meta["size"]:
+                raise SnapshotCorrupt(
+                    f"snapshot {snapshot.key}: {rel} has {size} bytes, manifest says {meta['size']}"
+                )
+            digest = cache.digest(path, trust_cache=not full)
+            if digest != meta["sha256"]:
+                raise SnapshotCorrupt(
+                    f"snapshot {snapshot.key}: {rel} sha256 {digest[:12]}... "
+                    f"!= manifest {meta['sha256'][:12]}..."
+                )
+        cache.save()
+
+    # -- housekeeping -----------------------------------------------------------------------------
+    def touch_used(self, snapshot: Snapshot) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / f"{snapshot.key}.used").touch()
+
+    def last_used(self, snapshot: Snapshot) -> float:
+        stamp = self.state_dir / f"{snapshot.key}.used"
+        return stamp.stat().st_mtime if stamp.exists() else (snapshot.path / MANIFEST).stat().st_mtime
+
+    def quarantine(self, snapshot: Snapshot) -> Path:
+        """Move a snapshot that failed verification aside (the next cold boot writes a fresh one)."""
+        dest = self.root / f".bad-{snapshot.key}-{int(time.time())}-{secrets.token_hex(2)}"
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(snapshot.path, dest)
+        (self.state_dir / f"{snapshot.key}.digests.json").unlink(missing_ok=True)
+        return dest
+
+    def rm(self, key: str) -> None:
+        path = self.root / key
+        if not path.is_dir():
+            raise SnapshotError(f"no snapshot {key} in {self.root}")
+        trash = self.root / f".trash-{key}-{secrets.token_hex(3)}"
+        os.rename(path, trash)  # atomic disappearance, then the slow delete
+        shutil.rmtree(trash, ignore_errors=True)
+        for suffix in (".digests.json", ".used"):
+            (self.state_dir / f"{key}{suffix}").unlink(missing_ok=True)
+
+    def gc(self, *, older_than_s: float | None = None, now: float | None = None) -> list[str]:
+        """Remove leftovers (unfinished writes of dead processes, trash, quarantined snapshots) and, with
+        ``older_than_s``, snapshots unused for that long. Returns the names removed."""
+        removed: list[str] = []
+        if not self.root.is_dir():
+            return removed
+        now = time.time() if now is None else now
+        for entry in sorted(self.root.iterdir()):
+            name = entry.name
+            if name.startswith(".tmp-"):
+                pid = name.split("-")[2] if name.count("-") >= 3 else ""
+                if pid.isdigit() and Path(f"/proc/{pid}").exists():
+                    continue  # still being written
+            elif not name.startswith((".trash-", ".bad-")):
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(name)
+        if older_than_s is not None:
+            for snap in self.ls():
+                if now - self.last_used(snap) > older_than_s:
+                    self.rm(snap.key)
+                    removed.append(snap.key)
+        return removed

@@ -1,0 +1,188 @@
+"""Snapshot store, identity and compatibility gate: real files, no engine."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from coldstart.launcher.checkpointers.base import CheckpointerInfo
+from coldstart.launcher.errors import SnapshotError
+from coldstart.launcher.fingerprint import HostFingerprint, host_fingerprint, incompatibilities
+from coldstart.launcher.identity import SnapshotIdentity
+from coldstart.launcher.snapshot_store import SnapshotCorrupt, SnapshotStore
+
+HOST = HostFingerprint(arch="x86_64", kernel="6.18.44", cpu_model="Xeon", cpu_flags=("avx2", "sse4_2"))
+
+
+def identity(**changes: object) -> SnapshotIdentity:
+    base = SnapshotIdentity(
+        engine={"engine": "transformers", "engine_version": "5.23", "model": "/m", "engine_args": []},
+        warmup=[["/v1/chat/completions", {"max_tokens": 4}]],
+        canary={"path": "/v1/chat/completions", "body": {"temperature": 0}},
+        checkpointer="criu",
+        checkpointer_version="4.2.1",
+        hooks_version="1.1",
+        image_digest=None,
+        fingerprint=HOST,
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def write_snapshot(store: SnapshotStore, ident: SnapshotIdentity, pages: bytes = b"x" * 4096) -> None:
+    with store.begin(ident.key) as pending:
+        (pending.image_dir / "pages-1.img").write_bytes(pages)
+        (pending.image_dir / "core-1.img").write_bytes(b"core")
+        store.commit(pending, {"identity": ident.to_json(), "canary": {"text": "hi"}})
+
+
+def test_commit_is_atomic_and_lists_sizes_and_digests(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    ident = identity()
+    with store.begin(ident.key) as pending:
+        (pending.image_dir / "pages-1.img").write_bytes(b"abc")
+        assert not store.has(ident.key), "visible before commit"
+        assert pending.path.name.startswith(".tmp-")
+        snap = store.commit(pending, {"identity": ident.to_json()})
+    assert store.has(ident.key)
+    assert snap.manifest["files"]["image/pages-1.img"]["size"] == 3
+    assert snap.total_bytes == 3
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
+    store.verify(store.lookup(ident.key))  # type: ignore[arg-type]
+
+
+def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    with pytest.raises(RuntimeError), store.begin("k1") as pending:
+        (pending.image_dir / "pages-1.img").write_bytes(b"abc")
+        raise RuntimeError("checkpoint failed")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[:100]), "has 100 bytes"),
+        (lambda p: p.write_bytes(b"y" + p.read_bytes()[1:]), "sha256"),
+        (lambda p: p.unlink(), "missing"),
+    ],
+    ids=["truncated", "flipped-byte", "missing"],
+)
+def test_verify_names_the_damaged_file(tmp_path: Path, damage, expected: str) -> None:  # type: ignore[no-untyped-def]
+    store = SnapshotStore(tmp_path)
+    ident = identity()
+    write_snapshot(store, ident)
+    snap = store.lookup(ident.key)
+    assert snap is not None
+    store.verify(snap)  # cached digests from the commit
+    damage(snap.path / "image" / "pages-1.img")
+    with pytest.raises(SnapshotCorrupt, match=expected) as info:
+        store.verify(snap)
+    assert "image/pages-1.img" in str(info.value)
+
+
+def test_flipped_byte_with_same_stat_caught_by_full_verify(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    ident = identity()
+    write_snapshot(store, ident)
+    snap = store.lookup(ident.key)
+    assert snap is not None
+    pages = snap.path / "image" / "pages-1.img"
+    st = pages.stat()
+    with open(pages, "r+b") as f:
+        f.write(b"y")
+    os.utime(pages, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime put back; ctime cannot be
+    with pytest.raises(SnapshotCorrupt):
+        store.verify(snap)
+    with pytest.raises(SnapshotCorrupt):
+        store.verify(snap, full=True)
+
+
+def test_unreadable_manifest_is_corrupt(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    ident = identity()
+    write_snapshot(store, ident)
+    (tmp_path / ident.key / "manifest.json").write_text("{not json")
+    with pytest.raises(SnapshotCorrupt, match="manifest"):
+        store.lookup(ident.key)
+
+
+def test_replacing_a_snapshot_swaps_whole_folders(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    ident = identity()
+    write_snapshot(store, ident, b"old")
+    write_snapshot(store, ident, b"newer")
+    snap = store.lookup(ident.key)
+    assert snap is not None and snap.manifest["files"]["image/pages-1.img"]["size"] == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ident.key, ".state"])
+
+
+def test_find_rm_gc(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    a, b = identity(), identity(hooks_version="2.0")
+    write_snapshot(store, a)
+    write_snapshot(store, b)
+    assert {s.key for s in store.ls()} == {a.key, b.key}
+    assert store.find(a.key[:10]).key == a.key
+    with pytest.raises(SnapshotError, match="no snapshot"):
+        store.find("zzzz")
+    # leftovers: an unfinished write of a dead process, trash, a quarantined snapshot
+    (tmp_path / ".tmp-k-999999999-abc").mkdir()
+    (tmp_path / f".tmp-k-{os.getpid()}-abc").mkdir()  # ours, still being written: kept
+    store.quarantine(store.find(b.key))
+    removed = store.gc()
+    assert ".tmp-k-999999999-abc" in removed and any(n.startswith(".bad-") for n in removed)
+    assert (tmp_path / f".tmp-k-{os.getpid()}-abc").exists()
+    assert store.gc(older_than_s=3600) == []
+    assert store.gc(older_than_s=3600, now=time.time() + 7200) == [a.key]
+    assert store.ls() == []
+
+
+def test_key_changes_with_what_shapes_the_process_not_with_the_host() -> None:
+    base = identity()
+    assert identity().key == base.key
+    assert identity(engine={**base.engine, "engine_args": ["--dtype", "bfloat16"]}).key != base.key
+    assert identity(hooks_version="9").key != base.key
+    assert identity(image_digest="abc").key != base.key
+    # gate fields: found under the same key, then refused with the reason
+    assert identity(checkpointer_version="4.3").key == base.key
+    assert identity(fingerprint=dataclasses.replace(HOST, kernel="6.1")).key == base.key
+    assert SnapshotIdentity.from_json(json.loads(json.dumps(base.to_json()))) == base
+
+
+def test_gate_names_the_differing_field() -> None:
+    here = identity()
+    avx512 = dataclasses.replace(HOST, cpu_flags=("avx2", "avx512f", "sse4_2"))
+    assert here.gate(identity()) == []
+    assert here.gate(identity(fingerprint=avx512)) == ["cpu flag avx512f missing on this host"]
+    assert here.gate(identity(checkpointer_version="4.1.1")) == ["criu 4.1.1 != 4.2.1 on this host"]
+    other_kernel = dataclasses.replace(HOST, kernel="6.1.0-18-amd64")
+    assert here.gate(identity(fingerprint=other_kernel)) == ["kernel 6.1.0-18-amd64 != 6.18.44 on this host"]
+    gpu = dataclasses.replace(HOST, gpu={"gpu_driver_version": "570.1"})
+    assert incompatibilities(gpu, HOST) == ["gpu driver version 570.1 != none on this host"]
+    fewer = dataclasses.replace(HOST, cpu_flags=("sse4_2",))
+    assert incompatibilities(fewer, HOST) == [], "a host with more CPU features may restore"
+
+
+def test_this_host_fingerprint_is_real() -> None:
+    fp = host_fingerprint()
+    assert fp.kernel == os.uname().release
+    assert fp.cpu_flags, "no CPU flags read from /proc/cpuinfo"
+    assert incompatibilities(fp, fp) == []
+
+
+def test_checkpointer_info_is_part_of_identity() -> None:
+    from coldstart.engine_adapters.registry import get_adapter
+    from coldstart.launcher.identity import snapshot_identity
+
+    adapter = get_adapter("transformers")
+    from coldstart.engine_adapters.base import EngineConfig
+
+    config = EngineConfig(model="org/model")
+    criu = snapshot_identity(adapter, config, CheckpointerInfo("criu", "4.2.1"), {"c": 1})
+    runsc = snapshot_identity(adapter, config, CheckpointerInfo("runsc", "20240729.0"), {"c": 1})
+    assert criu.key != runsc.key
