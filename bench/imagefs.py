@@ -5,8 +5,10 @@
 1. Index open for a synthetic 100,000-file image (goal < 100 ms), against the same tree as JSON lines.
 2. ``import torch`` from a venv image: fraction of image bytes fetched (goal <= 15%), and time with a cold
    local cache without and with the boot profile, against the same import from a plain directory.
-3. Sequential read of a 256 MiB file through the mount (cold mount, empty local cache, directory origin)
-   against reading and verifying the same chunks directly (goal >= 0.5), at several read_ahead_kb values.
+3. Sequential read of a 256 MiB file through the mount against reading and verifying the same chunks
+   directly (goal >= 0.5), at several read_ahead_kb values: cold (empty local cache, chunks fetched from a
+   directory origin and written to the cache), warm (chunks in the local disk cache), and from the daemon's
+   memory (the FUSE path alone).
 
 Needs root and /dev/fuse (as the tests). The torch venv and its image are cached in .cache/imagefs (shared
 with the tests). Page caches are not dropped (other work shares this machine): the origin store and the
@@ -30,6 +32,7 @@ import time
 from pathlib import Path
 
 from coldstart.imagefs.build import build
+from coldstart.imagefs.daemon import DEFAULT_READ_AHEAD_KB
 from coldstart.imagefs.index import ImageIndex, Node, encode
 from coldstart.imagefs.mount import mounted
 from coldstart.imagefs.store import ChunkStore
@@ -47,7 +50,7 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([f"\n### {title}\n", line, sep, *body])
 
 
-# -- 1. index open --------------------------------------------------------------------------------------------
+# -- 1. index open ---------------------------------------------------------------------------------------
 
 
 def synthetic_tree(files: int, seed: int = 7) -> tuple[Node, list[dict[str, object]]]:
@@ -69,8 +72,8 @@ def synthetic_tree(files: int, seed: int = 7) -> tuple[Node, list[dict[str, obje
         assert parent.children is not None
         parent.children[name.encode()] = node
         path = f"{d1}/{d2}/{name}"
-        records.append({"path": path, "mode": node.mode, "uid": 0, "gid": 0, "size": size, "mtime": node.mtime_ns,
-                        "chunks": [digest.hex()]})  # fmt: skip
+        record = {"path": path, "mode": node.mode, "uid": 0, "gid": 0, "size": size, "mtime": node.mtime_ns}
+        records.append({**record, "chunks": [digest.hex()]})
     return root, records
 
 
@@ -103,11 +106,17 @@ def bench_index_open(files: int, reps: int) -> str:
             lookups.append((time.perf_counter() - t0) / 1000)
     assert index.n_inodes > files
     o, j = statistics.median(opens), statistics.median(jls)
+    ok = "yes" if o < 0.1 else "NO"
     rows = [
-        ["coldstart index (open + verify)", f"{len(data) / 1e6:.1f} MB", f"{o * 1e3:.1f} ms", "1.00",
-         "yes" if o < 0.1 else "NO"],
-        ["JSON lines (parse + path dict)", f"{len(jsonl) / 1e6:.1f} MB", f"{j * 1e3:.1f} ms", f"{j / o:.2f}", ""],
-    ]  # fmt: skip
+        ["coldstart index (open + verify)", f"{len(data) / 1e6:.1f} MB", f"{o * 1e3:.1f} ms", "1.00", ok],
+        [
+            "JSON lines (parse + path dict)",
+            f"{len(jsonl) / 1e6:.1f} MB",
+            f"{j * 1e3:.1f} ms",
+            f"{j / o:.2f}",
+            "",
+        ],
+    ]
     out = table(
         f"Index open, {files:,} files ({index.n_inodes:,} inodes), median of {reps}",
         ["format", "size", "open", "x coldstart", "< 100 ms"],
@@ -119,7 +128,7 @@ def bench_index_open(files: int, reps: int) -> str:
     return out
 
 
-# -- 2. import torch ------------------------------------------------------------------------------------------
+# -- 2. import torch -------------------------------------------------------------------------------------
 
 
 def torch_image() -> tuple[Path, Path]:
@@ -155,51 +164,64 @@ def time_import(python: Path) -> float:
 
 def bench_torch(reps: int, tuned_ra: int) -> str:
     venv, index = torch_image()
-    origin = str(index.parent.parent)
+    origin = [str(index.parent.parent)]
     image_bytes = ImageIndex.open(index).total_bytes
-    plain = [time_import(venv / "bin" / "python") for _ in range(reps)]
     results: dict[str, list[float]] = {}
-    fractions: dict[str, float] = {}
+    fractions: dict[int, float] = {}
     prefetched = ""
+    ras = sorted({128, tuned_ra})
+    plain_key = "plain directory (warm page cache)"
+    profile_key = f"mount, cold cache, boot profile prefetch (ra {tuned_ra} KiB)"
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         profile = Path(tmp) / "torch.profile"
         mnt = Path(tmp) / "mnt"
         mnt.mkdir()
-        for ra in sorted({128, tuned_ra}):
-            key = f"mount, cold cache, no profile (ra {ra} KiB)"
-            for rep in range(reps):
+        for rep in range(reps):  # interleaved, so load from other work on the machine hits every row alike
+            results.setdefault(plain_key, []).append(time_import(venv / "bin" / "python"))
+            for ra in ras:
                 cache = Path(tmp) / f"cache-{ra}-{rep}"
-                record = ra == tuned_ra and rep == 0
-                with mounted(index, mnt, cache, [origin], prefetch=False, record_profile=record,
-                             profile_path=profile, read_ahead_kb=ra) as m:  # fmt: skip
+                kw = {"prefetch": False, "record_profile": ra == tuned_ra, "profile_path": profile}
+                with mounted(index, mnt, cache, origin, read_ahead_kb=ra, **kw) as m:  # type: ignore[arg-type]
+                    key = f"mount, cold cache, no profile (ra {ra} KiB)"
                     results.setdefault(key, []).append(time_import(mnt / "bin" / "python"))
-                fractions[f"ra {ra} KiB"] = m.stats["remote_bytes"] / image_bytes  # type: ignore[operator]
+                fractions[ra] = m.stats["remote_bytes"] / image_bytes  # type: ignore[operator]
                 shutil.rmtree(cache)
-        key = f"mount, cold cache, boot profile prefetch (ra {tuned_ra} KiB)"
-        for rep in range(reps):
             cache = Path(tmp) / f"cache-profile-{rep}"
-            with mounted(index, mnt, cache, [origin], prefetch=True, record_profile=False, profile_path=profile,
-                         read_ahead_kb=tuned_ra) as m:  # fmt: skip
-                results.setdefault(key, []).append(time_import(mnt / "bin" / "python"))
+            kw = {"prefetch": True, "record_profile": False, "profile_path": profile}
+            with mounted(index, mnt, cache, origin, read_ahead_kb=tuned_ra, **kw) as m:  # type: ignore[arg-type]
+                results.setdefault(profile_key, []).append(time_import(mnt / "bin" / "python"))
             prefetched = f"{m.stats['prefetched']} of {m.stats['profile_chunks']} profile chunks prefetched"
             shutil.rmtree(cache)
-    base = statistics.median(plain)
-    rows = [["plain directory (warm page cache)", f"{base:.2f} s", "1.00"]]
-    for key, times in results.items():
-        med = statistics.median(times)
-        rows.append([key, f"{med:.2f} s", f"{med / base:.2f}"])
+    base = statistics.median(results[plain_key])
+    rows = [
+        [key, f"{statistics.median(t):.2f} s", f"{statistics.median(t) / base:.2f}"]
+        for key, t in results.items()
+    ]
     out = table(f"`import torch` (median of {reps})", ["from", "time", "x plain dir"], rows)
-    frows = [[k, f"{v * 100:.1f}%", f"{v * image_bytes / 1e6:.0f} MB", "yes" if v <= 0.15 else "NO"]
-             for k, v in fractions.items()]  # fmt: skip
+    frows = []
+    for ra, v in fractions.items():
+        frows.append(
+            [f"{ra} KiB", f"{v * 100:.1f}%", f"{v * image_bytes / 1e6:.0f} MB", "yes" if v <= 0.15 else "NO"]
+        )
     out += table(
-        f"Fraction of image bytes fetched for `import torch` (image {image_bytes / 1e6:.0f} MB)",
-        ["read-ahead", "fetched", "bytes", "<= 15%"],
+        f"Bytes fetched for `import torch` (image {image_bytes / 1e6:.0f} MB, 256 KiB chunks)",
+        ["read_ahead_kb", "fetched", "bytes", "<= 15%"],
         frows,
     )
     return out + f"\n\n{prefetched} (last profile run)"
 
 
-# -- 3. sequential throughput ---------------------------------------------------------------------------------
+# -- 3. sequential throughput ----------------------------------------------------------------------------
+
+
+def _read_file(path: Path, drop: bool = False) -> float:
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.read(1 << 20):
+            pass
+        if drop:  # forget the mount's page cache for this file: the next read goes through FUSE again
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return time.perf_counter() - t0
 
 
 def bench_throughput(size_mib: int, ras: list[int], reps: int) -> str:
@@ -214,36 +236,49 @@ def bench_throughput(size_mib: int, ras: list[int], reps: int) -> str:
         index = ImageIndex.open(result.index_path)
         digests = [d.hex() for d in index.file_chunks(index.lookup(1, b"big.bin") or 0)]
         chunk_store = ChunkStore(store)
-        direct = []
-        for _ in range(reps):
+        mnt = Path(tmp) / "mnt"
+        mnt.mkdir()
+        direct: list[float] = []
+        runs: dict[tuple[str, int], list[float]] = {}
+        settings: dict[int, object] = {}
+        for rep in range(reps):  # interleaved, so load from other work on the machine hits every row alike
             t0 = time.perf_counter()
             for d in digests:
                 data = chunk_store.read(d)
                 assert data is not None and hashlib.sha256(data).hexdigest() == d
             direct.append(time.perf_counter() - t0)
-        mnt = Path(tmp) / "mnt"
-        mnt.mkdir()
-        rows = []
-        base = size_mib / statistics.median(direct) / 1024
-        rows.append(["direct: read + verify chunks", "-", f"{base:.2f} GB/s", "1.00"])
-        for ra in ras:
-            times = []
-            for rep in range(reps):
+            for ra in ras:
                 cache = Path(tmp) / f"cache-{ra}-{rep}"
-                with mounted(result.index_path, mnt, cache, [str(store)], prefetch=False, record_profile=False,
-                             read_ahead_kb=ra) as m:  # fmt: skip
-                    t0 = time.perf_counter()
-                    with open(mnt / "big.bin", "rb", buffering=0) as f:
-                        while f.read(1 << 20):
-                            pass
-                    times.append(time.perf_counter() - t0)
+                kw = {
+                    "prefetch": False,
+                    "record_profile": False,
+                    "read_ahead_kb": ra,
+                    "memory_mib": size_mib + 64,
+                }
+                with mounted(result.index_path, mnt, cache, [str(store)], **kw) as m:  # type: ignore[arg-type]
+                    runs.setdefault(("cold", ra), []).append(_read_file(mnt / "big.bin", drop=True))
+                    runs.setdefault(("memory", ra), []).append(_read_file(mnt / "big.bin", drop=True))
+                settings[ra] = m.settings.get("max_background")
+                kw["memory_mib"] = 128
+                with mounted(result.index_path, mnt, cache, [str(store)], **kw):  # type: ignore[arg-type]
+                    runs.setdefault(("warm", ra), []).append(_read_file(mnt / "big.bin"))
                 shutil.rmtree(cache)
-            gbs = size_mib / statistics.median(times) / 1024
-            rows.append([f"mount, read_ahead_kb {ra}", str(m.settings.get("max_background")), f"{gbs:.2f} GB/s",
-                         f"{gbs / base:.2f}"])  # fmt: skip
+    gib = size_mib / 1024
+    base = gib / statistics.median(direct)
+    rows = [["direct: read + verify the chunk files", "-", f"{base:.2f} GB/s", "1.00"]]
+    labels = {
+        "cold": "mount, cold: empty cache, origin dir",
+        "warm": "mount, warm: chunks in local disk cache",
+        "memory": "mount, chunks in daemon memory",
+    }
+    for kind in ("cold", "warm", "memory"):
+        for ra in ras:
+            gbs = gib / statistics.median(runs[(kind, ra)])
+            rows.append(
+                [f"{labels[kind]}, ra {ra} KiB", str(settings[ra]), f"{gbs:.2f} GB/s", f"{gbs / base:.2f}"]
+            )
     return table(
-        f"Sequential read, {size_mib} MiB file, cold mount + empty local cache, origin = store dir "
-        f"(median of {reps})",
+        f"Sequential read of a {size_mib} MiB file through a fresh mount, 256 KiB chunks (median of {reps})",
         ["path", "max_background", "throughput", "x direct"],
         rows,
     )
@@ -252,14 +287,14 @@ def bench_throughput(size_mib: int, ras: list[int], reps: int) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    parser.add_argument("--tuned-ra", type=int, default=4096, help="read_ahead_kb to compare with 128")
+    parser.add_argument("--tuned-ra", type=int, default=DEFAULT_READ_AHEAD_KB, help="read_ahead_kb vs 128")
     parser.add_argument("--skip-torch", action="store_true")
     args = parser.parse_args()
     reps = 1 if args.quick else 3
     CACHE.mkdir(parents=True, exist_ok=True)
     print(f"imagefs bench on {os.cpu_count()} CPUs, kernel {os.uname().release}")
     print(bench_index_open(100_000, 3 if args.quick else 5))
-    print(bench_throughput(256, [128, 1024, args.tuned_ra, 16384], reps))
+    print(bench_throughput(256, sorted({128, args.tuned_ra, 1024, 4096}), reps))
     if not args.skip_torch:
         print(bench_torch(reps, args.tuned_ra))
     return 0

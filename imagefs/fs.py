@@ -108,7 +108,7 @@ class ImageFS(pyfuse3.Operations):
         self.readahead_started = 0
         self._streaks: dict[int, tuple[int, int]] = {}  # inode -> (last chunk read, contiguous reads)
         self._ahead: set[str] = set()  # digests being fetched ahead
-        self._ahead_limiter = trio.CapacityLimiter(4)
+        self._ahead_limiter = trio.CapacityLimiter(2)  # one fetching while one waits to reply: 2 cores
         self.nursery: trio.Nursery | None = None  # set by the daemon: owns the read-ahead tasks
         self.max_request = 0
 

@@ -217,3 +217,22 @@ def test_cli_mount_unmounts_cleanly_on_signal(tmp_path, sample_image, signum) ->
             proc.wait()
         if is_mountpoint(mnt):
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+
+
+def test_killed_daemon_leaves_no_stale_mount(sample_image, mount_image) -> None:
+    _, store, result = sample_image
+    with mount_image(result.index_path, [str(store)]) as m:
+        assert m.pid is not None
+        os.kill(m.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while True:  # a mount whose daemon died answers ECONNABORTED (or ENOTCONN)
+            try:
+                os.stat(m.mountpoint / "small.txt")
+            except OSError as exc:
+                assert exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert not is_mountpoint(m.mountpoint)
+    with pytest.raises(MountError, match="UNMOUNTED"):
+        m.save_profile()
