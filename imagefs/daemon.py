@@ -65,7 +65,7 @@ class MountConfig:
     max_background: int = DEFAULT_MAX_BACKGROUND
     memory_mib: int = 128  # chunks between read-ahead and the kernel; the page cache keeps file data
     fetch_threads: int = 16
-    prefetch_threads: int = 4
+    prefetch_threads: int = 2  # on 2 busy cores, more prefetch threads slow the boot they serve
     readahead_chunks: int = 16  # most chunks fetched ahead of a sequential reader (0: none)
     extra_options: tuple[str, ...] = field(default_factory=tuple)
 

@@ -10,8 +10,9 @@ Invariants:
   download the same bytes twice;
 - the local disk cache is written off the read path by one writer thread (writing a file costs more than
   reading and hashing it here: ext4 write+rename ~0.4-0.8 GB/s against ~1.3 GB/s); at most
-  ``max_pending_writes`` chunks wait (256 MiB of 256 KiB chunks), beyond that a chunk is not cached (counted as ``cache_skipped``) rather than
-  slowing the read; prefetch waits for a slot instead. ``close`` flushes what is pending.
+  ``max_pending_writes`` chunks wait (256 MiB of 256 KiB chunks), beyond that a chunk is not cached
+  (counted as ``cache_skipped``) rather than slowing the read; prefetch waits for a slot instead.
+  ``close`` flushes what is pending.
 """
 
 from __future__ import annotations
