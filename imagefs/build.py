@@ -387,10 +387,13 @@ def build(
     kind = detect_source(src)
     store = ChunkStore(store_dir)
     chunker = _Chunker(store, chunk_size, progress)
-    if kind == "dir":
-        root = tree_from_directory(src, chunker)
-    else:
-        root = tree_from_layers(src, kind, chunker, progress)
+    try:
+        if kind == "dir":
+            root = tree_from_directory(src, chunker)
+        else:
+            root = tree_from_layers(src, kind, chunker, progress)
+    except OSError as exc:  # the one boundary for filesystem errors of a build
+        raise BuildError(f"cannot read {exc.filename or src}: {exc.strerror}; check permissions") from exc
     data = encode(root, chunk_size)
     out = Path(index_path) if index_path else default_index_path(src, store_dir)
     out.parent.mkdir(parents=True, exist_ok=True)

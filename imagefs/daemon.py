@@ -19,12 +19,14 @@ Tuning (reported in the ready line and ``Mount.settings``):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -121,6 +123,20 @@ def tune(mountpoint: str, read_ahead_kb: int, max_background: int) -> dict[str, 
     return settings
 
 
+@contextlib.contextmanager
+def _terminate_raises_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt (as SIGINT does) while mounted; the previous handler comes back."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class Daemon:
     """One mounted image; ``run`` blocks until it is unmounted."""
 
@@ -153,19 +169,22 @@ class Daemon:
         if os.geteuid() == 0:
             options.add("allow_other")  # the engine may run as another user inside its sandbox
         options.update(cfg.extra_options)
-        try:
-            pyfuse3.init(self.ops, cfg.mountpoint, options)
-        except (RuntimeError, OSError) as exc:
-            raise MountError(
-                f"cannot mount {cfg.mountpoint}: {exc}; is it an empty directory and /dev/fuse there?"
-            ) from exc
-        try:
-            trio.run(self._serve, ready_fd)
-        finally:
-            pyfuse3.close(unmount=True)
-            self.save_profile()
-            self._write_stats()
-            self.fetcher.close()
+        with _terminate_raises_interrupt():  # a SIGTERM before trio listens must still unmount
+            try:
+                pyfuse3.init(self.ops, cfg.mountpoint, options)
+            except (RuntimeError, OSError) as exc:
+                raise MountError(
+                    f"cannot mount {cfg.mountpoint}: {exc}; is it an empty directory and /dev/fuse there?"
+                ) from exc
+            try:
+                trio.run(self._serve, ready_fd)
+            except KeyboardInterrupt:
+                log.info("interrupted before serving: unmounting %s", cfg.mountpoint)
+            finally:
+                pyfuse3.close(unmount=True)
+                self.save_profile()
+                self._write_stats()
+                self.fetcher.close()
 
     async def _serve(self, ready_fd: int | None) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) as signals:
