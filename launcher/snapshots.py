@@ -128,7 +128,11 @@ class SnapshotManager:
         sandbox = self.new_sandbox(workdir, replica_id)
         try:
             started = time.monotonic()
-            await cold_boot(sandbox, adapter, engine_config, http, timeout_s=boot_timeout_s)
+            # Boot traffic on a client that keeps no connection alive: nothing left open to drain.
+            async with httpx.AsyncClient(
+                trust_env=False, timeout=300.0, limits=httpx.Limits(max_keepalive_connections=0)
+            ) as boot_client:
+                await cold_boot(sandbox, adapter, engine_config, boot_client, timeout_s=boot_timeout_s)
             self.metrics.cold_boots.inc()
             self.metrics.phase_seconds.labels("boot").observe(time.monotonic() - started)
             await self.snapshot(sandbox, adapter, engine_config, http)

@@ -25,12 +25,15 @@ Upstream issues that decide the version: CRIU 3.17 fails on recent kernels (vDSO
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -52,6 +55,7 @@ from coldstart.launcher.sandbox import Sandbox
 
 MIN_VERSION = (4, 2)
 ENGINE_PORT = 8000  # fixed inside every replica's own network namespace
+RESTORE_LOCK = Path("/run/coldstart/criu-restore.lock")
 SIDECAR = "coldstart-criu.json"  # which pipes the engine's fds 1/2 were, for --inherit-fd at restore
 CRIU_CANDIDATES = ("/usr/local/sbin/criu", "/opt/coldstart/bin/criu")
 
@@ -77,6 +81,24 @@ def criu_version(binary: str) -> tuple[int, ...]:
     if not match:
         raise CheckpointerUnavailable(f"criu at {binary} printed no version: run .ci/install-checkpointers")
     return tuple(int(p) for p in match.group(1).split("."))
+
+
+@contextlib.asynccontextmanager
+async def _restore_lock() -> AsyncIterator[None]:
+    """One CRIU restore at a time on this host, until its tree is restored.
+
+    Why: files the engine holds open but deleted (a POSIX semaphore ``/dev/shm/sem.*`` from Python's
+    multiprocessing, for one) are "ghost files": CRIU re-creates each at its old path during restore and
+    unlinks it again, so two restores of one image at the same moment fail with "Can't create ghost
+    regfile: File exists". Holding the lock costs the second replica the first one's restore time (~0.3 s).
+    """
+    RESTORE_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(RESTORE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 class CriuSandbox(Sandbox):
@@ -168,8 +190,12 @@ class CriuSandbox(Sandbox):
             *self.netns.enter_argv(), self.criu, "restore", "-D", str(images),
             "-o", str(self._restore_log), "-v2", "--tcp-close", "--pidfile", str(self._pidfile), *inherit,
         ]  # fmt: skip
-        self._proc = await exec_into(argv, self._pipe, extra_fds=[self._pipe.write_fd])
-        await self._pipe.start_reading()
+        async with _restore_lock():
+            self._proc = await exec_into(argv, self._pipe, extra_fds=[self._pipe.write_fd])
+            await self._pipe.start_reading()
+            # CRIU writes the pidfile once the tree is restored (ghost files created and unlinked again).
+            while self._proc.returncode is None and not self._pidfile.exists():
+                await asyncio.sleep(0.005)
 
     def exit_code(self) -> int | None:
         return self._proc.returncode if self._proc else None

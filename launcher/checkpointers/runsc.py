@@ -328,11 +328,12 @@ class RunscCheckpointer(Checkpointer):
     async def _drain(self, sandbox: RunscSandbox) -> None:
         """Wait until the engine holds no open or TIME_WAIT TCP connection (gVisor cannot save them).
 
-        Idle keep-alive connections close by themselves within uvicorn's 5 s keep-alive timeout; with
-        ``--net-disconnect-ok`` we wait less and let runsc cut what is left.
+        Idle keep-alive connections close by themselves within uvicorn's 5 s keep-alive timeout. Only
+        after that, with ``--net-disconnect-ok``, runsc may cut what is left (a restored engine then
+        holds a dead connection, which uvicorn drops on its first read).
         """
         cut_ok = "net-disconnect-ok" in self.probe().capabilities
-        timeout_s = 2.0 if cut_ok else 15.0
+        timeout_s = 15.0
         deadline = time.monotonic() + timeout_s
         while True:
             open_states = await sandbox.tcp_connections()
