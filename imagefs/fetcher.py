@@ -62,6 +62,11 @@ class Fetcher:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imagefs-cache-writer")
         self._write_slots = threading.BoundedSemaphore(max_pending_writes)
 
+    @property
+    def all_local(self) -> bool:
+        """Every tier is memory or a directory: fetching costs CPU, not waiting."""
+        return all(t.local for t in self.tiers)
+
     def peek(self, digest_hex: str) -> bytes | None:
         """The chunk if it is in memory (cheap enough for the trio thread)."""
         data = self.memory.get(digest_hex)

@@ -45,6 +45,11 @@ class Tier(ABC):
     def writable(self) -> bool:
         return False
 
+    @property
+    def local(self) -> bool:
+        """Answers from this machine's memory or disks in well under a millisecond (no network)."""
+        return False
+
     def close(self) -> None:
         pass
 
@@ -78,6 +83,10 @@ class MemoryTier(Tier):
             while self._bytes > self.capacity:
                 _, old = self._items.popitem(last=False)
                 self._bytes -= len(old)
+
+    @property
+    def local(self) -> bool:
+        return True
 
     def discard(self, digest_hex: str) -> None:
         with self._lock:
@@ -114,6 +123,10 @@ class DirectoryTier(Tier):
     def discard(self, digest_hex: str) -> None:
         if self._writable:
             self.store.remove(digest_hex)
+
+    @property
+    def local(self) -> bool:
+        return True  # a directory; a network filesystem there behaves like a remote tier (see fs.py)
 
     @property
     def writable(self) -> bool:
