@@ -45,23 +45,29 @@ def _parser() -> argparse.ArgumentParser:
         "--trace", type=Path, help="CSV arrival_s[,service_s]; default: a generated seed-like trace"
     )
     s.add_argument("--save-trace", type=Path)
-    s.add_argument("--days", type=float, default=1.0)
+    s.add_argument("--days", type=float, default=7.0, help="generated trace length (starts on a Monday)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--rate-per-min", type=float, default=40.0, help="mean requests per minute at the start")
+    s.add_argument("--rate-per-min", type=float, default=160.0, help="mean requests per minute at the start")
+    s.add_argument("--daily-amplitude", type=float, default=0.7, help="day/night swing, 0..1")
+    s.add_argument("--weekend-factor", type=float, default=0.6, help="weekend load as a share of a weekday")
     s.add_argument("--spikes-per-day", type=float, default=4.0)
-    s.add_argument("--spike-height", type=float, default=1.5)
-    s.add_argument("--growth-per-day", type=float, default=0.25)
-    s.add_argument("--service-s", type=float, default=60.0)
-    s.add_argument("--concurrency", type=int, default=1, help="requests one replica serves at once")
-    s.add_argument("--keep-warm-s", type=float, default=30.0)
-    s.add_argument("--price", type=float, default=3.0, help="dollars per GPU-hour")
+    s.add_argument("--spike-height", type=float, default=1.0, help="median spike, multiple of the rate")
+    s.add_argument("--growth-per-day", type=float, default=0.10)
+    s.add_argument("--service-s", type=float, default=45.0, help="mean seconds a request holds a slot")
+    s.add_argument("--concurrency", type=int, default=8, help="requests one replica serves at once")
+    s.add_argument("--keep-warm-s", type=float, default=60.0, help="idle seconds before a replica stops")
+    s.add_argument("--price", type=float, default=3.0, help="dollars per GPU-hour (fixed, reactive, refill)")
     s.add_argument("--slo-s", type=float, default=5.0)
     s.add_argument("--failure-rate", type=float, default=0.0)
     s.add_argument("--cold-starts", default="2000,300,50", help="reactive policies' cold starts, seconds")
     s.add_argument("--restore-s", type=float, default=2.0)
     s.add_argument(
-        "--lead-time-s", type=float, default=600.0, help="buffer refill: allocation + health check"
+        "--lead-time-s", type=float, default=600.0, help="buffer refill: allocation + boot + health check"
     )
+    s.add_argument("--burst-lead-s", type=float, default=90.0, help="burst provider's lead time; 0: none")
+    s.add_argument("--burst-price", type=float, default=4.5, help="burst provider, dollars per GPU-hour")
+    s.add_argument("--burst-cap", type=int, default=64, help="most GPUs the burst provider gives at once")
+    s.add_argument("--buffer-types", type=Path, help="buffer instance types, TOML/JSON; first = refill")
     s.add_argument("--buffer", type=int, default=None, help="fixed buffer size (default: the LP sizes it)")
     s.add_argument("--confidence", type=float, default=0.99)
     s.add_argument("--plots", type=Path, help="write demand-vs-allocated.png and wait-cdf.png here")
@@ -123,6 +129,7 @@ def _size(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from coldstart.pool.catalog import InstanceType, load_types
     from coldstart.pool.report import as_json, compare, format_table, plot
     from coldstart.pool.simulate import BufferRestore, FixedPeak, Reactive, ServiceModel
     from coldstart.pool.trace import DAY_S, DemandShape, generate_trace, load_trace, save_trace
@@ -131,7 +138,8 @@ def _simulate(args: argparse.Namespace) -> int:
         trace = load_trace(args.trace, args.service_s, seed=args.seed)
     else:
         shape = DemandShape(
-            mean_rate_per_min=args.rate_per_min, spikes_per_day=args.spikes_per_day,
+            mean_rate_per_min=args.rate_per_min, daily_amplitude=args.daily_amplitude,
+            weekend_factor=args.weekend_factor, spikes_per_day=args.spikes_per_day,
             spike_height=args.spike_height, growth_per_day=args.growth_per_day, service_s=args.service_s,
         )  # fmt: skip
         trace = generate_trace(shape, args.days * DAY_S, args.seed)
@@ -143,9 +151,18 @@ def _simulate(args: argparse.Namespace) -> int:
         msg = f"--cold-starts wants numbers like 2000,300,50, got {args.cold_starts!r}"
         print(f"coldstart pool simulate: {msg}", file=sys.stderr)
         return 2
+    if args.buffer_types:
+        types = tuple(load_types(args.buffer_types))
+    else:
+        types = (InstanceType("refill", args.price, args.lead_time_s),)
+        if args.burst_lead_s > 0:
+            types += (InstanceType("burst", args.burst_price, args.burst_lead_s, supply_cap=args.burst_cap),)
     svc = ServiceModel(args.concurrency, args.keep_warm_s, args.price, args.slo_s, args.failure_rate)
     policies = [FixedPeak(), *(Reactive(c) for c in colds)]
-    policies.append(BufferRestore(args.restore_s, args.lead_time_s, args.buffer, args.confidence))
+    policies.append(
+        BufferRestore(args.restore_s, types, args.buffer, args.confidence, spikes_per_day=args.spikes_per_day,
+                      spike_height=args.spike_height)
+    )  # fmt: skip
     results = compare(trace, policies, svc, args.seed)
     if args.json:
         print(json.dumps(as_json(results), indent=2))

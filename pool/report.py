@@ -14,12 +14,14 @@ from coldstart.pool.trace import Trace
 @dataclass(frozen=True)
 class Row:
     policy: str
-    utilization: float
+    utilization: float  # GPU allocation utilization: GPU-s running the app (a replica up) / GPU-s paid
+    busy_utilization: float  # GPU-s with >= 1 request in service / GPU-s paid
     p50_wait_s: float
     p99_wait_s: float
     over_slo: float
     cost: float
     gpu_hours: float
+    burst_gpu_hours: float
     peak_gpus: int
 
 
@@ -29,8 +31,8 @@ def compare(trace: Trace, policies: list[Policy], svc: ServiceModel, seed: int =
 
 def rows(results: list[PolicyResult]) -> list[Row]:
     return [
-        Row(r.policy, r.utilization, r.p50_wait_s, r.p99_wait_s, r.over_slo, r.cost, r.paid_gpu_s / 3600.0,
-            r.peak_gpus)
+        Row(r.policy, r.utilization, r.busy_utilization, r.p50_wait_s, r.p99_wait_s, r.over_slo, r.cost,
+            r.paid_gpu_s / 3600.0, r.burst_gpu_s / 3600.0, r.peak_gpus)
         for r in results
     ]  # fmt: skip
 
@@ -39,14 +41,16 @@ def format_table(results: list[PolicyResult], slo_s: float) -> str:
     """Markdown table; cost is also shown as a ratio to the first policy (the baseline)."""
     base = results[0].cost if results and results[0].cost > 0 else 1.0
     head = (
-        f"| policy | GPU alloc. utilization | p50 wait s | p99 wait s | over {slo_s:g}s SLO | GPU-hours | "
-        f"peak GPUs | cost $ | cost vs {results[0].policy if results else '-'} |"
+        f"| policy | GPU alloc. utilization (replica up / paid) | busy utilization (serving / paid) | "
+        f"p50 wait s | p99 wait s | over {slo_s:g}s SLO | GPU-hours | of which burst | peak GPUs | cost $ | "
+        f"cost vs {results[0].policy if results else '-'} |"
     )
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows(results):
         lines.append(
-            f"| {r.policy} | {r.utilization:.1%} | {r.p50_wait_s:.1f} | {r.p99_wait_s:.1f} | "
-            f"{r.over_slo:.2%} | {r.gpu_hours:.0f} | {r.peak_gpus} | {r.cost:,.0f} | {r.cost / base:.2f}x |"
+            f"| {r.policy} | {r.utilization:.1%} | {r.busy_utilization:.1%} | {r.p50_wait_s:.1f} | "
+            f"{r.p99_wait_s:.1f} | {r.over_slo:.2%} | {r.gpu_hours:,.0f} | {r.burst_gpu_hours:,.0f} | "
+            f"{r.peak_gpus} | {r.cost:,.0f} | {r.cost / base:.2f}x |"
         )
     return "\n".join(lines)
 

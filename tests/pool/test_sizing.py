@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from coldstart.pool.catalog import InstanceType, load_types, random_types
@@ -91,3 +93,39 @@ def test_instance_types_from_toml(tmp_path) -> None:  # type: ignore[no-untyped-
     path.write_text('[[type]]\nname = "a"\nprice = 2.0\n')
     with pytest.raises(ConfigError, match="bad instance type"):
         load_types(path)
+
+
+def test_a_spike_enters_the_quantile_only_where_one_is_likely_enough() -> None:
+    # spikes of 10 replicas at 5% per 600 s: within 60 s the chance (0.5%) is under 1 - 99%, within 600 s not
+    fc = Forecast(0.0, 0.0, 600.0, spike_rate_per_s=0.05 / 600.0, spike_size=10.0)
+    assert fc.quantile(60.0, 0.99) == pytest.approx(0.0, abs=1e-6)
+    assert fc.quantile(600.0, 0.99) == pytest.approx(10.0, abs=1e-6)
+    assert fc.exceed_prob(600.0, 5.0) == pytest.approx(1.0 - math.exp(-0.05))
+    # without spikes the quantile is the normal one: mean + z * std
+    assert Forecast(2.0, 1.0, 600.0).quantile(600.0, 0.975) == pytest.approx(2.0 + 1.96, abs=1e-3)
+
+
+def test_buffer_holds_until_a_fast_order_lands_and_orders_for_the_spike() -> None:
+    # The spike (10 replicas, 5% over the horizon) is unlikely before the fast order lands (55 s): hold
+    # nothing for it; covering it after 55 s with fast orders costs $6 * 1740/3600 * 5% = $0.15 per replica
+    # in expectation, holding a slow unit $1.00: the LP orders fast, contingently.
+    fc = Forecast(0.0, 0.0, 1800.0, spike_rate_per_s=0.05 / 1800.0, spike_size=10.0)
+    plan = size_buffer(SizingInput(fc, [SLOW, FAST]))
+    assert plan.hold_total == 0 and plan.order_of("fast-dear") == 10
+    assert plan.order_prob["fast-dear"] == pytest.approx(1.0 - math.exp(-0.05))
+    assert any("if demand outgrows the buffer, p=4.9%" in line for line in plan.lines)
+
+
+def test_dry_buffer_orders_the_fast_type_then_spills_past_its_cap() -> None:
+    # 10 replicas missing now: only orders can help; the fast type lands first (55 s), so the LP takes it,
+    # and what its cap of 6 cannot give comes from the slow one.
+    now = Forecast(0.0, 0.0, 6000.0, now=10.0)
+    plan = size_buffer(SizingInput(now, [SLOW, FAST], can_hold=False))
+    assert (plan.order_of("fast-dear"), plan.order_of("slow-cheap"), plan.hold_total) == (10, 0, 0)
+    capped = InstanceType("fast-dear", 6.0, 60.0, supply_cap=6)
+    plan = size_buffer(SizingInput(now, [SLOW, capped], can_hold=False))
+    assert (plan.order_of("fast-dear"), plan.order_of("slow-cheap")) == (6, 4)
+    assert plan.lines[0].startswith("buffer dry, 10 replicas missing: order 10 now")
+    gone = InstanceType("fast-dear", 6.0, 60.0, supply_cap=0)
+    with pytest.raises(InfeasibleSizingError, match="buffer is dry"):
+        size_buffer(SizingInput(now, [gone], can_hold=False))
