@@ -76,7 +76,9 @@ def model_files(adapter: EngineAdapter, config: EngineConfig) -> list[Path]:
     if not path.is_absolute() or not path.is_dir():
         return []
     return sorted(
-        p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts)
+        p
+        for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
     )
 
 

@@ -107,14 +107,24 @@ def other_host(snap: Path) -> None:
     (snap / "manifest.json").write_text(json.dumps(manifest))
 
 
+def weights_changed(snap: Path) -> None:
+    """As if model.safetensors had been rewritten in place (same size) after the snapshot: the shared test
+    model must stay intact, so the recorded digest changes instead of the file."""
+    manifest = json.loads((snap / "manifest.json").read_text())
+    (name,) = [n for n in manifest["model_files"] if n.endswith("model.safetensors")]
+    manifest["model_files"][name]["sha256"] = "0" * 64
+    (snap / "manifest.json").write_text(json.dumps(manifest))
+
+
 @pytest.mark.parametrize(
     "damage, reason, message",
     [
         (flip_byte, "digest", "sha256"),
         (truncate, "digest", "bytes, manifest says"),
         (other_host, "gate", "cpu flag avx512_vp2intersect missing on this host"),
+        (weights_changed, "model_files", "model.safetensors sha256 differs"),
     ],
-    ids=["flipped-byte", "truncated-pages", "manifest-from-another-host"],
+    ids=["flipped-byte", "truncated-pages", "manifest-from-another-host", "weights-changed"],
 )
 def test_bad_snapshot_is_refused_and_cold_boot_answers(  # type: ignore[no-untyped-def]
     snapshot_store: Path, tiny_model: Path, tmp_path: Path, damage, reason: str, message: str
