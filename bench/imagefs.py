@@ -18,18 +18,23 @@ plain-directory venv are warm, so the mount numbers measure the FUSE path and th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import random
 import shutil
+import socket
 import stat
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import httpx
 
 from coldstart.imagefs.build import build
 from coldstart.imagefs.daemon import DEFAULT_READ_AHEAD_KB
@@ -162,6 +167,36 @@ def time_import(python: Path) -> float:
     return time.perf_counter() - t0
 
 
+@contextlib.contextmanager
+def origin_server(store: Path) -> Iterator[str]:
+    """``coldstart image serve --store STORE`` on a free port, stopped (SIGTERM, wait) on exit."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = [
+        sys.executable,
+        "-m",
+        "coldstart.imagefs.cli",
+        "serve",
+        "--store",
+        str(store),
+        "--port",
+        str(port),
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def bench_torch(reps: int, tuned_ra: int) -> str:
     venv, index = torch_image()
     origin = [str(index.parent.parent)]
@@ -192,6 +227,15 @@ def bench_torch(reps: int, tuned_ra: int) -> str:
                 results.setdefault(profile_key, []).append(time_import(mnt / "bin" / "python"))
             prefetched = f"{m.stats['prefetched']} of {m.stats['profile_chunks']} profile chunks prefetched"
             shutil.rmtree(cache)
+            with origin_server(Path(origin[0])) as url:  # the origin over HTTP: fetches wait on a network hop
+                for use_profile in (False, True):
+                    cache = Path(tmp) / f"cache-http-{rep}-{use_profile}"
+                    kw = {"prefetch": use_profile, "record_profile": False, "profile_path": profile}
+                    with mounted(index, mnt, cache, [url], read_ahead_kb=tuned_ra, **kw):  # type: ignore[arg-type]
+                        how = "boot profile prefetch" if use_profile else "no profile"
+                        key = f"mount, HTTP origin, cold cache, {how} (ra {tuned_ra} KiB)"
+                        results.setdefault(key, []).append(time_import(mnt / "bin" / "python"))
+                    shutil.rmtree(cache)
     base = statistics.median(results[plain_key])
     rows = [
         [key, f"{statistics.median(t):.2f} s", f"{statistics.median(t) / base:.2f}"]
