@@ -1,0 +1,332 @@
+"""Cold boot vs restore, to the first streamed token, for each CPU checkpointer.
+
+    .venv/bin/python bench/coldstart.py [--size qwen3-0.6b] [--runs 5] [--checkpointers criu,runsc]
+
+Engine: ``transformers serve`` with a Qwen3-0.6B-shaped model with random bf16 weights made locally
+(``coldstart make-model``; a realistic CPU cold boot: importing torch + transformers, loading 1.2 GB).
+Every number is the median of ``--runs`` runs in this one process, each on a fresh replica, and is the time
+from "start" to the first non-empty content chunk of a streamed greedy chat completion (time to first
+token: decoding 8 tokens on CPU takes ~1 s and would hide the restore):
+
+- host cold boot:  ``transformers serve`` as a plain host process (``PlainSandbox``), the baseline;
+- sandbox cold boot: the same inside the checkpointer's sandbox (CRIU: PID+net namespaces; runsc: gVisor);
+- launcher restore: ``SnapshotManager.restore`` -- lookup, gate, model-file and image digests (stat
+  cache), restore into fresh namespaces, health, after-restore hook, canary -- then the request;
+- bare restore: the tool alone on the same image (``criu restore`` / ``runsc create`` + ``runsc restore``
+  into a namespace made beforehand), health polled the same way, then the request.
+
+Floor: snapshot bytes / read bandwidth, the bandwidth measured in this run by reading the snapshot's files
+(warm page cache, as every restore here reads them). Goals (issue 3): restore >= 15x faster than cold boot,
+launcher <= 0.1 s over the bare restore.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# This file is named like our package: drop its folder from the path, or `import coldstart` finds it.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Awaitable, Callable  # noqa: E402
+
+import httpx  # noqa: E402
+
+from coldstart.engine_adapters.base import EngineAdapter, EngineConfig  # noqa: E402
+from coldstart.engine_adapters.registry import get_adapter  # noqa: E402
+from coldstart.launcher.boot import config_for, wait_healthy  # noqa: E402
+from coldstart.launcher.checkpointers import runsc_rootns_quirk  # noqa: E402
+from coldstart.launcher.checkpointers._pipes import OwnedPipe, exec_into, kill_quietly, run_quiet, wait_exit  # noqa: E402
+from coldstart.launcher.checkpointers.base import Checkpointer  # noqa: E402
+from coldstart.launcher.checkpointers.registry import get_checkpointer  # noqa: E402
+from coldstart.launcher.netns import create_netns  # noqa: E402
+from coldstart.launcher.plain_sandbox import PlainSandbox  # noqa: E402
+from coldstart.launcher.sandbox import Sandbox  # noqa: E402
+from coldstart.launcher.snapshot_store import SnapshotStore  # noqa: E402
+from coldstart.launcher.snapshots import SnapshotManager  # noqa: E402
+from coldstart.launcher.tiny_model import make_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+POLL_S = 0.01
+PROMPT = [{"role": "user", "content": "Tell me about snapshots."}]
+
+
+async def first_token(http: httpx.AsyncClient, base_url: str, model: str) -> None:
+    body = {"model": model, "messages": PROMPT, "max_tokens": 8, "temperature": 0, "stream": True}
+    async with http.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=300) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choices = json.loads(line[6:]).get("choices") or [{}]
+            if choices[0].get("delta", {}).get("content"):
+                return
+    raise RuntimeError("stream ended without a token")
+
+
+async def poll_health(
+    http: httpx.AsyncClient, base_url: str, alive: Callable[[], bool], timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError("engine exited")
+        try:
+            if (await http.get(f"{base_url}/health", timeout=2)).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(POLL_S)
+    raise TimeoutError("not healthy")
+
+
+async def cold_boot_ttft(
+    sandbox: Sandbox, adapter: EngineAdapter, config: EngineConfig, http: httpx.AsyncClient, model: str
+) -> float:
+    started = time.monotonic()
+    try:
+        await sandbox.start(adapter.launch_spec(config_for(sandbox, config)))
+        await wait_healthy(sandbox, adapter, http, timeout_s=600)
+        await first_token(http, sandbox.base_url, model)
+        return time.monotonic() - started
+    finally:
+        await sandbox.stop(5.0)
+
+
+async def bare_criu(image: Path, criu: str, work: Path, http: httpx.AsyncClient, model: str) -> float:
+    sidecar = json.loads((image / "coldstart-criu.json").read_text())
+    ns = await create_netns()
+    pipe = OwnedPipe("bare criu")
+    images = work / "images"
+    shutil.rmtree(images, ignore_errors=True)
+    images.mkdir(parents=True)
+    for item in image.iterdir():
+        (images / item.name).symlink_to(item.resolve())
+    inherit = [a for p in sidecar["pipes"] for a in ("--inherit-fd", f"fd[{pipe.write_fd}]:{p}")]
+    pidfile = work / "pid"
+    pidfile.unlink(missing_ok=True)
+    argv = [
+        *ns.enter_argv(),
+        criu,
+        "restore",
+        "-D",
+        str(images),
+        "--tcp-close",
+        "--pidfile",
+        str(pidfile),
+        *inherit,
+    ]
+    proc = None
+    try:
+        started = time.monotonic()
+        proc = await exec_into(argv, pipe, extra_fds=[pipe.write_fd])
+        await pipe.start_reading()
+        url = f"http://{ns.guest_ip}:{sidecar['port']}"
+        await poll_health(http, url, lambda: proc.returncode is None, 120)
+        await first_token(http, url, model)
+        return time.monotonic() - started
+    finally:
+        if pidfile.exists():
+            kill_quietly(int(pidfile.read_text()), 9)
+        if proc is not None and not await wait_exit(proc, 10):
+            kill_quietly(proc.pid, 9)
+            await proc.wait()
+        await pipe.close()
+        await ns.adelete()
+
+
+async def bare_runsc(
+    image: Path, runsc: str, work: Path, http: httpx.AsyncClient, model: str, n: int
+) -> float:
+    sidecar = json.loads((image / "coldstart-runsc.json").read_text())
+    flags = sidecar["global_flags"]
+    ns = await create_netns()
+    config = json.loads(json.dumps(sidecar["config"]))
+    for item in config["linux"]["namespaces"]:
+        if item["type"] == "network":
+            item["path"] = ns.path
+    bundle = work / f"bundle{n}"
+    bundle.mkdir(parents=True, exist_ok=True)
+    (bundle / "config.json").write_text(json.dumps(config))
+    cid = f"bench-{os.getpid()}-{n}"
+    pipe = OwnedPipe("bare runsc")
+    proc = None
+    try:
+        started = time.monotonic()
+        create = await exec_into(
+            runsc_rootns_quirk.wrap([runsc, *flags, "create", "--bundle", str(bundle), cid]), pipe
+        )
+        if await create.wait() != 0:
+            raise RuntimeError("runsc create failed")
+        restore = runsc_rootns_quirk.wrap([runsc, *flags, "restore", "--image-path", str(image), cid])
+        proc = await exec_into(restore, pipe)
+        await pipe.start_reading()
+        url = f"http://{ns.guest_ip}:8000"
+        await poll_health(http, url, lambda: proc.returncode is None, 120)
+        await first_token(http, url, model)
+        return time.monotonic() - started
+    finally:
+        await run_quiet([runsc, *flags, "kill", cid, "KILL"], 30)
+        if proc is not None and not await wait_exit(proc, 10):
+            kill_quietly(proc.pid, 9)
+            await proc.wait()
+        await run_quiet([runsc, *flags, "delete", "-force", cid], 30)
+        await pipe.close()
+        await ns.adelete()
+
+
+def read_bandwidth(files: list[Path]) -> float:
+    """Bytes/s reading ``files`` (warm page cache: read once to warm, then timed)."""
+    buf = bytearray(8 << 20)
+    total, best = 0, float("inf")
+    for _ in range(2):
+        started, total = time.monotonic(), 0
+        for file in files:
+            with open(file, "rb", buffering=0) as f:
+                while n := f.readinto(buf):
+                    total += n
+        best = min(best, time.monotonic() - started)
+    return total / best
+
+
+async def repeat(what: str, runs: int, once: Callable[[int], Awaitable[float]]) -> list[float]:
+    times = []
+    for i in range(runs):
+        t = await once(i)
+        times.append(t)
+        print(f"  {what} #{i + 1}: {t:.3f}s", file=sys.stderr, flush=True)
+    return times
+
+
+async def bench(args: argparse.Namespace) -> list[dict[str, object]]:
+    model_dir = make_model(REPO / ".cache" / "models" / args.size, args.size)
+    adapter = get_adapter("transformers")
+    config = EngineConfig(model=str(model_dir))
+    model = adapter.upstream_model_name(config)
+    results: list[dict[str, object]] = []
+    work = Path(tempfile.mkdtemp(prefix="coldstart-bench-"))
+    try:
+        async with httpx.AsyncClient(trust_env=False, timeout=300) as http:
+            print("host cold boot (PlainSandbox)", file=sys.stderr)
+            host = await repeat(
+                "host cold boot", args.runs,
+                lambda i: cold_boot_ttft(PlainSandbox(f"bench{i}"), adapter, config, http, model),
+            )  # fmt: skip
+            results.append({"name": "host (no snapshot)", "cold": host})
+            for name in args.checkpointers:
+                checkpointer = get_checkpointer(name)
+                info = checkpointer.probe()
+                print(f"{name} {info.version}", file=sys.stderr)
+
+                def sandbox_cold(i: int, c: Checkpointer = checkpointer, n: str = name) -> Awaitable[float]:
+                    return cold_boot_ttft(
+                        c.new_sandbox(work / f"{n}-cold{i}", f"c{i}"), adapter, config, http, model
+                    )
+
+                cold = await repeat(f"{name} cold boot", args.runs, sandbox_cold)
+                manager = SnapshotManager(
+                    checkpointer, SnapshotStore(work / f"{name}-store"), adapter, config
+                )
+                original = await manager.boot_and_snapshot(
+                    adapter, config, http, work / f"{name}-orig", "orig"
+                )
+                await original.stop(5.0)
+                snap = manager.store.lookup(manager.identity.key)
+                assert snap is not None
+                snapshot_bytes = snap.total_bytes
+                files = [snap.path / rel for rel in snap.manifest["files"]]
+                bandwidth = read_bandwidth(files)
+
+                async def launcher_restore(i: int, m: SnapshotManager = manager, n: str = name) -> float:
+                    started = time.monotonic()
+                    sandbox = await m.restore(adapter, config, http, work / f"{n}-r{i}", f"r{i}")
+                    try:
+                        await first_token(http, sandbox.base_url, model)
+                        phases[n].append(dict(m.last_timings))
+                        return time.monotonic() - started
+                    finally:
+                        await sandbox.stop(5.0)
+
+                phases[name] = []
+                restored = await repeat(f"{name} launcher restore", args.runs, launcher_restore)
+                binary: str = checkpointer.binary  # type: ignore[attr-defined]
+
+                def bare_once(
+                    i: int, img: Path = snap.image_dir, tool: str = binary, n: str = name
+                ) -> Awaitable[float]:
+                    if n == "criu":
+                        return bare_criu(img, tool, work / f"bare{i}", http, model)
+                    return bare_runsc(img, tool, work / "bare", http, model, i)
+
+                bare = await repeat(f"bare {name} restore", args.runs, bare_once)
+                results.append(
+                    {
+                        "name": f"{name} {info.version}",
+                        "cold": cold,
+                        "restore": restored,
+                        "bare": bare,
+                        "bytes": snapshot_bytes,
+                        "bandwidth": bandwidth,
+                        "phases": phases[name],
+                    }
+                )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+phases: dict[str, list[dict[str, float]]] = {}
+
+
+def table(results: list[dict[str, object]], runs: int) -> str:
+    med = statistics.median
+    host_cold = med(results[0]["cold"])  # type: ignore[arg-type]
+    lines = [
+        f"median of {runs} runs, seconds to the first streamed token; speed-up vs host cold boot "
+        f"({host_cold:.2f}s)",
+        "",
+        "| checkpointer | cold boot in sandbox | launcher restore | bare restore | launcher - bare | "
+        "speed-up (host cold / launcher restore) | snapshot | read floor |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| host, no snapshot | {host_cold:.2f} | | | | 1.0x | | |",
+    ]
+    for r in results[1:]:
+        cold, restore, bare = (med(r[k]) for k in ("cold", "restore", "bare"))  # type: ignore[arg-type]
+        floor = r["bytes"] / r["bandwidth"]  # type: ignore[operator]
+        lines.append(
+            f"| {r['name']} | {cold:.2f} | {restore:.3f} | {bare:.3f} | {restore - bare:+.3f} | "
+            f"{host_cold / restore:.1f}x (sandbox cold / restore {cold / restore:.1f}x) | "
+            f"{r['bytes'] / 1e6:.0f} MB | {floor:.3f} s at {r['bandwidth'] / 1e9:.1f} GB/s |"
+        )
+    lines += ["", "launcher restore phases (median seconds):", ""]
+    lines += ["| checkpointer | verify (gate + digests) | restore to healthy | canary |", "|---|---|---|---|"]
+    for r in results[1:]:
+        ph = r["phases"]
+        cells = [f"{med([p.get(k, 0.0) for p in ph]):.3f}" for k in ("verify", "restore", "canary")]  # type: ignore[union-attr]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="qwen3-0.6b", choices=["tiny", "qwen3-0.6b"])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--checkpointers", default="criu,runsc", type=lambda s: [x for x in s.split(",") if x]
+    )
+    args = parser.parse_args(argv)
+    results = asyncio.run(bench(args))
+    print(table(results, args.runs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
