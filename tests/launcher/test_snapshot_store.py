@@ -186,3 +186,37 @@ def test_checkpointer_info_is_part_of_identity() -> None:
     criu = snapshot_identity(adapter, config, CheckpointerInfo("criu", "4.2.1"), {"c": 1})
     runsc = snapshot_identity(adapter, config, CheckpointerInfo("runsc", "20240729.0"), {"c": 1})
     assert criu.key != runsc.key
+
+
+def test_cli_snapshot_ls_inspect_rm_gc(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from coldstart.launcher import cli_snapshot
+
+    store = SnapshotStore(tmp_path)
+    ident = identity()
+    write_snapshot(store, ident)
+    base = ["--snapshot-dir", str(tmp_path)]
+    assert cli_snapshot.main([*base, "ls"]) == 0
+    out = capsys.readouterr().out
+    assert ident.key[:12] in out and "criu 4.2.1" in out
+    # a fingerprint from "another host": inspect says why it does not fit (exit 1), and --verify re-hashes
+    assert cli_snapshot.main([*base, "inspect", ident.key[:8], "--verify"]) == 1
+    out = capsys.readouterr().out
+    assert "fits this host: no:" in out and "verified: 2 files" in out
+    assert cli_snapshot.main([*base, "rm", "nope"]) == 1
+    assert "no snapshot 'nope'" in capsys.readouterr().err
+    assert cli_snapshot.main([*base, "rm", ident.key[:6]]) == 0
+    assert cli_snapshot.main([*base, "gc"]) == 0
+    assert "nothing to remove" in capsys.readouterr().out
+    assert store.ls() == []
+
+
+def test_cli_doctor_lists_checkpointers(capsys: pytest.CaptureFixture[str]) -> None:
+    from coldstart.launcher import cli_doctor
+
+    code = cli_doctor.main([])
+    out = capsys.readouterr().out
+    for row in ("root", "network namespaces", "fuse", "criu", "runsc", "--snapshot auto", "nvidia driver"):
+        assert row in out
+    import re
+
+    assert code == (0 if re.search(r"^(criu|runsc)\s+ok\s", out, flags=re.MULTILINE) else 1), out
