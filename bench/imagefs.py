@@ -52,7 +52,7 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
     line = "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     body = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
-    return "\n".join([f"\n### {title}\n", line, sep, *body])
+    return "\n".join([f"\n\n### {title}\n", line, sep, *body])
 
 
 # -- 1. index open ---------------------------------------------------------------------------------------
