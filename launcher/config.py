@@ -45,8 +45,8 @@ class ServeConfig:
 
     snapshot: str = opt(
         "off",
-        "checkpointer: auto (the best 'coldstart doctor' finds), criu, runsc or off",
-        choices=("auto", "criu", "runsc", "off"),
+        "checkpointer: auto (the best 'coldstart doctor' finds), criu, runsc, cuda (CUDA + CRIU) or off",
+        choices=("auto", "criu", "runsc", "cuda", "off"),
     )
     snapshot_dir: Path = opt(_default_cache() / "snapshots", "where snapshots are stored")
     work_dir: Path = opt(_default_cache() / "run", "scratch space for replicas (sandboxes, logs)")
