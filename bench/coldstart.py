@@ -60,14 +60,17 @@ PROMPT = [{"role": "user", "content": "Tell me about snapshots."}]
 
 
 async def first_token(http: httpx.AsyncClient, base_url: str, model: str) -> None:
-    body = {"model": model, "messages": PROMPT, "max_tokens": 8, "temperature": 0, "stream": True}
+    """Until the first chunk after the role chunk: the first token's content, or (max_tokens=1) the
+    finish chunk that follows it. Tokens of the random Qwen3-0.6B-shaped model mostly fall outside its
+    small local tokenizer and stream as empty content, which ``transformers serve`` does not send."""
+    body = {"model": model, "messages": PROMPT, "max_tokens": 1, "temperature": 0, "stream": True}
     async with http.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=300) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            choices = json.loads(line[6:]).get("choices") or [{}]
-            if choices[0].get("delta", {}).get("content"):
+            choice = (json.loads(line[6:]).get("choices") or [{}])[0]
+            if choice.get("delta", {}).get("content") or choice.get("finish_reason"):
                 return
     raise RuntimeError("stream ended without a token")
 
