@@ -164,9 +164,10 @@ def test_log_accounts_for_every_request_and_replica(trace: Trace, policy) -> Non
 
 
 def test_policies_rank_as_the_seed_says(trace: Trace) -> None:
-    fixed = run_policy(trace, FixedPeak())
-    slow = run_policy(trace, Reactive(2000.0))
-    buffered = run_policy(trace, BufferRestore())
+    # one request per GPU: ~30 GPUs of demand, enough for the buffer to be small next to it
+    fixed = run_policy(trace, FixedPeak(), ONE)
+    slow = run_policy(trace, Reactive(2000.0), ONE)
+    buffered = run_policy(trace, BufferRestore(), ONE)
     assert fixed.p99_wait_s == 0.0
     assert buffered.utilization > fixed.utilization
     assert buffered.p99_wait_s < slow.p99_wait_s
