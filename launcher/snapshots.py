@@ -50,7 +50,10 @@ from coldstart.launcher.snapshot_store import SnapshotCorrupt, SnapshotStore
 log = logging.getLogger("coldstart.snapshots")
 
 DEFAULT_CANARY_PROMPT = "coldstart canary: repeat after me, the quick brown fox"
-CANARY_MAX_TOKENS = 4
+# One greedy token: a full forward pass (weights, KV cache, sampling, detokenizer) checked against the
+# recording. Every further token costs a decode step before the replica may serve (0.25-0.7 s each for
+# Qwen3-0.6B on this CPU, measured by bench/coldstart.py); pass canary_max_tokens for a stricter check.
+CANARY_MAX_TOKENS = 1
 
 
 def canary_request(
@@ -273,6 +276,7 @@ class SnapshotManager:
                     "checkpointer", f"{self.info.name} restore of {key} failed: {exc}"
                 ) from exc
             timings["restore"] = time.monotonic() - t
+            timings["healthy"] = time.monotonic() - started  # lookup + gate + verify + restore
             try:
                 await adapter.after_restore(http, sandbox.base_url)
             except (AdapterError, httpx.HTTPError) as exc:
