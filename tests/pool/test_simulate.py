@@ -140,6 +140,20 @@ def test_surplus_orders_are_cancelled_and_idle_gpus_returned() -> None:
     assert unit_codes(result, 1)[-3:] == [(14.5, "replica-down"), (14.5, "idle"), (20.0, "released")]
 
 
+def test_burst_order_bridges_until_the_refill_and_goes_back_when_demand_falls() -> None:
+    # Buffer of 1 cheap GPU (u1). A takes it at t=1 and serves [3, 23); the replica stops at 33. The tick at
+    # t=5 sees nothing on hand: a burst bridge (u2, lands at 15) and a cheap refill (u3, lands at 105) are
+    # ordered. At 33 u1 comes back, so at the tick of 35 the refill is cancelled (paid while booting) and
+    # the bridge, idle since 15 (its lead 10 s: ski rental), goes back; u1 stays as the buffer.
+    types = (exact("cheap", 3.0, 100.0), exact("burst", 4.5, 10.0))
+    trace = quiet([1.0, 300.0], [20.0, 1.0], 301.0)
+    result = run_policy(trace, BufferRestore(types=types, buffer=1), ServiceModel(8, 10.0))
+    assert list(result.log.unit_type[1:4]) == [0, 1, 0]
+    assert unit_codes(result, 2) == [(5.0, "requested"), (15.0, "idle"), (35.0, "released")]
+    assert unit_codes(result, 3) == [(5.0, "requested"), (35.0, "released")]
+    assert (300.0, "assigned") in unit_codes(result, 1)
+
+
 def test_dearest_idle_gpu_goes_back_first() -> None:
     price = [0.0, 3.0, 4.5, 3.0]  # unit 2 is a burst GPU
     idle_since = {1: 10.0, 2: 30.0, 3: 5.0}
