@@ -24,11 +24,14 @@ Scheduler API (what the launcher uses)::
   ``simulated`` (instance types with price, lead time, supply cap, failure rate).
 - Unit lifecycle: ``states.UnitState`` (requested, booting, health-checking, idle, assigned, draining,
   failed, released); ``Pool.inventory`` holds every unit, its time in each state and the transition log.
-- Sizing: ``sizing.size_buffer(SizingInput(Forecast(mean, std, horizon_s), types, confidence,
-  wait_budget_s))`` -> ``SizingPlan`` (units to hold per type, units to order, one explanation line per
-  decision naming the binding constraints).
+- Sizing: ``sizing.size_buffer(SizingInput(Forecast(mean, std, horizon_s, spike_rate_per_s, spike_size),
+  types, confidence, wait_budget_s))`` -> ``SizingPlan`` (units to hold per type, contingent orders, one
+  explanation line per decision naming the binding constraints); ``can_hold=False`` with
+  ``Forecast(now=n)``: the buffer is dry, which types to order ``n`` GPUs from (soonest to land, cheapest).
 - Simulator: ``simulate.run_policy(trace, FixedPeak() | Reactive(cold_start_s) | BufferRestore(restore_s,
-  lead_time_s), ServiceModel(...))`` -> ``PolicyResult`` with its ``EventLog``; ``report.compare/plot``.
+  types), ServiceModel(concurrency, keep_warm_s, ...))`` -> ``PolicyResult`` with its ``EventLog``: GPU
+  allocation utilization (replica up / paid) and busy utilization (serving / paid), both from the log;
+  ``report.compare/format_table/plot``.
 """
 
 from __future__ import annotations
