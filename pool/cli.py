@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--std", type=float, required=True, help="its standard deviation")
     s.add_argument("--horizon-s", type=float, default=1800.0)
+    s.add_argument("--spikes-per-day", type=float, default=0.0, help="spike prior: how often")
+    s.add_argument("--spike-size", type=float, default=0.0, help="spike prior: replicas one adds")
     s.add_argument(
         "--types", type=Path, help="instance types, TOML [[type]] or JSON list (default: a sample)"
     )
@@ -110,9 +112,8 @@ def _size(args: argparse.Namespace) -> int:
     from coldstart.pool.sizing import Forecast, SizingInput, size_buffer
 
     types = load_types(args.types) if args.types else default_types()
-    inp = SizingInput(
-        Forecast(args.mean, args.std, args.horizon_s), types, args.confidence, args.wait_budget_s
-    )
+    fc = Forecast(args.mean, args.std, args.horizon_s, args.spikes_per_day / 86400.0, args.spike_size)
+    inp = SizingInput(fc, types, args.confidence, args.wait_budget_s)
     plan = size_buffer(inp, explain=False)
     from coldstart.pool.sizing import explain_plan
 

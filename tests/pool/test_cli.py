@@ -46,6 +46,11 @@ def test_size_explains_its_decisions(capsys: pytest.CaptureFixture[str], tmp_pat
     assert "slow: hold 4" in out and "supply cap 4 binds" in out and "fast: order 6" in out
     assert main(["size", "--mean", "10", "--std", "0", "--types", str(types), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["hold"] == {"slow": 4}
+    # a spike of 8 replicas, 2.4 a day: likely within the horizon, not before the fast order lands
+    args = ["size", "--mean", "0", "--std", "0", "--spikes-per-day", "2.4", "--spike-size", "8"]
+    assert main([*args, "--types", str(types)]) == 0
+    out = capsys.readouterr().out
+    assert "buffer: hold 0 idle, order 8" in out and "if demand outgrows the buffer, p=4.9%" in out
     assert main(["size", "--mean", "500", "--std", "0", "--types", str(types)]) == 1
     assert "add supply" in capsys.readouterr().err
 
