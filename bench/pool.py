@@ -10,6 +10,7 @@ Table 2: the buffer policy (LP buffer, 600 s refill + 90 s burst, 2 s restore) a
 time, each against fixed peak on the same trace.
 Table 3: buffer-sizing LP build + GLOP solve time against the number of instance types (goal < 100 ms at
 1,000, since it runs in the control loop).
+Table 4 (with --seeds N): fixed peak and the headline buffer policy on N draws of the seed-like week.
 """
 
 from __future__ import annotations
@@ -117,6 +118,24 @@ def sensitivity(days: float, base_trace: Trace, table1: list[PolicyResult]) -> N
     print("\n".join(lines))
 
 
+def seed_spread(days: float, seeds: int) -> None:
+    """The headline buffer policy and fixed peak on the seed-like week drawn with other seeds."""
+    print(f"\n### 4. Other draws of the seed-like week (seeds 0..{seeds - 1})\n")
+    print(
+        "| seed | fixed peak alloc. util. | buffer alloc. util. | buffer busy util. | buffer p99 wait s | "
+        f"over {HEADLINE.slo_s:g}s SLO | cost vs fixed peak |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for seed in range(seeds):
+        trace = generate_trace(SEED_LIKE, days * DAY_S, seed=seed)
+        fixed = run_policy(trace, FixedPeak(), HEADLINE, seed=seed)
+        r = run_policy(trace, BufferRestore(restore_s=2.0), HEADLINE, seed=seed)
+        print(
+            f"| {seed} | {fixed.utilization:.1%} | {r.utilization:.1%} | {r.busy_utilization:.1%} | "
+            f"{r.p99_wait_s:.1f} | {r.over_slo:.2%} | {r.cost / fixed.cost:.2f}x |"
+        )
+
+
 def lp_times(sizes: list[int], repeats: int) -> None:
     print(f"\n### 3. Buffer-sizing LP (GLOP), median of {repeats} runs\n")
     print("| instance types | build ms | solve ms | build+solve ms | vs 10 types | held | ordered |")
@@ -143,6 +162,7 @@ def lp_times(sizes: list[int], repeats: int) -> None:
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one day instead of a week, fewer LP repeats")
+    ap.add_argument("--seeds", type=int, default=1, help="also run the headline on this many trace seeds")
     args = ap.parse_args(argv)
     days = 1.0 if args.quick else 7.0
     print("## coldstart pool benchmark (bench/pool.py)")
@@ -157,6 +177,8 @@ def main(argv: list[str]) -> int:
     print(f"(trace generated in {time.perf_counter() - t0:.1f}s)")
     sensitivity(days, trace, policies_table(trace))
     lp_times([10, 100, 1000], 3 if args.quick else 7)
+    if args.seeds > 1:
+        seed_spread(days, args.seeds)
     return 0
 
 
