@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -41,6 +42,32 @@ def test_corrupt_disk_copy_is_replaced(tmp_path) -> None:
     fetcher.flush()
     assert disk.read(digest.hex()) == b"right"
     assert fetcher.stats()["disk"]["corrupt"] == 1
+
+
+def test_cache_writer_runs_idle_and_still_writes(tmp_path) -> None:
+    fetcher, origin, disk = _setup(tmp_path)
+    digests = [origin.put(bytes([i]) * 1000)[0].hex() for i in range(20)]
+    for digest_hex in digests:
+        fetcher.get(digest_hex)
+    fetcher.flush()
+    tid = fetcher.cache_writer_tid
+    assert tid is not None
+    if os.geteuid() == 0:  # an unprivileged writer may keep its policy (logged, not an error)
+        assert os.sched_getscheduler(tid) == os.SCHED_IDLE  # back to idle after the flush
+    fetcher.close()
+    assert all(disk.has(d) for d in digests)
+
+
+def test_corrupt_origin_chunk_is_refused_and_never_cached(tmp_path) -> None:
+    fetcher, origin, disk = _setup(tmp_path)
+    digest_hex = ChunkStore(tmp_path / "elsewhere").put(b"right")[0].hex()
+    origin.write(digest_hex, b"wrong")  # the only copy anywhere fails its digest
+    for _ in range(2):  # refused every time: nothing unverified was kept in memory or on disk
+        with pytest.raises(ChunkUnavailable, match="digest mismatch"):
+            fetcher.get(digest_hex)
+    fetcher.flush()
+    assert fetcher.peek(digest_hex) is None and not disk.has(digest_hex)
+    assert fetcher.stats()["origin"]["corrupt"] == 2
 
 
 def test_missing_everywhere_names_the_chunk(tmp_path) -> None:
