@@ -257,6 +257,10 @@ async def bench(args: argparse.Namespace) -> list[dict[str, object]]:
                     try:
                         await first_token(http, sandbox.base_url, model)
                         phases[n].append(dict(m.last_timings))
+                        print(
+                            f"    phases: { {k: round(v, 3) for k, v in m.last_timings.items()} }",
+                            file=sys.stderr,
+                        )
                         return time.monotonic() - started
                     finally:
                         await sandbox.stop(5.0)

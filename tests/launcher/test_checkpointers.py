@@ -4,6 +4,7 @@ side from the one snapshot, each answering the openai client with the greedy ans
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 from pathlib import Path
 
@@ -97,3 +98,43 @@ def test_no_io_uring_wrapper_denies_io_uring() -> None:
     )
     done = subprocess.run([*no_io_uring.argv_prefix(), sys.executable, "-c", probe], timeout=60)
     assert done.returncode == 0, "io_uring_setup did not fail with ENOSYS under the wrapper"
+
+
+async def sampled_answers(checkpointer, model: Path, tmp_path: Path) -> list[str]:  # type: ignore[no-untyped-def]
+    adapter = get_adapter("transformers")
+    config = EngineConfig(model=str(model))
+    manager = SnapshotManager(checkpointer, SnapshotStore(tmp_path / "store"), adapter, config)
+    body = {
+        "model": adapter.upstream_model_name(config),
+        "messages": PROMPT,
+        "max_tokens": 12,
+        # `transformers serve` samples only when the generation config says so; it samples with torch's
+        # global RNG, which is part of the image.
+        "generation_config": json.dumps({"do_sample": True, "temperature": 1.0}),
+    }
+    sandboxes = []
+    async with httpx.AsyncClient(trust_env=False, timeout=300) as http:
+        try:
+            sandboxes.append(await manager.boot_and_snapshot(adapter, config, http, tmp_path / "r1", "r1"))
+            for rid in ("r2", "r3"):
+                sandboxes.append(await manager.restore(adapter, config, http, tmp_path / rid, rid))
+            answers = []
+            for sandbox in sandboxes[1:]:
+                response = await http.post(f"{sandbox.base_url}/v1/chat/completions", json=body)
+                answers.append(response.json()["choices"][0]["message"]["content"])
+            return answers
+        finally:
+            for sandbox in sandboxes:
+                await sandbox.stop(5.0)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="transformers serve has no reseed hook: replicas restored from one snapshot share torch's RNG "
+    "state and sample the same tokens (measured); fix = launch it under snapshot_hooks so after_restore "
+    "reseeds (see notes/issue-3.md), then drop this marker",
+)
+def test_restored_replicas_sample_differently(tiny_model: Path, tmp_path: Path, working_checkpointer) -> None:  # type: ignore[no-untyped-def]
+    first, second = asyncio.run(sampled_answers(working_checkpointer("criu"), tiny_model, tmp_path))
+    assert first != second
