@@ -90,11 +90,15 @@ def system_rows() -> list[Row]:
         Row("root", "ok" if os.geteuid() == 0 else "fail", "uid 0" if os.geteuid() == 0 else "run as root")
     ]
     try:
-        from coldstart.launcher.netns import NetNamespace
+        from coldstart.launcher.netns import NetNamespace, cleanup_stale
 
+        stale = cleanup_stale()
         ns = NetNamespace.create()
         ns.delete()
-        rows.append(Row("network namespaces", "ok", "veth pair + /30 in 10.88.0.0/16"))
+        detail = "veth pair + /30 in 10.88.0.0/16"
+        rows.append(
+            Row("network namespaces", "ok", detail + (f"; removed {len(stale)} stale" if stale else ""))
+        )
     except (ColdstartError, OSError) as exc:
         rows.append(Row("network namespaces", "fail", str(exc)))
     fuse_ok = os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
