@@ -14,9 +14,11 @@ policies differ in where a new replica's GPU comes from and what is paid for:
   demand increase over the refill lead time (random walk fitted on recent history, plus a spike prior);
   a new replica takes a buffered GPU and restores a snapshot in ``restore_s``. When the buffer is dry the
   missing GPUs are ordered through the LP in dry mode, which picks among ``types`` (a dear fast burst
-  provider when the cheap one is slow), after first claiming refill orders that land sooner. A stopped
-  replica's GPU goes back to the buffer; surplus refill orders are cancelled (paid until cancelled) and
-  idle GPUs above the target go back to the cloud, dearest first, once idle as long as re-buying them
+  provider when the cheap one is slow), after first claiming refill orders that land sooner; burst orders
+  also bridge the buffer when it cannot cover until one would land, while the cheap refill replaces every
+  GPU drawn (``_Sim.tick``). Requests go to replicas on refill GPUs first, so burst replicas drain first. A
+  stopped replica's GPU goes back to the buffer; surplus refill orders are cancelled (paid until cancelled)
+  and idle GPUs above the target go back to the cloud, dearest first, once idle as long as re-buying them
   would take (their lead time: ski rental).
 
 Every unit's life is written to an ``EventLog``: paid from REQUESTED to RELEASED; running the application
