@@ -153,6 +153,9 @@ class SnapshotManager:
         failed snapshot: logs why, and raises only when the engine no longer answers."""
         timings: dict[str, float] = {}
         self.last_timings = timings
+        if self._usable_snapshot_exists():  # another replica booted at the same time got there first
+            log.info("snapshot %s already taken; not taking another", self.identity.key)
+            return
         try:
             await self._take(sandbox, adapter, engine_config, http, timings)
         except (ColdstartError, AdapterError, OSError, httpx.HTTPError) as exc:
@@ -313,6 +316,13 @@ class SnapshotManager:
         return sandbox
 
     # -- helpers ----------------------------------------------------------------------------------
+    def _usable_snapshot_exists(self) -> bool:
+        try:
+            existing = self.store.lookup(self.identity.key)
+        except SnapshotCorrupt:
+            return False
+        return existing is not None and not self.identity.gate(existing.identity)
+
     async def _run_canary(self, client: httpx.AsyncClient, base_url: str) -> str:
         response = await client.post(
             f"{base_url}{self.canary['path']}", json=self.canary["body"], timeout=300.0
