@@ -1,6 +1,6 @@
 """Benchmark of coldstart.pool: the policies side by side on a seed-like week, and the LP's solve time.
 
-    .venv/bin/python bench/pool.py [--quick]
+    .venv/bin/python bench/pool.py [--quick] [--seeds N]
 
 Table 1: every policy on the seed-like week (daily cycle with a night trough, weekend dip, growth, spikes;
 see pool/trace.py), an LLM engine serving 8 requests per GPU, keep-warm 60 s. Both utilizations are
@@ -20,12 +20,16 @@ import dataclasses
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from coldstart.pool.catalog import random_types
-from coldstart.pool.report import compare, format_table
-from coldstart.pool.simulate import (
+# bench/coldstart.py would shadow the coldstart package when this script runs as bench/pool.py.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from coldstart.pool.catalog import random_types  # noqa: E402
+from coldstart.pool.report import compare, format_table  # noqa: E402
+from coldstart.pool.simulate import (  # noqa: E402
     BURST,
     REFILL,
     BufferRestore,
@@ -36,8 +40,8 @@ from coldstart.pool.simulate import (
     ServiceModel,
     run_policy,
 )
-from coldstart.pool.sizing import Forecast, SizingInput, size_buffer
-from coldstart.pool.trace import DAY_S, DemandShape, Trace, generate_trace
+from coldstart.pool.sizing import Forecast, SizingInput, size_buffer  # noqa: E402
+from coldstart.pool.trace import DAY_S, DemandShape, Trace, generate_trace  # noqa: E402
 
 SEED_LIKE = DemandShape()
 HEADLINE = ServiceModel()  # 8 requests per GPU, keep-warm 60 s, $3/GPU-h, SLO 5 s
