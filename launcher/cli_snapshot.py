@@ -28,16 +28,23 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--snapshot-dir", type=Path, default=DEFAULT_DIR, help=f"store (default {DEFAULT_DIR})"
     )
+    # Also accepted after the subcommand (``coldstart snapshot ls --snapshot-dir D``).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--snapshot-dir", type=Path, default=argparse.SUPPRESS, help="the store")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("ls", help="list snapshots")
-    inspect = sub.add_parser("inspect", help="show a snapshot's manifest and whether it fits this host")
+    sub.add_parser("ls", help="list snapshots", parents=[common])
+    inspect = sub.add_parser(
+        "inspect", help="show a snapshot's manifest and whether it fits this host", parents=[common]
+    )
     inspect.add_argument("key")
     inspect.add_argument(
         "--verify", action="store_true", help="re-hash every file (ignores the digest cache)"
     )
-    rm = sub.add_parser("rm", help="remove a snapshot")
+    rm = sub.add_parser("rm", help="remove a snapshot", parents=[common])
     rm.add_argument("key")
-    gc = sub.add_parser("gc", help="remove leftovers and, with --older-than, unused snapshots")
+    gc = sub.add_parser(
+        "gc", help="remove leftovers and, with --older-than, unused snapshots", parents=[common]
+    )
     gc.add_argument("--older-than", type=float, metavar="DAYS", help="also remove snapshots unused this long")
     return parser
 
