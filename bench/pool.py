@@ -66,7 +66,7 @@ def policies_table(trace: Trace) -> list[PolicyResult]:
     ]  # fmt: skip
     t0 = time.perf_counter()
     results = compare(trace, policies, HEADLINE, seed=0)
-    print(f"\n### 1. Seed-like week, all policies (simulated in {time.perf_counter() - t0:.0f}s)\n")
+    print(f"\n### 1. Seed-like trace, all policies (simulated in {time.perf_counter() - t0:.0f}s)\n")
     print(describe(trace, HEADLINE) + "\n")
     print(format_table(results, HEADLINE.slo_s))
     return results
