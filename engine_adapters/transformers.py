@@ -5,25 +5,27 @@ Facts this adapter relies on (measured, see shared/reference/this-machine.md):
 - ``HF_HUB_OFFLINE=1`` is needed for a local path (else it looks the hub up at start);
 - the request's ``model`` must equal the command-line string; ``GET /v1/models`` lists the hub cache (500
   here), so the proxy answers ``/v1/models`` itself;
-- it has no sleep/offload API: on CPU there is no device state to drop, so before-checkpoint is a no-op.
+- it has no sleep/offload API (on CPU there is no device state to drop) and no restore hook, so it is
+  started through ``transformers_entry``, which opens the snapshot_hooks control channel: after a restore
+  the launcher's after-restore call reseeds the RNGs, and two restored replicas sample differently.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import ClassVar
 
 from coldstart.engine_adapters.base import (
-    EngineAdapter,
     EngineConfig,
     LaunchSpec,
-    console_script,
     local_model_path,
     package_version,
     require_package,
 )
+from coldstart.engine_adapters.hooks_channel import HooksChannel
 
 
-class TransformersAdapter(EngineAdapter):
+class TransformersAdapter(HooksChannel):
     name: ClassVar[str] = "transformers"
     extra: ClassVar[str] = "transformers"
     # Routes of `transformers serve` that are not inference (model loading, hub listing).
@@ -32,8 +34,7 @@ class TransformersAdapter(EngineAdapter):
     def check_installed(self) -> None:
         require_package("transformers", self.name, self.extra)
         require_package("torch", self.name, self.extra)
-        if console_script("transformers") is None:
-            require_package("transformers.cli", self.name, self.extra)
+        require_package("transformers.cli", self.name, self.extra)
 
     def version(self) -> str:
         return f"transformers-{package_version('transformers')}+torch-{package_version('torch')}"
@@ -43,9 +44,7 @@ class TransformersAdapter(EngineAdapter):
 
     def launch_spec(self, config: EngineConfig) -> LaunchSpec:
         model = local_model_path(config.model)
-        script = console_script("transformers") or "transformers"
-        argv = [script, "serve", model, "--host", config.host, "--port", str(config.port)]
+        argv = [sys.executable, "-m", "coldstart.engine_adapters.transformers_entry", "serve", model]
+        argv += ["--host", config.host, "--port", str(config.port), *config.engine_args]
         env = {"HF_HUB_OFFLINE": "1"} if model.startswith("/") else {}
-        # Fewer threads than cores keeps two replicas on a small host from thrashing; users override
-        # with engine args or their own environment.
-        return LaunchSpec(argv=[*argv, *config.engine_args], env={**env, "PYTHONUNBUFFERED": "1"})
+        return LaunchSpec(argv=argv, env={**env, **self.hooks_env(config), "PYTHONUNBUFFERED": "1"})

@@ -157,11 +157,12 @@ async def _serve_proxy(
         )
         if ready is not None:
             ready.set()
-        pending = set(await manager.start())
+        initial = await manager.start()
+        pending = set(initial)
         while pending and not server_task.done():
             done, _ = await asyncio.wait([server_task, *pending], return_when=asyncio.FIRST_COMPLETED)
             pending -= done
-        if manager.replicas and not server_task.done():
+        if initial and not server_task.done():
             if not any(r.state is ReplicaState.READY for r in manager.replicas.values()):
                 if manager.last_boot_exception is not None:
                     raise manager.last_boot_exception  # nothing serves: fail the launch, exit 1

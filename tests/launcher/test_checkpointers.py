@@ -129,12 +129,7 @@ async def sampled_answers(checkpointer, model: Path, tmp_path: Path) -> list[str
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="transformers serve has no reseed hook: replicas restored from one snapshot share torch's RNG "
-    "state and sample the same tokens (measured); fix = launch it under snapshot_hooks so after_restore "
-    "reseeds (see notes/issue-3.md), then drop this marker",
-)
 def test_restored_replicas_sample_differently(tiny_model: Path, tmp_path: Path, working_checkpointer) -> None:  # type: ignore[no-untyped-def]
+    # transformers serve runs under snapshot_hooks (transformers_entry): after_restore reseeds its RNGs.
     first, second = asyncio.run(sampled_answers(working_checkpointer("criu"), tiny_model, tmp_path))
     assert first != second
