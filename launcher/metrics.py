@@ -42,13 +42,21 @@ class Metrics:
         self.in_flight = Gauge("coldstart_in_flight", "Requests being served by replicas", registry=r)
         self.replicas = Gauge("coldstart_replicas", "Replicas by state", ["state"], registry=r)
         self.gpu_seconds_held = Counter(
-            "coldstart_gpu_seconds_held", "Seconds replicas held their GPU (or CPU slot)", registry=r
+            "coldstart_gpu_seconds_held", "GPU-seconds (or CPU-slot seconds) held from the pool", registry=r
+        )
+        self.gpu_seconds_running = Counter(
+            "coldstart_gpu_seconds_running", "GPU-seconds with a replica up (ready or draining)", registry=r
         )
         self.gpu_seconds_serving = Counter(
             "coldstart_gpu_seconds_serving", "Seconds replicas spent serving at least one request", registry=r
         )
         self.gpu_allocation_utilization = Gauge(
             "coldstart_gpu_allocation_utilization",
-            "GPU-seconds serving / GPU-seconds held, since start",
+            "GPU-seconds running the app (a replica up) / GPU-seconds held, since start",
+            registry=r,
+        )
+        self.gpu_busy_utilization = Gauge(
+            "coldstart_gpu_busy_utilization",
+            "GPU-seconds with a request in flight / GPU-seconds held, since start",
             registry=r,
         )

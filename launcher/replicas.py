@@ -33,11 +33,12 @@ from coldstart.launcher.metrics import Metrics
 from coldstart.launcher.plain_sandbox import PlainSandbox
 from coldstart.launcher.replica import Replica, ReplicaState
 from coldstart.launcher.sandbox import Sandbox
-from coldstart.pool import Pool, unit_env
+from coldstart.pool import Pool, UnitState, unit_env
 
 log = logging.getLogger("coldstart.lifecycle")
 
 TICK_S = 0.25  # scaling loop period
+_HELD_UNIT_STATES = tuple(s for s in UnitState if s is not UnitState.RELEASED)
 
 
 class QueueFull(ColdstartError):
@@ -240,13 +241,24 @@ class ReplicaManager:
             counts[replica.state] += 1
         for state, n in counts.items():
             self.metrics.replicas.labels(state.value).set(n)
+        # GPU allocation utilization (the seed's definition): GPU-seconds with a replica of the app up
+        # (ready or draining) / GPU-seconds held (every unit of the pool not yet released: idle buffer
+        # units and units under booting replicas are paid but do not run the app). Busy utilization,
+        # stricter: GPU-seconds with a request in flight / GPU-seconds held.
         now = time.monotonic()
-        held = len(self._active()) + counts[ReplicaState.DRAINING]
-        self.metrics.gpu_seconds_held.inc(held * (now - self._held_since))
-        self._held_since = now
+        elapsed, self._held_since = now - self._held_since, now
+        running = counts[ReplicaState.READY] + counts[ReplicaState.DRAINING]
+        if self.pool is not None:
+            held = len(self.pool.inventory.in_state(*_HELD_UNIT_STATES))
+        else:
+            held = len(self._active()) + counts[ReplicaState.DRAINING]
+        self.metrics.gpu_seconds_held.inc(held * elapsed)
+        self.metrics.gpu_seconds_running.inc(running * elapsed)
         held_total = _counter_value(self.metrics.gpu_seconds_held)
         if held_total > 0:
-            self.metrics.gpu_allocation_utilization.set(
+            running_total = _counter_value(self.metrics.gpu_seconds_running)
+            self.metrics.gpu_allocation_utilization.set(running_total / held_total)
+            self.metrics.gpu_busy_utilization.set(
                 _counter_value(self.metrics.gpu_seconds_serving) / held_total
             )
 

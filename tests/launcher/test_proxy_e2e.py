@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,4 +116,6 @@ def test_metrics_count_requests_and_boots(server: Served, client: openai.OpenAI)
     text = httpx.get(f"{server.url}/metrics").text
     assert "coldstart_cold_boots_total 1.0" in text
     assert 'coldstart_requests_total{route="/v1/completions",status="200"}' in text
-    assert "coldstart_gpu_allocation_utilization" in text
+    allocation = float(re.search(r"^coldstart_gpu_allocation_utilization (\S+)$", text, re.M)[1])  # type: ignore[index]
+    busy = float(re.search(r"^coldstart_gpu_busy_utilization (\S+)$", text, re.M)[1])  # type: ignore[index]
+    assert 0 < busy <= allocation <= 1  # a replica up is counted; a request in flight is a subset of that
