@@ -147,6 +147,7 @@ class Proxy:
         return JSONResponse(body)
 
     async def metrics_route(self, request: Request) -> Response:
+        self.manager.update_gauges()  # current at scrape time, not as of the last scaling tick
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # ------------------------------------------------------------------ forwarding

@@ -233,9 +233,9 @@ class ReplicaManager:
                     replica.transition(ReplicaState.DRAINING, reason="idle")
                     self._spawn(self._stop(replica, drain=True), f"stop {replica.id}")
                     surplus -= 1
-            self._update_gauges()
+            self.update_gauges()
 
-    def _update_gauges(self) -> None:
+    def update_gauges(self) -> None:
         counts = {state: 0 for state in ReplicaState}
         for replica in self.replicas.values():
             counts[replica.state] += 1
