@@ -65,6 +65,9 @@ class EngineAdapter(abc.ABC):
     extra: ClassVar[str]
     # Engine routes the public proxy must never forward (control plane, unauthenticated upstream).
     control_paths: ClassVar[frozenset[str]] = frozenset()
+    # Readiness probe: 200 here means the engine serves requests.
+    health_path: ClassVar[str] = "/health"
+    health_timeout_s: ClassVar[float] = 2.0
 
     @abc.abstractmethod
     def check_installed(self) -> None:
@@ -83,9 +86,9 @@ class EngineAdapter(abc.ABC):
         return config.model
 
     async def is_healthy(self, client: httpx.AsyncClient, base_url: str) -> bool:
-        """True once the engine serves requests. Default: ``GET /health`` answers 200."""
+        """True once the engine serves requests: ``GET {health_path}`` answers 200."""
         try:
-            response = await client.get(f"{base_url}/health", timeout=2.0)
+            response = await client.get(f"{base_url}{self.health_path}", timeout=self.health_timeout_s)
         except httpx.HTTPError:
             return False
         return response.status_code == 200

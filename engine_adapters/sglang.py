@@ -52,6 +52,9 @@ class SglangAdapter(EngineAdapter):
     name: ClassVar[str] = "sglang"
     extra: ClassVar[str] = "sglang"
     control_paths: ClassVar[frozenset[str]] = CONTROL_PATHS
+    # /health is 200 while the model still loads; /health_generate runs a one-token generation.
+    health_path: ClassVar[str] = "/health_generate"
+    health_timeout_s: ClassVar[float] = 30.0
 
     def check_installed(self) -> None:
         require_package("sglang", self.name, self.extra)
@@ -67,13 +70,6 @@ class SglangAdapter(EngineAdapter):
                 argv.append(flag)
         # Modal's SGLang example: one inductor compile thread keeps the snapshot restorable.
         return LaunchSpec(argv=[*argv, *config.engine_args], env={"TORCHINDUCTOR_COMPILE_THREADS": "1"})
-
-    async def is_healthy(self, client: httpx.AsyncClient, base_url: str) -> bool:
-        try:
-            response = await client.get(f"{base_url}/health_generate", timeout=30.0)
-        except httpx.HTTPError:
-            return False
-        return response.status_code == 200
 
     async def before_checkpoint(self, client: httpx.AsyncClient, base_url: str) -> None:
         await post_ok(
