@@ -58,17 +58,19 @@ CANARY_MAX_TOKENS = 1
 
 
 def canary_request(
-    adapter: EngineAdapter, config: EngineConfig, prompt: str, max_tokens: int
+    adapter: EngineAdapter, config: EngineConfig, prompt: str, max_tokens: int, chat: bool = True
 ) -> dict[str, Any]:
-    return {
-        "path": "/v1/chat/completions",
-        "body": {
-            "model": adapter.upstream_model_name(config),
-            "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": max_tokens,
-            "temperature": 0,
-        },
+    body: dict[str, Any] = {
+        "model": adapter.upstream_model_name(config),
+        "max_tokens": max_tokens,
+        "temperature": 0,
     }
+    if chat:
+        return {
+            "path": "/v1/chat/completions",
+            "body": {**body, "messages": [{"role": "user", "content": prompt}]},
+        }
+    return {"path": "/v1/completions", "body": {**body, "prompt": prompt}}
 
 
 def model_files(adapter: EngineAdapter, config: EngineConfig) -> list[Path]:
@@ -100,13 +102,14 @@ class SnapshotManager:
         image_digest: str | None = None,
         canary_prompt: str = DEFAULT_CANARY_PROMPT,
         canary_max_tokens: int = CANARY_MAX_TOKENS,
+        canary_chat: bool = True,
         restore_timeout_s: float = 120.0,
     ) -> None:
         self.checkpointer = checkpointer
         self.store = store
         self.metrics = metrics or Metrics()
         self.info = checkpointer.probe()
-        self.canary = canary_request(adapter, engine_config, canary_prompt, canary_max_tokens)
+        self.canary = canary_request(adapter, engine_config, canary_prompt, canary_max_tokens, canary_chat)
         self.identity: SnapshotIdentity = snapshot_identity(
             adapter, engine_config, self.info, self.canary, image_digest=image_digest
         )
@@ -329,7 +332,8 @@ class SnapshotManager:
             f"{base_url}{self.canary['path']}", json=self.canary["body"], timeout=300.0
         )
         response.raise_for_status()
-        return str(response.json()["choices"][0]["message"]["content"])
+        choice = response.json()["choices"][0]
+        return str(choice["message"]["content"] if "message" in choice else choice["text"])
 
     def _digest_cache(self) -> DigestCache:
         return DigestCache(self.store.state_dir / "model-digests.json")
@@ -398,6 +402,7 @@ def snapshots_for(
     from coldstart.launcher.checkpointers.registry import get_checkpointer
 
     checkpointer = get_checkpointer(config.snapshot)
+    canary = getattr(config, "canary", None)  # a recipe's [canary]: prompt, max_tokens, chat
     return SnapshotManager(
         checkpointer,
         SnapshotStore(Path(config.snapshot_dir)),
@@ -405,4 +410,7 @@ def snapshots_for(
         engine_config,
         metrics,
         image_digest=image_digest_of(getattr(config, "image", None)),
+        canary_prompt=canary.prompt if canary else DEFAULT_CANARY_PROMPT,
+        canary_max_tokens=canary.max_tokens if canary else CANARY_MAX_TOKENS,
+        canary_chat=canary.chat if canary else True,
     )

@@ -220,3 +220,24 @@ def test_cli_doctor_lists_checkpointers(capsys: pytest.CaptureFixture[str]) -> N
     import re
 
     assert code == (0 if re.search(r"^(criu|runsc)\s+ok\s", out, flags=re.MULTILINE) else 1), out
+
+
+def test_canary_request_chat_or_completion() -> None:
+    from coldstart.engine_adapters.base import EngineConfig
+    from coldstart.engine_adapters.registry import get_adapter
+    from coldstart.launcher.snapshots import canary_request
+
+    adapter, config = get_adapter("transformers"), EngineConfig(model="org/model")
+    chat = canary_request(adapter, config, "The capital of France is", 8)
+    assert chat["path"] == "/v1/chat/completions" and chat["body"]["temperature"] == 0
+    assert chat["body"]["messages"] == [{"role": "user", "content": "The capital of France is"}]
+    completion = canary_request(adapter, config, "The capital of France is", 8, chat=False)
+    assert completion == {
+        "path": "/v1/completions",
+        "body": {
+            "model": "org/model",
+            "max_tokens": 8,
+            "temperature": 0,
+            "prompt": "The capital of France is",
+        },
+    }
