@@ -93,6 +93,10 @@ def system_rows() -> list[Row]:
         from coldstart.launcher.netns import NetNamespace, cleanup_stale
 
         stale = cleanup_stale()
+        if shutil.which("runsc"):
+            from coldstart.launcher.checkpointers.runsc import cleanup_stale_containers
+
+            stale += cleanup_stale_containers()
         ns = NetNamespace.create()
         ns.delete()
         detail = "veth pair + /30 in 10.88.0.0/16"

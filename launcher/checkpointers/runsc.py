@@ -243,6 +243,27 @@ class RunscSandbox(Sandbox):
             await self.netns.adelete()
 
 
+def cleanup_stale_containers(runsc: str = "runsc") -> list[str]:
+    """Delete our containers (``cs-<launcher pid>-...``) whose launcher is gone; returns their IDs."""
+    if not RUNSC_ROOT.is_dir():
+        return []
+    try:
+        out = subprocess.run(
+            [runsc, "--root", str(RUNSC_ROOT), "list", "-quiet"], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    removed = []
+    for cid in out.split():
+        match = re.match(r"^cs-(\d+)-", cid)
+        if match and not Path(f"/proc/{match.group(1)}").exists():
+            subprocess.run(
+                [runsc, "--root", str(RUNSC_ROOT), "delete", "-force", cid], capture_output=True, timeout=60
+            )
+            removed.append(cid)
+    return removed
+
+
 class RunscCheckpointer(Checkpointer):
     name: ClassVar[str] = "runsc"
 
