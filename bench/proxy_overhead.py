@@ -138,6 +138,8 @@ def main() -> int:
             "fake",
             "--port",
             str(proxy_port),
+            "--snapshot",
+            "off",
             "--max-queue",
             "4096",
             "--log-level",

@@ -2,7 +2,9 @@
 
 Makes a tiny random Qwen3-architecture model (local tokenizer with a chat template), serves it with
 ``coldstart-serve transformers MODEL`` (the real CLI, in a child process), asks one chat question through
-the proxy with the ``openai`` client, prints the answer and the boot time, and stops everything.
+the proxy with the ``openai`` client and prints the answer and the boot time. Then it waits for the proxy
+to scale to zero and asks again: with a working checkpointer the new replica is restored from the snapshot
+the first one left, and the demo prints how long that took. Everything is stopped at the end.
 """
 
 from __future__ import annotations
@@ -25,10 +27,28 @@ def _default_model_dir() -> Path:
     return cache / "coldstart" / "models" / "tiny"
 
 
+def _health(url: str) -> dict:  # type: ignore[type-arg]
+    try:
+        return httpx.get(f"{url}/health", timeout=2).json()  # type: ignore[no-any-return]
+    except httpx.HTTPError:
+        return {}
+
+
+def _wait(serve: subprocess.Popen[bytes], url: str, done, what: str, timeout: float = 300) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not done(_health(url)):
+        if serve.poll() is not None:
+            raise RuntimeError(f"coldstart-serve exited with status {serve.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="coldstart demo",
-        description="Make a tiny local model, serve it behind the coldstart proxy, ask it one question.",
+        description="Make a tiny local model, serve it behind the coldstart proxy, ask it a question; let it "
+        "scale to zero and ask again (restored from a snapshot where a checkpointer works).",
     )
     parser.add_argument(
         "--model-dir", type=Path, default=_default_model_dir(), help="where the model is kept"
@@ -36,9 +56,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--question", default="What is the capital of France?")
     parser.add_argument(
         "--snapshot",
-        default="off",
+        default="auto",
         choices=["auto", "criu", "runsc", "off"],
-        help="passed to coldstart-serve (default: off)",
+        help="passed to coldstart-serve (default: auto)",
     )
     args = parser.parse_args(argv)
 
@@ -46,10 +66,11 @@ def main(argv: list[str]) -> int:
 
     from coldstart.launcher.tiny_model import make_model
 
-    print(f"1/3 making a tiny Qwen3-architecture model in {args.model_dir} (random weights, local tokenizer)")
+    print(f"1/4 making a tiny Qwen3-architecture model in {args.model_dir} (random weights, local tokenizer)")
     model = make_model(args.model_dir, "tiny")
 
     port = free_port()
+    url = f"http://127.0.0.1:{port}"
     command = [
         sys.executable,
         "-m",
@@ -62,38 +83,45 @@ def main(argv: list[str]) -> int:
         "tiny-qwen3",
         "--snapshot",
         args.snapshot,
+        "--idle-timeout",
+        "2",
     ]
-    print(f"2/3 {' '.join(['coldstart-serve', *command[3:]])}")
+    print(f"2/4 {' '.join(['coldstart-serve', *command[3:]])}")
     started = time.monotonic()
     serve = subprocess.Popen(command)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        while True:
-            if serve.poll() is not None:
-                print(
-                    f"coldstart demo: coldstart-serve exited with status {serve.returncode}", file=sys.stderr
-                )
-                return 1
-            try:
-                if httpx.get(f"{url}/health", timeout=2).json()["ready"]:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        boot_s = time.monotonic() - started
-        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        asked = time.monotonic()
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+    def ask() -> str:
         reply = client.chat.completions.create(
             model="tiny-qwen3",
             messages=[{"role": "user", "content": args.question}],
             max_tokens=16,
             temperature=0,
         )
-        answer_s = time.monotonic() - asked
-        print(f"3/3 asked through the proxy with the openai client: {args.question!r}")
-        print(f"answer (random weights, so nonsense): {reply.choices[0].message.content!r}")
-        print(f"boot time: {boot_s:.2f} s to a ready replica; answer in {answer_s:.2f} s")
+        return reply.choices[0].message.content or ""
+
+    try:
+        _wait(serve, url, lambda h: h.get("ready"), "a ready replica")
+        boot_s = time.monotonic() - started
+        how = [r["how"] for r in _health(url)["replicas"]]
+        answer = ask()
+        print(f"3/4 asked through the proxy with the openai client: {args.question!r}")
+        print(f"    answer (random weights, so nonsense): {answer!r}")
+        print(f"    first replica ready {boot_s:.2f} s after launch ({', '.join(how)})")
+
+        _wait(serve, url, lambda h: h.get("replicas") == [], "scale to zero", timeout=60)
+        print("4/4 idle for 2 s: scaled to zero; asking again (the request is held while a replica starts)")
+        asked = time.monotonic()
+        again = ask()
+        how = [r["how"] for r in _health(url)["replicas"]]
+        print(
+            f"    same greedy answer: {again == answer}; answered {time.monotonic() - asked:.2f} s after the "
+            f"request, by a replica started by {', '.join(how)}"
+        )
         return 0
+    except RuntimeError as exc:
+        print(f"coldstart demo: {exc}", file=sys.stderr)
+        return 1
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.wait(60)

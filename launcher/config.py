@@ -44,7 +44,7 @@ class ServeConfig:
     drain_timeout: float = opt(30.0, "seconds a stopping replica gets to finish in-flight requests")
 
     snapshot: str = opt(
-        "off",
+        "auto",
         "checkpointer: auto (the best 'coldstart doctor' finds), criu, runsc, cuda (CUDA + CRIU) or off",
         choices=("auto", "criu", "runsc", "cuda", "off"),
     )

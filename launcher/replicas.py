@@ -38,6 +38,7 @@ from coldstart.pool import Pool, UnitState, unit_env
 log = logging.getLogger("coldstart.lifecycle")
 
 TICK_S = 0.25  # scaling loop period
+RESNAPSHOT_REASONS = frozenset({"digest", "gate", "model_files", "missing"})
 _HELD_UNIT_STATES = tuple(s for s in UnitState if s is not UnitState.RELEASED)
 
 
@@ -117,7 +118,13 @@ class ReplicaManager:
         self._failed_boots = 0
         self._held_since = time.monotonic()
         # Control-plane client: health, warm-up, hooks. trust_env=False: never via an HTTP proxy.
-        self.http = httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(300.0, connect=5.0))
+        # No keep-alive: each call's connection is closed by us when it ends, so the engine holds no
+        # established or TIME_WAIT socket when it is checkpointed (gVisor refuses to save them).
+        self.http = httpx.AsyncClient(
+            trust_env=False,
+            timeout=httpx.Timeout(300.0, connect=5.0),
+            limits=httpx.Limits(max_keepalive_connections=0),
+        )
 
     # ---------------------------------------------------------------- lifecycle of the manager
     async def start(self) -> list[asyncio.Task[None]]:
@@ -306,7 +313,9 @@ class ReplicaManager:
                         extra={"event": "restore_failed", "replica": replica.id, "reason": exc.reason},
                     )
                     replica.transition(ReplicaState.BOOTING, reason=f"restore-failed:{exc.reason}")
-                    await self._cold_boot(replica, snapshot=False)
+                    # A snapshot that is unusable here (damaged, foreign, stale weights) is replaced by
+                    # a fresh one; after other failures (canary, checkpointer) a new one would fail alike.
+                    await self._cold_boot(replica, snapshot=exc.reason in RESNAPSHOT_REASONS)
                 else:
                     self.metrics.restores.inc()
                     replica.how = "restore"

@@ -21,7 +21,7 @@ import uvicorn
 from coldstart.engine_adapters.base import EngineAdapter, EngineConfig
 from coldstart.engine_adapters.registry import get_adapter
 from coldstart.launcher.config import ServeConfig
-from coldstart.launcher.errors import PortInUse, UsageError
+from coldstart.launcher.errors import CheckpointerUnavailable, PortInUse, UsageError
 from coldstart.launcher.image import image_mounted, with_mountpoint
 from coldstart.launcher.logs import configured_logging
 from coldstart.launcher.metrics import Metrics
@@ -83,7 +83,13 @@ def make_snapshots(config: ServeConfig, adapter: EngineAdapter, metrics: Metrics
         return None
     from coldstart.launcher.snapshots import snapshots_for  # imported only when snapshots are on
 
-    return snapshots_for(config, adapter, engine_config(config), metrics)  # type: ignore[no-any-return]
+    try:
+        return snapshots_for(config, adapter, engine_config(config), metrics)  # type: ignore[no-any-return]
+    except CheckpointerUnavailable as exc:
+        if config.snapshot != "auto":
+            raise  # asked for by name: say why it cannot work here
+        log.warning("snapshots off: %s", exc, extra={"event": "snapshots_off"})
+        return None
 
 
 async def serve(config: ServeConfig, *, ready: asyncio.Event | None = None) -> None:

@@ -37,9 +37,13 @@ class Served:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        no_snapshot = (
+            [] if any(a.startswith("--snapshot") or a == "--recipe" for a in args) else ["--snapshot", "off"]
+        )
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [*SERVE, *args[:2], "--port", str(self.port), *args[2:]],
+            # Snapshots only where a test asks for them: the others test the proxy and lifecycle.
+            [*SERVE, *args[:2], "--port", str(self.port), *no_snapshot, *args[2:]],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
