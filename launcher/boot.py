@@ -21,16 +21,22 @@ def config_for(sandbox: Sandbox, engine_config: EngineConfig) -> EngineConfig:
 
 
 async def wait_healthy(
-    sandbox: Sandbox, adapter: EngineAdapter, http: httpx.AsyncClient, *, timeout_s: float
+    sandbox: Sandbox,
+    adapter: EngineAdapter,
+    http: httpx.AsyncClient,
+    *,
+    timeout_s: float,
+    poll_s: float = HEALTH_POLL_S,
+    while_: str = "booting",
 ) -> None:
-    """Poll the adapter's health probe; fail fast (with the log tail) if the engine exits."""
+    """Poll the adapter's health probe every ``poll_s``; fail fast (with the log tail) if the engine exits."""
     deadline = time.monotonic() + timeout_s
     while True:
         code = sandbox.exit_code()
         if code is not None:
             tail = sandbox.log_tail()
             raise EngineExited(
-                f"{adapter.name} exited with status {code} while booting; last lines:\n{tail}", tail
+                f"{adapter.name} exited with status {code} while {while_}; last lines:\n{tail}", tail
             )
         if await adapter.is_healthy(http, sandbox.base_url):
             return
@@ -41,7 +47,7 @@ async def wait_healthy(
                 f"{tail}",
                 tail,
             )
-        await asyncio.sleep(HEALTH_POLL_S)
+        await asyncio.sleep(poll_s)
 
 
 async def warm_up(

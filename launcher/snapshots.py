@@ -38,7 +38,7 @@ import httpx
 
 from coldstart.engine_adapters.base import EngineAdapter, EngineConfig, local_model_path
 from coldstart.engine_adapters.errors import AdapterError
-from coldstart.launcher.boot import cold_boot
+from coldstart.launcher.boot import cold_boot, wait_healthy
 from coldstart.launcher.checkpointers.base import Checkpointer
 from coldstart.launcher.errors import BootTimeout, ColdstartError, EngineExited, RestoreFailed, SnapshotError
 from coldstart.launcher.file_digests import DigestCache
@@ -265,7 +265,9 @@ class SnapshotManager:
                     self.checkpointer.restore(snapshot.image_dir, workdir, replica_id), self.restore_timeout_s
                 )
                 remaining = max(1.0, self.restore_timeout_s - (time.monotonic() - t))
-                await wait_healthy(sandbox, adapter, http, timeout_s=remaining, poll_s=RESTORE_POLL_S)
+                await wait_healthy(
+                    sandbox, adapter, http, timeout_s=remaining, poll_s=RESTORE_POLL_S, while_="restoring"
+                )
             except TimeoutError as exc:
                 raise RestoreFailed(
                     "timeout", f"restore of {key} did not finish in {self.restore_timeout_s:.0f} s"
@@ -366,26 +368,6 @@ class SnapshotManager:
                 break
         cache.save()
         return "; ".join(problems)
-
-
-async def wait_healthy(
-    sandbox: Sandbox, adapter: EngineAdapter, http: httpx.AsyncClient, *, timeout_s: float, poll_s: float
-) -> None:
-    """``boot.wait_healthy`` with a finer poll: fail fast (with the log tail) if the engine exits."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        code = sandbox.exit_code()
-        if code is not None:
-            tail = sandbox.log_tail()
-            raise EngineExited(f"{adapter.name} exited with status {code}; last lines:\n{tail}", tail)
-        if await adapter.is_healthy(http, sandbox.base_url):
-            return
-        if time.monotonic() > deadline:
-            tail = sandbox.log_tail()
-            raise BootTimeout(
-                f"{adapter.name} not healthy after {timeout_s:.0f} s; last lines:\n{tail}", tail
-            )
-        await asyncio.sleep(poll_s)
 
 
 def image_digest_of(path: Path | None) -> str | None:
