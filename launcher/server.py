@@ -63,6 +63,10 @@ def validate(config: ServeConfig) -> EngineAdapter:
         raise UsageError("MODEL is required: coldstart-serve ENGINE MODEL (see --help)")
     adapter = get_adapter(config.engine)
     adapter.check_installed()
+    if config.snapshot == "cuda":  # CUDA checkpoint cannot restore NCCL: one GPU per replica
+        from coldstart.launcher.checkpointers.cuda import refuse_unsupported_engine_args
+
+        refuse_unsupported_engine_args(config.engine_args)
     if config.image is None:
         check_model(adapter, config)
     elif not Path(config.image).is_file():

@@ -262,7 +262,8 @@ class SnapshotManager:
             t = time.monotonic()
             try:
                 sandbox = await asyncio.wait_for(
-                    self.checkpointer.restore(snapshot.image_dir, workdir, replica_id), self.restore_timeout_s
+                    self._restore_sandbox(snapshot.image_dir, workdir, replica_id, engine_config),
+                    self.restore_timeout_s,
                 )
                 remaining = max(1.0, self.restore_timeout_s - (time.monotonic() - t))
                 await wait_healthy(
@@ -328,6 +329,17 @@ class SnapshotManager:
         except SnapshotCorrupt:
             return False
         return existing is not None and not self.identity.gate(existing.identity)
+
+    async def _restore_sandbox(
+        self, image_dir: Path, workdir: Path, replica_id: str, engine_config: EngineConfig
+    ) -> Sandbox:
+        """CPU restore, or with the CUDA checkpointer a restore onto the GPU the pool gave this replica
+        (``CUDA_VISIBLE_DEVICES`` = its UUID, set by the replica manager from the pool unit)."""
+        restore_onto = getattr(self.checkpointer, "restore_onto", None)
+        target_gpu = engine_config.env.get("CUDA_VISIBLE_DEVICES")
+        if restore_onto is not None and target_gpu:
+            return await restore_onto(image_dir, workdir, replica_id, target_gpu)  # type: ignore[no-any-return]
+        return await self.checkpointer.restore(image_dir, workdir, replica_id)
 
     async def _run_canary(self, client: httpx.AsyncClient, base_url: str) -> str:
         response = await client.post(

@@ -81,3 +81,12 @@ def test_coldstart_unknown_subcommand() -> None:
         [sys.executable, "-m", "coldstart.launcher.cli", "nope"], capture_output=True, text=True
     )
     assert result.returncode == 2 and "valid:" in result.stderr
+
+
+def test_cuda_snapshots_refuse_tensor_parallel(tiny_model: Path) -> None:
+    result = run_serve(
+        "transformers", str(tiny_model), "--snapshot", "cuda", "--", "--tensor-parallel-size", "2"
+    )
+    assert result.returncode == 1
+    assert "tensor parallel" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
