@@ -12,8 +12,13 @@ CRIU refuses to restore a file that grew since the dump), and the launcher keeps
 from __future__ import annotations
 
 import abc
+from typing import TYPE_CHECKING
 
 from coldstart.engine_adapters.base import LaunchSpec
+from coldstart.launcher.errors import ReplicaStateError
+
+if TYPE_CHECKING:
+    from coldstart.launcher.netns import NetNamespace
 
 
 class Sandbox(abc.ABC):
@@ -49,3 +54,28 @@ class Sandbox(abc.ABC):
     @abc.abstractmethod
     async def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM, wait ``grace_s``, SIGKILL, reap; release namespaces and mounts. Idempotent."""
+
+
+class NetnsSandbox(Sandbox):
+    """A sandbox with its own network namespace (CRIU, runsc): the engine binds 0.0.0.0 on a fixed port
+    inside it (several replicas restored from one snapshot never collide) and the launcher reaches it at
+    the namespace's guest address. Subclasses set ``self.netns`` when they start or restore."""
+
+    ENGINE_PORT = 8000
+
+    replica_id: str
+    netns: NetNamespace | None
+
+    @property
+    def base_url(self) -> str:
+        if self.netns is None:
+            raise ReplicaStateError(f"replica {self.replica_id}: sandbox not started, no address yet")
+        return f"http://{self.netns.guest_ip}:{self.ENGINE_PORT}"
+
+    @property
+    def bind_host(self) -> str:
+        return "0.0.0.0"  # 127.0.0.1 inside the namespace (or gVisor) is not reachable from the host
+
+    @property
+    def bind_port(self) -> int:
+        return self.ENGINE_PORT

@@ -51,10 +51,10 @@ from coldstart.launcher.checkpointers._pipes import (
 from coldstart.launcher.checkpointers.base import Checkpointer, CheckpointerInfo
 from coldstart.launcher.errors import CheckpointerUnavailable, ReplicaStateError, RestoreFailed, SnapshotError
 from coldstart.launcher.netns import NetNamespace, create_netns
-from coldstart.launcher.sandbox import Sandbox
+from coldstart.launcher.sandbox import NetnsSandbox, Sandbox
 
 MIN_VERSION = (4, 2)
-ENGINE_PORT = 8000  # fixed inside every replica's own network namespace
+ENGINE_PORT = NetnsSandbox.ENGINE_PORT  # fixed inside every replica's own network namespace
 RESTORE_LOCK = Path("/run/coldstart/criu-restore.lock")
 SIDECAR = "coldstart-criu.json"  # which pipes the engine's fds 1/2 were, for --inherit-fd at restore
 CRIU_CANDIDATES = ("/usr/local/sbin/criu", "/opt/coldstart/bin/criu")
@@ -101,7 +101,7 @@ async def _restore_lock() -> AsyncIterator[None]:
         os.close(fd)  # releases the lock
 
 
-class CriuSandbox(Sandbox):
+class CriuSandbox(NetnsSandbox):
     """One engine tree in its own PID + network namespace; cold-started or restored by CRIU."""
 
     def __init__(self, workdir: Path, replica_id: str, criu: str) -> None:
@@ -117,20 +117,6 @@ class CriuSandbox(Sandbox):
         self._stopped = False
 
     # -- addresses --------------------------------------------------------------------------------
-    @property
-    def base_url(self) -> str:
-        if self.netns is None:
-            raise ReplicaStateError(f"replica {self.replica_id}: sandbox not started, no address yet")
-        return f"http://{self.netns.guest_ip}:{ENGINE_PORT}"
-
-    @property
-    def bind_host(self) -> str:
-        return "0.0.0.0"
-
-    @property
-    def bind_port(self) -> int:
-        return ENGINE_PORT
-
     # -- processes --------------------------------------------------------------------------------
     @property
     def pid(self) -> int | None:

@@ -48,11 +48,11 @@ from coldstart.launcher.checkpointers._pipes import (
 from coldstart.launcher.checkpointers.base import Checkpointer, CheckpointerInfo
 from coldstart.launcher.errors import CheckpointerUnavailable, ReplicaStateError, RestoreFailed, SnapshotError
 from coldstart.launcher.netns import NetNamespace, create_netns
-from coldstart.launcher.sandbox import Sandbox
+from coldstart.launcher.sandbox import NetnsSandbox, Sandbox
 
 log = logging.getLogger("coldstart.runsc")
 
-ENGINE_PORT = 8000
+ENGINE_PORT = NetnsSandbox.ENGINE_PORT
 RUNSC_ROOT = Path("/run/coldstart/runsc")
 SIDECAR = "coldstart-runsc.json"  # the OCI spec and global flags the image was taken with
 _TCP_LISTEN = "0A"
@@ -118,7 +118,7 @@ def tcp_states(proc_net_tcp: str) -> list[str]:
     return states
 
 
-class RunscSandbox(Sandbox):
+class RunscSandbox(NetnsSandbox):
     def __init__(self, workdir: Path, replica_id: str, runsc: str, global_flags: list[str]) -> None:
         self.workdir = Path(workdir)
         self.replica_id = replica_id
@@ -131,20 +131,6 @@ class RunscSandbox(Sandbox):
         self._pipe: OwnedPipe | None = None
         self._created = False
         self._stopped = False
-
-    @property
-    def base_url(self) -> str:
-        if self.netns is None:
-            raise ReplicaStateError(f"replica {self.replica_id}: sandbox not started, no address yet")
-        return f"http://{self.netns.guest_ip}:{ENGINE_PORT}"
-
-    @property
-    def bind_host(self) -> str:
-        return "0.0.0.0"  # 127.0.0.1 inside gVisor is not reachable from the host
-
-    @property
-    def bind_port(self) -> int:
-        return ENGINE_PORT
 
     def runsc_argv(self, *args: str) -> list[str]:
         return runsc_rootns_quirk.wrap([self.runsc, *self.global_flags, *args])
