@@ -6,7 +6,7 @@ import asyncio
 import os
 
 from coldstart.engine_adapters.base import LaunchSpec
-from coldstart.launcher.process import OutputTail, free_port, spawn, terminate
+from coldstart.launcher.process import OutputTail, free_port_pair, spawn, terminate
 from coldstart.launcher.sandbox import Sandbox
 
 
@@ -14,7 +14,7 @@ class PlainSandbox(Sandbox):
     def __init__(self, name: str, host: str = "127.0.0.1", port: int | None = None) -> None:
         self._name = name
         self._host = host
-        self._port = port or free_port(host)
+        self._port = port or free_port_pair(host)  # engine port, and + 1 for the hooks channel
         self._proc: asyncio.subprocess.Process | None = None
         self._tail: OutputTail | None = None
 

@@ -94,6 +94,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_pair(host: str = "127.0.0.1", attempts: int = 50) -> int:
+    """A free port whose next port is free too: engines using snapshot_hooks listen for the launcher's
+    control calls on engine port + 1."""
+    for _ in range(attempts):
+        port = free_port(host)
+        if port < 65535 and port_is_free(host, port + 1):
+            return port
+    raise OSError(f"no two adjacent free ports found on {host} after {attempts} tries")
+
+
 def port_is_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
