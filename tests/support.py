@@ -25,9 +25,10 @@ def make_cached_model(size: str) -> Path:
 
 
 def free_port() -> int:
-    from coldstart.launcher.process import free_port as _free_port
+    """A free port whose + 1 is free too (engines with snapshot_hooks listen there for control calls)."""
+    from coldstart.launcher.process import free_port_pair
 
-    return _free_port()
+    return free_port_pair()
 
 
 class Served:
