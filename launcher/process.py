@@ -12,8 +12,10 @@ import collections
 import contextlib
 import logging
 import os
+import random
 import signal
 import socket
+from pathlib import Path
 
 log = logging.getLogger("coldstart.engine")
 
@@ -94,14 +96,25 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def free_port_pair(host: str = "127.0.0.1", attempts: int = 50) -> int:
+def free_port_pair(host: str = "127.0.0.1", attempts: int = 200) -> int:
     """A free port whose next port is free too: engines using snapshot_hooks listen for the launcher's
-    control calls on engine port + 1."""
+    control calls on engine port + 1. Picked below the kernel's ephemeral range, so outgoing connections
+    (which take ephemeral ports) cannot grab either port between this pick and the engine's bind."""
+    low, _ = _ephemeral_range()
     for _ in range(attempts):
-        port = free_port(host)
-        if port < 65535 and port_is_free(host, port + 1):
+        # Below the ephemeral range where there is room for it, else any free port.
+        port = random.randrange(max(1024, low - 12000), low - 1) if low > 2048 else free_port(host)
+        if port_is_free(host, port) and port_is_free(host, port + 1):
             return port
     raise OSError(f"no two adjacent free ports found on {host} after {attempts} tries")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 def port_is_free(host: str, port: int) -> bool:
