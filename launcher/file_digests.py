@@ -16,6 +16,8 @@ import json
 import os
 from pathlib import Path
 
+from coldstart.launcher.atomic import write_text_atomic
+
 
 def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
@@ -59,7 +61,5 @@ class DigestCache:
         if self.path is None or not self._dirty:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self._entries))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps(self._entries), durable=False)  # a cache: rebuildable
         self._dirty = False

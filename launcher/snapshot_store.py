@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coldstart.launcher.atomic import write_text_atomic
 from coldstart.launcher.errors import SnapshotError
 from coldstart.launcher.file_digests import DigestCache, sha256_file
 from coldstart.launcher.identity import SnapshotIdentity
@@ -76,15 +77,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class SnapshotStore:
@@ -162,7 +154,7 @@ class SnapshotStore:
             "files": files,
             "bytes": sum(f["size"] for f in files.values()),
         }
-        _write_atomic(pending.path / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+        write_text_atomic(pending.path / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
         _fsync_dir(pending.path)
         dest = self.root / pending.key
         trash = None

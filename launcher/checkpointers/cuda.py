@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coldstart.launcher.atomic import write_text_atomic
 from coldstart.launcher.checkpointers.base import Checkpointer, CheckpointerInfo
 from coldstart.launcher.cuda_checkpoint import CudaCheckpointAPI, CudaProcessState
 from coldstart.launcher.errors import CheckpointerUnavailable, RestoreFailed
@@ -291,7 +292,7 @@ class CudaCheckpointer(Checkpointer):
             device_bytes=device_bytes,
             timings=dict(timings),
         )
-        _atomic_write(image_dir / CUDA_INFO_FILE, info.to_json())
+        write_text_atomic(image_dir / CUDA_INFO_FILE, info.to_json())
         if leave_running:
             problems = await self._resume_in_place(pids, timings)
             if problems:
@@ -424,9 +425,3 @@ class CudaCheckpointer(Checkpointer):
 
 def _problems(problems: list[str]) -> str:
     return "" if not problems else f", but: {'; '.join(problems)}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
