@@ -18,7 +18,6 @@ import json
 import os
 import stat
 import tarfile
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from typing import IO
 
 from coldstart.imagefs.errors import BuildError
 from coldstart.imagefs.index import S_IFDIR, ImageIndex, Node, encode
-from coldstart.imagefs.store import DEFAULT_CHUNK_SIZE, ChunkStore
+from coldstart.imagefs.store import DEFAULT_CHUNK_SIZE, ChunkStore, write_atomic
 
 Progress = Callable[[int], None]  # called with bytes just processed
 WHITEOUT = ".wh."
@@ -397,14 +396,7 @@ def build(
     data = encode(root, chunk_size)
     out = Path(index_path) if index_path else default_index_path(src, store_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(out, data)
     index = ImageIndex.from_bytes(data, str(out))
     files = sum(1 for i in range(1, index.n_inodes + 1) if index.is_reg(i))
     return BuildResult(out, index.digest, files, index.total_bytes, index.n_chunks, chunker.new_chunks)

@@ -38,6 +38,7 @@ from coldstart.imagefs.fetcher import Fetcher
 from coldstart.imagefs.fs import ImageFS
 from coldstart.imagefs.index import ImageIndex
 from coldstart.imagefs.profile import Recorder, profile_path_for, read_profile, write_profile
+from coldstart.imagefs.store import write_atomic
 from coldstart.imagefs.tiers import DirectoryTier, MemoryTier, open_tier
 
 log = logging.getLogger("coldstart.imagefs")
@@ -271,10 +272,7 @@ class Daemon:
 
     def _write_stats(self) -> None:
         if self.config.stats_path:
-            path = Path(self.config.stats_path)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(self.stats(), indent=1))
-            os.replace(tmp, path)
+            write_atomic(self.config.stats_path, json.dumps(self.stats(), indent=1))
 
 
 def main(argv: list[str]) -> int:

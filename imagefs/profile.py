@@ -14,12 +14,10 @@ tier served it), so a second boot that was prefetched still records the same ord
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import threading
 from pathlib import Path
 
-from coldstart.imagefs.store import is_hex_digest
+from coldstart.imagefs.store import is_hex_digest, write_atomic
 
 log = logging.getLogger("coldstart.imagefs")
 HEADER = "coldstart-imagefs-profile 1"
@@ -30,16 +28,7 @@ def profile_path_for(index_path: str | Path) -> Path:
 
 
 def write_profile(path: str | Path, index_digest: str, digests: list[str]) -> None:
-    path = Path(path)
-    text = "\n".join([f"{HEADER} {index_digest}", *digests]) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, "\n".join([f"{HEADER} {index_digest}", *digests]) + "\n")
 
 
 def read_profile(path: str | Path, index_digest: str) -> list[str]:
