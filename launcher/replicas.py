@@ -19,7 +19,6 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -93,7 +92,6 @@ class ReplicaManager:
         metrics: Metrics,
         work_dir: Path,
         snapshots: Snapshots | None = None,
-        sandbox_factory: Callable[[str], Sandbox] | None = None,
         pool: Pool | None = None,
     ) -> None:
         self.adapter = adapter
@@ -102,7 +100,6 @@ class ReplicaManager:
         self.metrics = metrics
         self.work_dir = work_dir
         self.snapshots = snapshots
-        self._sandbox_factory = sandbox_factory
         # Where replicas run: a GPU (or CPU slot) from the buffer pool, handed back when they stop.
         self.pool = pool
         self.replicas: dict[str, Replica] = {}
@@ -112,8 +109,7 @@ class ReplicaManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
-        self.last_boot_error: str | None = None
-        self.last_boot_exception: BaseException | None = None
+        self.last_boot_exception: BaseException | None = None  # why the latest bring-up failed
         self._retry_at = 0.0  # no new replica before this (back-off after failed boots)
         self._failed_boots = 0
         self._held_since = time.monotonic()
@@ -148,6 +144,14 @@ class ReplicaManager:
     def _pick(self) -> Replica | None:
         ready = [r for r in self.replicas.values() if r.state is ReplicaState.READY]
         return min(ready, key=lambda r: r.in_flight) if ready else None
+
+    @property
+    def last_boot_error(self) -> str | None:
+        """The first line of the latest failed bring-up's error (None once a replica came up)."""
+        exc = self.last_boot_exception
+        if exc is None:
+            return None
+        return str(exc).splitlines()[0] if str(exc) else repr(exc)
 
     @property
     def queue_depth(self) -> int:
@@ -284,8 +288,6 @@ class ReplicaManager:
     def _new_sandbox(self, replica: Replica) -> Sandbox:
         if self.snapshots is not None:
             return self.snapshots.new_sandbox(self.work_dir / replica.id, replica.id)
-        if self._sandbox_factory is not None:
-            return self._sandbox_factory(replica.id)
         return PlainSandbox(f"{self.adapter.name}:{replica.id}")
 
     async def _bring_up(self, replica: Replica) -> None:
@@ -325,8 +327,7 @@ class ReplicaManager:
         except asyncio.CancelledError:
             await self._stop(replica, drain=False)
             raise
-        except Exception as exc:  # any failure: the replica never serves; callers read last_boot_error
-            self.last_boot_error = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        except Exception as exc:  # any failure: the replica never serves; callers read last_boot_exception
             self.last_boot_exception = exc
             self._failed_boots += 1
             self._retry_at = time.monotonic() + min(30.0, 2.0 ** (self._failed_boots - 1))
@@ -342,7 +343,7 @@ class ReplicaManager:
             return
         elapsed = time.monotonic() - started
         self.metrics.phase_seconds.labels(replica.how).observe(elapsed)
-        self.last_boot_error = self.last_boot_exception = None
+        self.last_boot_exception = None
         self._failed_boots = 0
         replica.transition(ReplicaState.READY, how=replica.how, ready_after_s=round(elapsed, 3))
         async with self._changed:
