@@ -47,11 +47,11 @@ from coldstart.launcher.checkpointers import runsc_rootns_quirk  # noqa: E402
 from coldstart.launcher.checkpointers._pipes import OwnedPipe, exec_into, kill_quietly, run_quiet, wait_exit  # noqa: E402
 from coldstart.launcher.checkpointers.base import Checkpointer  # noqa: E402
 from coldstart.launcher.checkpointers.registry import get_checkpointer  # noqa: E402
-from coldstart.launcher.netns import create_netns  # noqa: E402
-from coldstart.launcher.plain_sandbox import PlainSandbox  # noqa: E402
-from coldstart.launcher.sandbox import Sandbox  # noqa: E402
-from coldstart.launcher.snapshot_store import SnapshotStore  # noqa: E402
-from coldstart.launcher.snapshots import SnapshotManager  # noqa: E402
+from coldstart.launcher.sandboxes.netns import create_netns  # noqa: E402
+from coldstart.launcher.sandboxes.plain import PlainSandbox  # noqa: E402
+from coldstart.launcher.sandboxes.base import Sandbox  # noqa: E402
+from coldstart.launcher.snapshots.store import SnapshotStore  # noqa: E402
+from coldstart.launcher.snapshots.manager import SnapshotManager  # noqa: E402
 from coldstart.launcher.tiny_model import make_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

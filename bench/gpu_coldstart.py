@@ -93,10 +93,10 @@ CHILD_ENV = bootstrap()
 import httpx  # noqa: E402
 
 from coldstart.launcher.checkpointers.cuda import process_tree  # noqa: E402
-from coldstart.launcher.cuda_checkpoint import CudaCheckpointAPI, CudaProcessState  # noqa: E402
-from coldstart.launcher.cuda_fake import FakeGpuHost  # noqa: E402
+from coldstart.launcher.gpu.driver import CudaCheckpointAPI, CudaProcessState  # noqa: E402
+from coldstart.launcher.gpu.fake import FakeGpuHost  # noqa: E402
 from coldstart.launcher.errors import ColdstartError  # noqa: E402
-from coldstart.launcher.gpu_inventory import gpu_processes, read_inventory  # noqa: E402
+from coldstart.launcher.gpu.inventory import gpu_processes, read_inventory  # noqa: E402
 from coldstart.launcher.process import free_port  # noqa: E402
 from coldstart.snapshot_hooks.client import run_after_restore, run_before_checkpoint  # noqa: E402
 

@@ -35,7 +35,7 @@ fi
 
 cat >"$out/bin/cuda-checkpoint" <<'SH'
 #!/bin/sh
-exec python3 -m coldstart.launcher.cli_cuda_checkpoint "$@"
+exec python3 -m coldstart.launcher.cli.cuda_checkpoint "$@"
 SH
 chmod +x "$out/bin/cuda-checkpoint"
 du -sh "$out"

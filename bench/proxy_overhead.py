@@ -133,7 +133,7 @@ def main() -> int:
         [
             sys.executable,
             "-m",
-            "coldstart.launcher.cli_serve",
+            "coldstart.launcher.cli.serve",
             "custom",
             "fake",
             "--port",

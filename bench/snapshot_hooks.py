@@ -25,7 +25,7 @@ import httpx
 from coldstart.engine_adapters.base import EngineConfig
 from coldstart.engine_adapters.custom import CustomAdapter
 from coldstart.launcher.checkpointers.criu import CriuCheckpointer
-from coldstart.launcher.sandbox import Sandbox
+from coldstart.launcher.sandboxes.base import Sandbox
 from coldstart.launcher.tiny_model import make_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import httpx
 
 from coldstart.engine_adapters.base import EngineAdapter, EngineConfig
 from coldstart.launcher.errors import BootTimeout, EngineExited, WarmupFailed
-from coldstart.launcher.sandbox import Sandbox
+from coldstart.launcher.sandboxes.base import Sandbox
 
 HEALTH_POLL_S = 0.05
 

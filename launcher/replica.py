@@ -17,7 +17,7 @@ import logging
 import time
 
 from coldstart.launcher.errors import ReplicaStateError
-from coldstart.launcher.sandbox import Sandbox
+from coldstart.launcher.sandboxes.base import Sandbox
 from coldstart.pool import Unit
 
 log = logging.getLogger("coldstart.lifecycle")

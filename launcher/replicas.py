@@ -29,9 +29,9 @@ from coldstart.engine_adapters.base import EngineAdapter, EngineConfig
 from coldstart.launcher.boot import cold_boot
 from coldstart.launcher.errors import ColdstartError, RestoreFailed
 from coldstart.launcher.metrics import Metrics
-from coldstart.launcher.plain_sandbox import PlainSandbox
+from coldstart.launcher.sandboxes.plain import PlainSandbox
 from coldstart.launcher.replica import Replica, ReplicaState
-from coldstart.launcher.sandbox import Sandbox
+from coldstart.launcher.sandboxes.base import Sandbox
 from coldstart.pool import Pool, UnitState, unit_env
 
 log = logging.getLogger("coldstart.lifecycle")
@@ -50,7 +50,7 @@ class QueueTimeout(ColdstartError):
 
 
 class Snapshots(Protocol):
-    """What the manager needs from ``coldstart.launcher.snapshots.SnapshotManager``."""
+    """What the manager needs from ``coldstart.launcher.snapshots.manager.SnapshotManager``."""
 
     def has_snapshot(self) -> bool: ...
 

@@ -85,7 +85,7 @@ def check_model(adapter: EngineAdapter, config: ServeConfig) -> None:
 def make_snapshots(config: ServeConfig, adapter: EngineAdapter, metrics: Metrics) -> Snapshots | None:
     if config.snapshot == "off":
         return None
-    from coldstart.launcher.snapshots import snapshots_for  # imported only when snapshots are on
+    from coldstart.launcher.snapshots.manager import snapshots_for  # imported only when snapshots are on
 
     try:
         return snapshots_for(config, adapter, engine_config(config), metrics)  # type: ignore[no-any-return]

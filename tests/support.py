@@ -15,7 +15,7 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("COLDSTART_TEST_CACHE", REPO / ".cache"))
-SERVE = [sys.executable, "-m", "coldstart.launcher.cli_serve"]
+SERVE = [sys.executable, "-m", "coldstart.launcher.cli.serve"]
 
 
 def make_cached_model(size: str) -> Path:

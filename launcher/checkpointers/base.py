@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from coldstart.launcher.sandbox import Sandbox
+from coldstart.launcher.sandboxes.base import Sandbox
 
 
 @dataclass(frozen=True)

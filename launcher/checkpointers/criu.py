@@ -50,8 +50,8 @@ from coldstart.launcher.checkpointers._pipes import (
 )
 from coldstart.launcher.checkpointers.base import Checkpointer, CheckpointerInfo
 from coldstart.launcher.errors import CheckpointerUnavailable, ReplicaStateError, RestoreFailed, SnapshotError
-from coldstart.launcher.netns import NetNamespace, create_netns
-from coldstart.launcher.sandbox import NetnsSandbox, Sandbox
+from coldstart.launcher.sandboxes.netns import NetNamespace, create_netns
+from coldstart.launcher.sandboxes.base import NetnsSandbox, Sandbox
 
 MIN_VERSION = (4, 2)
 ENGINE_PORT = NetnsSandbox.ENGINE_PORT  # fixed inside every replica's own network namespace

@@ -42,11 +42,11 @@ from typing import Any
 
 from coldstart.launcher.atomic import write_text_atomic
 from coldstart.launcher.checkpointers.base import Checkpointer, CheckpointerInfo
-from coldstart.launcher.cuda_checkpoint import CudaCheckpointAPI, CudaProcessState
+from coldstart.launcher.gpu.driver import CudaCheckpointAPI, CudaProcessState
 from coldstart.launcher.errors import CheckpointerUnavailable, RestoreFailed
-from coldstart.launcher.gpu_errors import GpuError, GpuRefused, NoNvidiaDriver
-from coldstart.launcher.gpu_inventory import GpuInventory, gpu_processes, read_inventory
-from coldstart.launcher.sandbox import Sandbox
+from coldstart.launcher.gpu.errors import GpuError, GpuRefused, NoNvidiaDriver
+from coldstart.launcher.gpu.inventory import GpuInventory, gpu_processes, read_inventory
+from coldstart.launcher.sandboxes.base import Sandbox
 
 log = logging.getLogger("coldstart.cuda")
 

@@ -3,7 +3,7 @@
 Bundle: an OCI ``config.json`` the launcher writes per replica. Root is the host's ``/`` under
 ``--overlay2=root:memory``: the engine sees the host's files (its venv, the model) read-only through the
 gofer and every write lands in sandbox memory (checkpointed with it), never on the host. The network
-namespace is the replica's (``launcher/netns.py``); runsc takes its veth into its own network stack, so the
+namespace is the replica's (``launcher/sandboxes/netns.py``); runsc takes its veth into its own network stack, so the
 engine listens on 0.0.0.0:8000 there and the launcher reaches it at the replica's address.
 
 Commands (global flags must match between run, checkpoint and restore, so they are recorded):
@@ -47,8 +47,8 @@ from coldstart.launcher.checkpointers._pipes import (
 )
 from coldstart.launcher.checkpointers.base import Checkpointer, CheckpointerInfo
 from coldstart.launcher.errors import CheckpointerUnavailable, ReplicaStateError, RestoreFailed, SnapshotError
-from coldstart.launcher.netns import NetNamespace, create_netns
-from coldstart.launcher.sandbox import NetnsSandbox, Sandbox
+from coldstart.launcher.sandboxes.netns import NetNamespace, create_netns
+from coldstart.launcher.sandboxes.base import NetnsSandbox, Sandbox
 
 log = logging.getLogger("coldstart.runsc")
 

@@ -78,7 +78,7 @@ def test_help_explains_the_engine_args_passthrough() -> None:
 
 def test_coldstart_unknown_subcommand() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "coldstart.launcher.cli", "nope"], capture_output=True, text=True
+        [sys.executable, "-m", "coldstart.launcher.cli.main", "nope"], capture_output=True, text=True
     )
     assert result.returncode == 2 and "valid:" in result.stderr
 

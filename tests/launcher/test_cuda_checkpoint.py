@@ -7,14 +7,14 @@ import ctypes.util
 
 import pytest
 
-from coldstart.launcher.cuda_checkpoint import (
+from coldstart.launcher.gpu.driver import (
     CudaCheckpointAPI,
     CudaProcessState,
     _map_result,
     uuid_bytes,
 )
-from coldstart.launcher.cuda_fake import CUresult, FakeGpuHost
-from coldstart.launcher.gpu_errors import (
+from coldstart.launcher.gpu.fake import CUresult, FakeGpuHost
+from coldstart.launcher.gpu.errors import (
     CheckpointUnsupported,
     CudaCallFailed,
     CudaStateError,
@@ -106,7 +106,7 @@ def test_real_bindings_build_gpu_pairs() -> None:
 def test_guards_refuse_wrong_state_before_calling_the_driver(
     host: FakeGpuHost, step: str, state: str
 ) -> None:
-    from coldstart.launcher.cuda_fake import CUprocessState
+    from coldstart.launcher.gpu.fake import CUprocessState
 
     host.processes[PID].state = CUprocessState[f"CU_PROCESS_STATE_{state}"]
     api = CudaCheckpointAPI(host.driver)

@@ -28,11 +28,11 @@ from coldstart.launcher.checkpointers.cuda import (
     refuse_unsupported_engine_args,
     sandbox_host_pids,
 )
-from coldstart.launcher.cuda_checkpoint import CudaCheckpointAPI
-from coldstart.launcher.cuda_fake import CUprocessState, FakeGpuHost
+from coldstart.launcher.gpu.driver import CudaCheckpointAPI
+from coldstart.launcher.gpu.fake import CUprocessState, FakeGpuHost
 from coldstart.launcher.errors import CheckpointerUnavailable, RestoreFailed, SnapshotError
-from coldstart.launcher.gpu_errors import CudaCallFailed, CudaStateError, GpuError, GpuRefused, LockTimeout
-from coldstart.launcher.sandbox import Sandbox
+from coldstart.launcher.gpu.errors import CudaCallFailed, CudaStateError, GpuError, GpuRefused, LockTimeout
+from coldstart.launcher.sandboxes.base import Sandbox
 
 ENGINE, WORKER = 1000, 1001
 _new_pids = itertools.count(5000)

@@ -10,12 +10,12 @@ import sys
 
 import pytest
 
-from coldstart.launcher import cli_cuda_checkpoint as cli
-from coldstart.launcher.cuda_checkpoint import CudaCheckpointAPI
-from coldstart.launcher.cuda_fake import CUprocessState, FakeGpuHost
-from coldstart.launcher.gpu_doctor import gpu_checks
-from coldstart.launcher.gpu_errors import GpuNotFound, NoNvidiaDriver
-from coldstart.launcher.gpu_inventory import gpu_fingerprint, gpu_processes, read_inventory
+from coldstart.launcher.cli import cuda_checkpoint as cli
+from coldstart.launcher.gpu.driver import CudaCheckpointAPI
+from coldstart.launcher.gpu.fake import CUprocessState, FakeGpuHost
+from coldstart.launcher.gpu.doctor import gpu_checks
+from coldstart.launcher.gpu.errors import GpuNotFound, NoNvidiaDriver
+from coldstart.launcher.gpu.inventory import gpu_fingerprint, gpu_processes, read_inventory
 
 PID = 777
 
@@ -122,7 +122,7 @@ def test_help_lists_the_flags_criu_probes(capsys: pytest.CaptureFixture[str]) ->
 def test_real_command_without_driver() -> None:
     """As runsc or CRIU would run it, here where there is no NVIDIA driver."""
     proc = subprocess.run(
-        [sys.executable, "-m", "coldstart.launcher.cli_cuda_checkpoint", "--toggle", "--pid", "1"],
+        [sys.executable, "-m", "coldstart.launcher.cli.cuda_checkpoint", "--toggle", "--pid", "1"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -9,8 +9,8 @@ from typing import Any
 from coldstart.engine_adapters.base import EngineConfig
 from coldstart.engine_adapters.registry import get_adapter
 from coldstart.launcher.checkpointers.base import CheckpointerInfo
-from coldstart.launcher.snapshot_store import SnapshotStore
-from coldstart.launcher.snapshots import SnapshotManager
+from coldstart.launcher.snapshots.store import SnapshotStore
+from coldstart.launcher.snapshots.manager import SnapshotManager
 
 
 class RecordingCheckpointer:

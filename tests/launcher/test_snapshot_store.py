@@ -12,9 +12,9 @@ import pytest
 
 from coldstart.launcher.checkpointers.base import CheckpointerInfo
 from coldstart.launcher.errors import SnapshotError
-from coldstart.launcher.fingerprint import HostFingerprint, host_fingerprint, incompatibilities
-from coldstart.launcher.identity import SnapshotIdentity
-from coldstart.launcher.snapshot_store import SnapshotCorrupt, SnapshotStore
+from coldstart.launcher.snapshots.fingerprint import HostFingerprint, host_fingerprint, incompatibilities
+from coldstart.launcher.snapshots.identity import SnapshotIdentity
+from coldstart.launcher.snapshots.store import SnapshotCorrupt, SnapshotStore
 
 HOST = HostFingerprint(arch="x86_64", kernel="6.18.44", cpu_model="Xeon", cpu_flags=("avx2", "sse4_2"))
 
@@ -177,7 +177,7 @@ def test_this_host_fingerprint_is_real() -> None:
 
 def test_checkpointer_info_is_part_of_identity() -> None:
     from coldstart.engine_adapters.registry import get_adapter
-    from coldstart.launcher.identity import snapshot_identity
+    from coldstart.launcher.snapshots.identity import snapshot_identity
 
     adapter = get_adapter("transformers")
     from coldstart.engine_adapters.base import EngineConfig
@@ -189,7 +189,7 @@ def test_checkpointer_info_is_part_of_identity() -> None:
 
 
 def test_cli_snapshot_ls_inspect_rm_gc(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from coldstart.launcher import cli_snapshot
+    from coldstart.launcher.cli import snapshot as cli_snapshot
 
     store = SnapshotStore(tmp_path)
     ident = identity()
@@ -211,7 +211,7 @@ def test_cli_snapshot_ls_inspect_rm_gc(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def test_cli_doctor_lists_checkpointers(capsys: pytest.CaptureFixture[str]) -> None:
-    from coldstart.launcher import cli_doctor
+    from coldstart.launcher.cli import doctor as cli_doctor
 
     code = cli_doctor.main([])
     out = capsys.readouterr().out
@@ -225,7 +225,7 @@ def test_cli_doctor_lists_checkpointers(capsys: pytest.CaptureFixture[str]) -> N
 def test_canary_request_chat_or_completion() -> None:
     from coldstart.engine_adapters.base import EngineConfig
     from coldstart.engine_adapters.registry import get_adapter
-    from coldstart.launcher.snapshots import canary_request
+    from coldstart.launcher.snapshots.manager import canary_request
 
     adapter, config = get_adapter("transformers"), EngineConfig(model="org/model")
     chat = canary_request(adapter, config, "The capital of France is", 8)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from coldstart.launcher import cli_recipes
+from coldstart.launcher.cli import recipes as cli_recipes
 from coldstart.launcher.config import ServeConfig
 from coldstart.launcher.recipes import RECIPES_DIR, Canary, RecipeError, apply_recipe, available, load_recipe
 

@@ -24,7 +24,7 @@ from coldstart.engine_adapters.base import EngineConfig
 from coldstart.engine_adapters.custom import CustomAdapter
 from coldstart.launcher.checkpointers.base import Checkpointer
 from coldstart.launcher.errors import CheckpointerUnavailable
-from coldstart.launcher.sandbox import Sandbox
+from coldstart.launcher.sandboxes.base import Sandbox
 
 from .conftest import tiny_engine_args
 

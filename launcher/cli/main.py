@@ -11,12 +11,12 @@ import sys
 
 # name -> (module, one-line help). Modules own their own argparse and ``--help``.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("coldstart.launcher.cli_demo", "make a tiny local model, serve it, ask it one question"),
-    "snapshot": ("coldstart.launcher.cli_snapshot", "list, inspect, remove and garbage-collect snapshots"),
+    "demo": ("coldstart.launcher.cli.demo", "make a tiny local model, serve it, ask it one question"),
+    "snapshot": ("coldstart.launcher.cli.snapshot", "list, inspect, remove and garbage-collect snapshots"),
     "image": ("coldstart.imagefs.cli", "build, mount and serve lazy content-addressed images"),
     "pool": ("coldstart.pool.cli", "GPU buffer pool: inventory, LP sizing, simulator"),
-    "recipes": ("coldstart.launcher.cli_recipes", "list and show serving recipes"),
-    "doctor": ("coldstart.launcher.cli_doctor", "check which checkpointers, FUSE and GPUs work here"),
+    "recipes": ("coldstart.launcher.cli.recipes", "list and show serving recipes"),
+    "doctor": ("coldstart.launcher.cli.doctor", "check which checkpointers, FUSE and GPUs work here"),
     "make-model": ("coldstart.launcher.tiny_model", "write a tiny random Qwen3-architecture model"),
 }
 

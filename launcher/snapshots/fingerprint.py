@@ -5,7 +5,7 @@ torch and numpy choose code paths by CPUID at start: an AVX-512 path restored on
 dies with SIGILL), on the same kernel (CRIU and gVisor save kernel-specific state), and for a CUDA image
 on the same GPU model and driver version. The gate names the exact field that differs.
 
-GPU fields come from ``coldstart.launcher.gpu_inventory.gpu_fingerprint()`` (the GPU helper's; ``{}`` on
+GPU fields come from ``coldstart.launcher.gpu.inventory.gpu_fingerprint()`` (the GPU helper's; ``{}`` on
 hosts without an NVIDIA driver): that is the hook, nothing here knows NVML.
 """
 
@@ -56,7 +56,7 @@ def _cpuinfo(text: str) -> tuple[str, tuple[str, ...]]:
 
 def _gpu_fields() -> dict[str, str]:
     try:
-        from coldstart.launcher.gpu_inventory import gpu_fingerprint
+        from coldstart.launcher.gpu.inventory import gpu_fingerprint
     except ImportError:
         return {}
     try:

@@ -41,11 +41,11 @@ from coldstart.engine_adapters.errors import AdapterError
 from coldstart.launcher.boot import cold_boot, wait_healthy
 from coldstart.launcher.checkpointers.base import Checkpointer
 from coldstart.launcher.errors import BootTimeout, ColdstartError, EngineExited, RestoreFailed, SnapshotError
-from coldstart.launcher.file_digests import DigestCache
-from coldstart.launcher.identity import SnapshotIdentity, snapshot_identity
+from coldstart.launcher.snapshots.file_digests import DigestCache
+from coldstart.launcher.snapshots.identity import SnapshotIdentity, snapshot_identity
 from coldstart.launcher.metrics import Metrics
-from coldstart.launcher.sandbox import Sandbox
-from coldstart.launcher.snapshot_store import SnapshotCorrupt, SnapshotStore
+from coldstart.launcher.sandboxes.base import Sandbox
+from coldstart.launcher.snapshots.store import SnapshotCorrupt, SnapshotStore
 
 log = logging.getLogger("coldstart.snapshots")
 

@@ -1,7 +1,7 @@
 """Where an engine process tree runs: the interface the replica lifecycle drives.
 
 A sandbox owns one engine process tree from start (or restore) to reap. Kinds:
-- ``PlainSandbox`` (``launcher/plain_sandbox.py``): a host process group, loopback port; no snapshots.
+- ``PlainSandbox`` (``launcher/sandboxes/plain.py``): a host process group, loopback port; no snapshots.
 - the CRIU sandbox: a process tree in its own PID and network namespace (``checkpointers/criu.py``);
 - the runsc sandbox: a gVisor container with its own network namespace (``checkpointers/runsc.py``).
 
@@ -18,7 +18,7 @@ from coldstart.engine_adapters.base import LaunchSpec
 from coldstart.launcher.errors import ReplicaStateError
 
 if TYPE_CHECKING:
-    from coldstart.launcher.netns import NetNamespace
+    from coldstart.launcher.sandboxes.netns import NetNamespace
 
 
 class Sandbox(abc.ABC):

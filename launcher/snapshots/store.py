@@ -27,8 +27,8 @@ from typing import Any
 
 from coldstart.launcher.atomic import write_text_atomic
 from coldstart.launcher.errors import SnapshotError
-from coldstart.launcher.file_digests import DigestCache, sha256_file
-from coldstart.launcher.identity import SnapshotIdentity
+from coldstart.launcher.snapshots.file_digests import DigestCache, sha256_file
+from coldstart.launcher.snapshots.identity import SnapshotIdentity
 
 MANIFEST = "manifest.json"
 IMAGE = "image"

@@ -7,7 +7,7 @@ import os
 
 from coldstart.engine_adapters.base import LaunchSpec
 from coldstart.launcher.process import OutputTail, free_port_pair, spawn, terminate
-from coldstart.launcher.sandbox import Sandbox
+from coldstart.launcher.sandboxes.base import Sandbox
 
 
 class PlainSandbox(Sandbox):

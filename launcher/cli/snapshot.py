@@ -18,7 +18,7 @@ from pathlib import Path
 
 from coldstart.launcher.config import ServeConfig
 from coldstart.launcher.errors import USER_ERRORS, CheckpointerUnavailable, ColdstartError
-from coldstart.launcher.snapshot_store import Snapshot, SnapshotStore
+from coldstart.launcher.snapshots.store import Snapshot, SnapshotStore
 
 DEFAULT_DIR = Path(ServeConfig.__dataclass_fields__["snapshot_dir"].default)  # type: ignore[arg-type]
 
@@ -83,7 +83,7 @@ def host_gate(snap: Snapshot) -> list[str]:
     import dataclasses
 
     from coldstart.launcher.checkpointers.registry import get_checkpointer
-    from coldstart.launcher.fingerprint import host_fingerprint
+    from coldstart.launcher.snapshots.fingerprint import host_fingerprint
 
     recorded = snap.identity
     try:

@@ -74,7 +74,7 @@ def main(argv: list[str]) -> int:
     command = [
         sys.executable,
         "-m",
-        "coldstart.launcher.cli_serve",
+        "coldstart.launcher.cli.serve",
         "transformers",
         str(model),
         "--port",

@@ -26,7 +26,7 @@ import uuid as uuid_mod
 from collections.abc import Mapping
 from typing import Any
 
-from coldstart.launcher.gpu_errors import (
+from coldstart.launcher.gpu.errors import (
     CheckpointUnsupported,
     CudaCallFailed,
     CudaStateError,

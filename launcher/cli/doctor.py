@@ -90,7 +90,7 @@ def system_rows() -> list[Row]:
         Row("root", "ok" if os.geteuid() == 0 else "fail", "uid 0" if os.geteuid() == 0 else "run as root")
     ]
     try:
-        from coldstart.launcher.netns import NetNamespace, cleanup_stale
+        from coldstart.launcher.sandboxes.netns import NetNamespace, cleanup_stale
 
         stale = cleanup_stale()
         if shutil.which("runsc"):
@@ -120,7 +120,7 @@ def system_rows() -> list[Row]:
 
 def gpu_rows() -> list[Row]:
     try:
-        from coldstart.launcher.gpu_doctor import gpu_checks
+        from coldstart.launcher.gpu.doctor import gpu_checks
     except ImportError:
         return []
     return [Row(c.name, c.status, c.detail) for c in gpu_checks()]

@@ -20,7 +20,7 @@ from typing import Any
 
 from coldstart.engine_adapters.base import EngineAdapter, EngineConfig
 from coldstart.launcher.checkpointers.base import CheckpointerInfo
-from coldstart.launcher.fingerprint import HostFingerprint, host_fingerprint, incompatibilities
+from coldstart.launcher.snapshots.fingerprint import HostFingerprint, host_fingerprint, incompatibilities
 
 # Bump when the sandboxes change what a restored process expects (ports, namespaces, env, fd layout).
 SANDBOX_LAYOUT_VERSION = 1

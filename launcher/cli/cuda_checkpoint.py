@@ -18,7 +18,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-from coldstart.launcher.cuda_checkpoint import CudaCheckpointAPI, CudaProcessState
+from coldstart.launcher.gpu.driver import CudaCheckpointAPI, CudaProcessState
 from coldstart.launcher.errors import ColdstartError
 
 HELP = """\
