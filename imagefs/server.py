@@ -4,6 +4,11 @@
 upstream (another cache server or the origin), verified, kept in DIR, then served. Without an upstream it is
 an HTTP origin for a store built by ``coldstart image build``. 200 with the bytes, 404 absent, 400 for a
 malformed digest, 502 when the upstream is unreachable or sends bad bytes. ``GET /healthz`` -> ``ok``.
+
+Refs (``refs.py``: published snapshots and trees by name): ``GET /refs?prefix=P`` -> JSON list of names,
+``GET /refs/<name>`` -> the ref. A ref is a mutable name, so a cache server asks its upstream first (and
+keeps a copy); when the upstream is unreachable it answers from its copy: a stale ref still names
+content-addressed bytes that verify, only perhaps an older snapshot.
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ import anyio
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from coldstart.imagefs.store import ChunkStore, is_hex_digest
+from coldstart.imagefs.refs import REF_NAME, list_local_refs, ref_path
+from coldstart.imagefs.store import ChunkStore, is_hex_digest, write_atomic
 
 log = logging.getLogger("coldstart.imagefs")
 
@@ -75,10 +81,52 @@ def create_app(config: ServerConfig) -> Starlette:
         await anyio.to_thread.run_sync(store.write, digest, body)
         return Response(body, media_type="application/octet-stream")
 
+    async def ref(request: Request) -> Response:
+        name = request.path_params["name"]
+        if not REF_NAME.match(name):
+            return PlainTextResponse("not a ref name\n", status_code=400)
+        local = ref_path(config.store, name)
+        client = state.get("upstream")
+        if client is not None:
+            try:
+                upstream = await client.get(f"/refs/{name}")
+            except httpx.HTTPError as exc:
+                log.warning("upstream %s unreachable for ref %s: %s", config.upstream, name, exc)
+            else:
+                if upstream.status_code == 404:
+                    local.unlink(missing_ok=True)  # removed upstream: forget our copy
+                    return PlainTextResponse("no such ref\n", status_code=404)
+                if upstream.status_code == 200:
+                    local.parent.mkdir(parents=True, exist_ok=True)
+                    await anyio.to_thread.run_sync(write_atomic, local, upstream.content)
+                    return Response(upstream.content, media_type="application/json")
+        try:
+            data = await anyio.to_thread.run_sync(local.read_bytes)
+        except FileNotFoundError:
+            return PlainTextResponse("no such ref\n", status_code=404)
+        return Response(data, media_type="application/json")
+
+    async def refs(request: Request) -> Response:
+        prefix = request.query_params.get("prefix", "")
+        client = state.get("upstream")
+        if client is not None:
+            try:
+                upstream = await client.get("/refs", params={"prefix": prefix})
+                if upstream.status_code == 200:
+                    return Response(upstream.content, media_type="application/json")
+            except httpx.HTTPError as exc:
+                log.warning("upstream %s unreachable for the ref list: %s", config.upstream, exc)
+        return JSONResponse(list_local_refs(config.store, prefix))
+
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok\n")
 
-    routes = [Route("/chunks/{digest}", chunk, methods=["GET"]), Route("/healthz", healthz)]
+    routes = [
+        Route("/chunks/{digest}", chunk, methods=["GET"]),
+        Route("/refs", refs, methods=["GET"]),
+        Route("/refs/{name}", ref, methods=["GET"]),
+        Route("/healthz", healthz),
+    ]
     return Starlette(routes=routes, lifespan=lifespan)
 
 

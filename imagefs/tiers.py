@@ -38,6 +38,14 @@ class Tier(ABC):
     def put(self, digest_hex: str, data: bytes) -> None:
         """Keep a verified chunk (only caches do)."""
 
+    def get_ref(self, name: str) -> bytes | None:
+        """The ref called ``name`` (see ``refs.py``), unverified: refs are mutable names; None if absent."""
+        return None
+
+    def list_refs(self, prefix: str = "") -> list[str]:
+        """Names of the refs this tier holds that start with ``prefix``."""
+        return []
+
     def discard(self, digest_hex: str) -> None:
         """Drop a chunk that failed verification (only caches do)."""
 
@@ -113,6 +121,21 @@ class DirectoryTier(Tier):
         except OSError as exc:
             raise TierError(f"{self.name}: cannot read chunk {digest_hex}: {exc.strerror}") from exc
 
+    def get_ref(self, name: str) -> bytes | None:
+        from coldstart.imagefs.refs import ref_path
+
+        try:
+            return ref_path(self.store.root, name).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise TierError(f"{self.name}: cannot read ref {name}: {exc.strerror}") from exc
+
+    def list_refs(self, prefix: str = "") -> list[str]:
+        from coldstart.imagefs.refs import list_local_refs
+
+        return list_local_refs(self.store.root, prefix)
+
     def put(self, digest_hex: str, data: bytes) -> None:
         if self._writable:
             try:
@@ -152,6 +175,27 @@ class HttpTier(Tier):
         if response.status_code != 200:
             raise TierError(f"{self.name}: HTTP {response.status_code} for chunk {digest_hex}")
         return response.content
+
+    def get_ref(self, name: str) -> bytes | None:
+        response = self._get(f"/refs/{name}")
+        return None if response.status_code == 404 else response.content
+
+    def list_refs(self, prefix: str = "") -> list[str]:
+        response = self._get("/refs", params={"prefix": prefix})
+        try:
+            names = response.json()
+        except ValueError as exc:
+            raise TierError(f"{self.name}: /refs did not answer a JSON list") from exc
+        return [str(n) for n in names]
+
+    def _get(self, path: str, params: dict[str, str] | None = None) -> httpx.Response:
+        try:
+            response = self._client.get(f"{self.base}{path}", params=params)
+        except httpx.HTTPError as exc:
+            raise TierError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
+        if response.status_code not in (200, 404):
+            raise TierError(f"{self.name}: HTTP {response.status_code} for {path}")
+        return response
 
     def close(self) -> None:
         self._client.close()
