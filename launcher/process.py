@@ -125,3 +125,24 @@ def port_is_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and its live descendants (breadth first), from /proc/PID/task/TID/children."""
+    seen: list[int] = []
+    queue = [root]
+    while queue:
+        pid = queue.pop(0)
+        if pid in seen or not os.path.exists(f"/proc/{pid}"):
+            continue
+        seen.append(pid)
+        try:
+            tids = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                queue += [int(c) for c in (tid / "children").read_text().split()]
+            except OSError:
+                continue
+    return seen

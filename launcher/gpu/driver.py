@@ -11,7 +11,11 @@ restore needs persistence mode or ``cuInit`` done in the caller, so ``restore`` 
 Why the driver API and not NVIDIA's ``cuda-checkpoint`` binary: it is a download we cannot ship, it is one
 process per call, and its errors are free text. The API reports a ``CUresult``; every failure is mapped
 here, at one boundary (``_call``), to a one-line ``GpuError``. The driver module is injectable: tests pass
-a fake with the same functions (``tests/launcher/fake_cuda.py``), everything else gets the real one.
+a fake with the same functions (``launcher/gpu/fake.py``), everything else gets the real one.
+
+The calls block without a timeout of their own (lock has one; checkpoint, restore and unlock do not) and a
+thread cannot be cancelled: ``launcher/gpu/helper.py`` runs this class in a child process so that every
+call is bounded, and a call that hangs costs a killed helper rather than a stuck launcher.
 
 Without a driver, ``cuda.bindings`` raises ``DynamicLibNotFoundError`` (a ``RuntimeError``) on the first
 call instead of returning an error code; that becomes ``NoNvidiaDriver``.
@@ -79,6 +83,10 @@ _CALLS = tuple(
     for step in ("GetState", "GetRestoreThreadId", "Lock", "Checkpoint", "Restore", "Unlock")
 )
 _LOCK_TIMEOUT_RESULTS = frozenset({"CUDA_ERROR_TIMEOUT", "CUDA_ERROR_NOT_READY"})
+# The argument structs of the checkpoint API. cuda-bindings 12.x has the calls but not CUcheckpointGpuPair
+# (restore onto a GPU by UUID): 13.0 added it, so a 12.x install fails at the first remapped restore.
+_STRUCTS = ("CUcheckpointLockArgs", "CUcheckpointRestoreArgs", "CUcheckpointGpuPair", "CUuuid")
+UPGRADE_BINDINGS = "pip install 'cuda-bindings>=13,<14' (or 'coldstart[gpu]')"
 
 
 def uuid_bytes(gpu_uuid: str) -> bytes:
@@ -99,9 +107,7 @@ def _load_driver() -> Any:
     try:
         from cuda.bindings import driver
     except ImportError as exc:
-        raise CheckpointUnsupported(
-            "cuda-bindings is not installed: pip install 'coldstart[gpu]' (cuda-bindings>=12.8,<14)"
-        ) from exc
+        raise CheckpointUnsupported(f"cuda-bindings is not installed: {UPGRADE_BINDINGS}") from exc
     return driver
 
 
@@ -130,9 +136,7 @@ class CudaCheckpointAPI:
         driver = self.driver
         func = getattr(driver, call, None)
         if func is None:
-            raise CheckpointUnsupported(
-                f"cuda-bindings has no {call}: upgrade it to >= 12.8 (pip install 'coldstart[gpu]')"
-            )
+            raise CheckpointUnsupported(f"cuda-bindings has no {call}: {UPGRADE_BINDINGS}")
         try:
             result = func(*args)
         except RuntimeError as exc:
@@ -151,12 +155,12 @@ class CudaCheckpointAPI:
                 self._initialized = True
 
     def require_checkpoint_api(self) -> None:
-        """Raise ``CheckpointUnsupported`` when the bindings lack any ``cuCheckpointProcess*`` call."""
-        for call in _CALLS:
-            if getattr(self.driver, call, None) is None:
-                raise CheckpointUnsupported(
-                    f"cuda-bindings has no {call}: upgrade it to >= 12.8 (pip install 'coldstart[gpu]')"
-                )
+        """Raise ``CheckpointUnsupported`` when the bindings lack any ``cuCheckpointProcess*`` call or the
+        structs they take (``CUcheckpointGpuPair`` is missing before cuda-bindings 13)."""
+        for name in (*_CALLS, *_STRUCTS):
+            if getattr(self.driver, name, None) is None:
+                version = _bindings_version(self.driver)
+                raise CheckpointUnsupported(f"cuda-bindings{version} has no {name}: {UPGRADE_BINDINGS}")
 
     # -- queries ---------------------------------------------------------------------------------------
 
@@ -234,6 +238,11 @@ class CudaCheckpointAPI:
         if not explicit and all(uuid_bytes(a) == uuid_bytes(b) for a, b in gpu_pairs.items()):
             return None
         driver = self.driver
+        if getattr(driver, "CUcheckpointGpuPair", None) is None:
+            raise CheckpointUnsupported(
+                f"restore onto GPU {next(iter(gpu_pairs.values()))} needs CUcheckpointGpuPair, which "
+                f"cuda-bindings{_bindings_version(driver)} lacks: {UPGRADE_BINDINGS}"
+            )
         pairs = []
         for old, new in gpu_pairs.items():
             pair = driver.CUcheckpointGpuPair()
@@ -247,9 +256,30 @@ class CudaCheckpointAPI:
 
 
 def _cu_uuid(driver: Any, gpu_uuid: str) -> Any:
-    # CUuuid.bytes is read-only; the struct is built over a buffer and copied on assignment.
-    buf = ctypes.create_string_buffer(uuid_bytes(gpu_uuid), 16)
-    return driver.CUuuid(_ptr=ctypes.addressof(buf))
+    """A ``CUuuid`` that owns its 16 bytes.
+
+    ``CUuuid.bytes`` is read-only. ``CUuuid(_ptr=addr)`` would not copy: it reads ``addr`` for as long as it
+    lives, so a ctypes buffer freed on return leaves it pointing at freed memory. Instead the struct is
+    made with its own storage and the bytes are written into it (``getPtr()`` is its address).
+    """
+    raw = uuid_bytes(gpu_uuid)
+    cu_uuid = driver.CUuuid()
+    ctypes.memmove(int(cu_uuid.getPtr()), raw, len(raw))
+    if bytes(cu_uuid.bytes) != raw:  # a bindings change we have not seen: fail here, not in the driver
+        raise GpuError(f"could not build a CUuuid for {gpu_uuid}: upgrade coldstart")
+    return cu_uuid
+
+
+def _bindings_version(driver: Any) -> str:
+    """`` 12.9.0`` (with a leading space) for the real bindings, for error messages; ``""`` otherwise."""
+    if getattr(driver, "__name__", "") != "cuda.bindings.driver":
+        return ""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f" {version('cuda-bindings')}"
+    except PackageNotFoundError:
+        return ""
 
 
 def _check_pid(pid: int) -> int:

@@ -1,10 +1,11 @@
 """A simulated GPU host behind the interfaces of ``cuda.bindings.driver`` and ``pynvml``.
 
-Used where the real driver cannot exist (no GPU here; CI): unit tests of the CUDA checkpointer, and
-``coldstart-cuda-checkpoint --fake-host`` for a dry run. It keeps the CUDA checkpoint state machine per
-pid exactly as the driver documents it (RUNNING -lock-> LOCKED -checkpoint-> CHECKPOINTED -restore->
-LOCKED -unlock-> RUNNING; any other transition returns ``CUDA_ERROR_ILLEGAL_STATE``), records every
-call in order, and lets a test make one call fail with a chosen ``CUresult``.
+Used where the real driver cannot exist (no GPU here; CI): unit tests of the CUDA checkpointer, the
+driver helper process (``gpu/helper.py --fake-host``, built with ``to_spec``/``from_spec``) and
+``bench/gpu_coldstart.py --fake-gpu``. It keeps the CUDA checkpoint state machine per pid exactly as the
+driver documents it (RUNNING -lock-> LOCKED -checkpoint-> CHECKPOINTED -restore-> LOCKED -unlock->
+RUNNING; any other transition returns ``CUDA_ERROR_ILLEGAL_STATE``), records every call in order, lets a
+test make one call fail with a chosen ``CUresult``, and can make a call never return (``hang``).
 
     host = FakeGpuHost.with_gpus("NVIDIA H200", count=2)
     host.add_process(4242, gpus=[host.gpus[0].uuid], device_bytes=1 << 30)
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import json
+import threading
 import uuid as uuid_mod
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,8 +49,18 @@ class CUprocessState(enum.IntEnum):
 
 
 class CUuuid:
+    """Like the real one: reads through ``_ptr`` (no copy) or owns 16 bytes; ``bytes`` is read-only."""
+
     def __init__(self, _ptr: int = 0) -> None:
-        self.bytes = ctypes.string_at(_ptr, 16) if _ptr else bytes(16)
+        self._own = ctypes.create_string_buffer(16)
+        self._ptr = _ptr or ctypes.addressof(self._own)
+
+    @property
+    def bytes(self) -> bytes:
+        return ctypes.string_at(self._ptr, 16)
+
+    def getPtr(self) -> int:  # noqa: N802 -- cuda-bindings' name
+        return self._ptr
 
 
 class CUcheckpointLockArgs:
@@ -98,7 +111,41 @@ class FakeGpuHost:
     driver_installed: bool = True  # False: libcuda/libnvidia-ml missing, as on this machine
     processes: dict[int, FakeProcess] = field(default_factory=dict)
     calls: list[tuple[str, int | None]] = field(default_factory=list)
+    hang: set[str] = field(default_factory=set)  # calls that never return (a stuck driver)
     _faults: dict[tuple[str, int | None], list[CUresult]] = field(default_factory=dict)
+
+    def to_spec(self) -> str:
+        """JSON of the host (GPUs, processes, pending faults, hangs): the helper process rebuilds it."""
+        return json.dumps(
+            {
+                "driver_version": self.driver_version,
+                "cuda_version": self.cuda_version,
+                "has_checkpoint_api": self.has_checkpoint_api,
+                "driver_installed": self.driver_installed,
+                "gpus": [[g.uuid, g.name] for g in self.gpus],
+                "processes": [[p.pid, p.gpus, int(p.state)] for p in self.processes.values()],
+                "faults": [[c, pid, [r.name for r in q]] for (c, pid), q in self._faults.items()],
+                "hang": sorted(self.hang),
+            }
+        )
+
+    @classmethod
+    def from_spec(cls, text: str) -> FakeGpuHost:
+        raw = json.loads(text)
+        host = cls(
+            gpus=[FakeGpu(uuid=u, name=n) for u, n in raw["gpus"]],
+            driver_version=raw["driver_version"],
+            cuda_version=raw["cuda_version"],
+            has_checkpoint_api=raw["has_checkpoint_api"],
+            driver_installed=raw["driver_installed"],
+            hang=set(raw["hang"]),
+        )
+        for pid, gpus, state in raw["processes"]:
+            host.add_process(pid, gpus, state=CUprocessState(state))
+        for call, pid, results in raw["faults"]:
+            for result in results:
+                host.fail(call, result, pid=pid)
+        return host
 
     @classmethod
     def with_gpus(cls, name: str = "NVIDIA H200", count: int = 1, **kwargs: Any) -> FakeGpuHost:
@@ -161,6 +208,8 @@ class FakeDriver:
         if not self._host.driver_installed:  # what cuda.bindings raises on its first call
             raise RuntimeError('"cuda" is an NVIDIA driver library and can only be found via system search.')
         self._host.calls.append((call, pid))
+        if call in self._host.hang:
+            threading.Event().wait()  # never returns: only a kill ends it
         fault = self._host._fault(call, pid)
         if fault is not None:
             return fault, None

@@ -3,6 +3,7 @@ against the real ``cuda.bindings`` without a driver (this machine has none)."""
 
 from __future__ import annotations
 
+import ctypes
 import ctypes.util
 
 import pytest
@@ -10,10 +11,10 @@ import pytest
 from coldstart.launcher.gpu.driver import (
     CudaCheckpointAPI,
     CudaProcessState,
+    _cu_uuid,
     _map_result,
     uuid_bytes,
 )
-from coldstart.launcher.gpu.fake import CUresult, FakeGpuHost
 from coldstart.launcher.gpu.errors import (
     CheckpointUnsupported,
     CudaCallFailed,
@@ -22,6 +23,7 @@ from coldstart.launcher.gpu.errors import (
     LockTimeout,
     NoNvidiaDriver,
 )
+from coldstart.launcher.gpu.fake import CUresult, FakeGpuHost
 
 PID = 4242
 
@@ -76,7 +78,7 @@ def test_identity_pairs_restore_in_place_without_remap(host: FakeGpuHost) -> Non
 
 
 def test_real_bindings_build_gpu_pairs() -> None:
-    """The real cuda.bindings structs accept our UUIDs (CUuuid.bytes is read-only: built over a buffer)."""
+    """The real cuda.bindings structs accept our UUIDs (CUuuid.bytes is read-only: written via getPtr)."""
     from cuda.bindings import driver
 
     api = CudaCheckpointAPI(driver)
@@ -88,6 +90,49 @@ def test_real_bindings_build_gpu_pairs() -> None:
     lock_args = driver.CUcheckpointLockArgs()
     lock_args.timeoutMs = 1500
     assert lock_args.timeoutMs == 1500
+
+
+def test_cu_uuid_owns_its_bytes() -> None:
+    """A ``CUuuid(_ptr=...)`` over a temporary buffer reads freed memory once the buffer goes; ours must
+    hold its 16 bytes after everything it was made from is gone and the heap has been reused."""
+    import gc
+
+    from cuda.bindings import driver
+
+    text = "GPU-12345678-1234-1234-1234-123456789abc"
+    made = [_cu_uuid(driver, text) for _ in range(50)]
+    gc.collect()
+    noise = [ctypes.create_string_buffer(b"\xff" * 16, 16) for _ in range(5000)]
+    assert all(u.bytes == uuid_bytes(text) for u in made)
+    pair = driver.CUcheckpointGpuPair()
+    pair.oldUuid = made[0]
+    del made, noise
+    gc.collect()
+    assert pair.oldUuid.bytes == uuid_bytes(text)
+
+
+@pytest.mark.parametrize(
+    "missing", ["CUcheckpointGpuPair", "CUcheckpointRestoreArgs", "cuCheckpointProcessLock"]
+)
+def test_bindings_older_than_13_are_refused_up_front(missing: str) -> None:
+    """cuda-bindings 12.x has the calls but not CUcheckpointGpuPair: say so before the first remap."""
+    host = FakeGpuHost.with_gpus()
+    driver = host.driver
+    setattr(driver, missing, None)
+    with pytest.raises(CheckpointUnsupported, match=f"has no {missing}: pip install 'cuda-bindings>=13,<14'"):
+        CudaCheckpointAPI(driver).require_checkpoint_api()
+
+
+def test_remap_without_gpu_pair_struct_is_one_line_error(host: FakeGpuHost) -> None:
+    driver = host.driver
+    driver.CUcheckpointGpuPair = None  # type: ignore[assignment,misc]
+    api = CudaCheckpointAPI(driver)
+    api.lock(PID)
+    api.checkpoint(PID)
+    with pytest.raises(CheckpointUnsupported, match="needs CUcheckpointGpuPair"):
+        api.restore(PID, {host.gpus[0].uuid: host.gpus[1].uuid})
+    api.restore(PID)  # in place needs no pairs: still works
+    assert api.state(PID) is CudaProcessState.LOCKED
 
 
 @pytest.mark.parametrize(

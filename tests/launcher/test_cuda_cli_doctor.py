@@ -11,10 +11,10 @@ import sys
 import pytest
 
 from coldstart.launcher.cli import cuda_checkpoint as cli
-from coldstart.launcher.gpu.driver import CudaCheckpointAPI
-from coldstart.launcher.gpu.fake import CUprocessState, FakeGpuHost
 from coldstart.launcher.gpu.doctor import gpu_checks
+from coldstart.launcher.gpu.driver import CudaCheckpointAPI
 from coldstart.launcher.gpu.errors import GpuNotFound, NoNvidiaDriver
+from coldstart.launcher.gpu.fake import CUprocessState, FakeGpuHost
 from coldstart.launcher.gpu.inventory import gpu_fingerprint, gpu_processes, read_inventory
 
 PID = 777
