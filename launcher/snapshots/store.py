@@ -5,7 +5,10 @@
     <root>/<key>/image/...         the checkpointer's files (CRIU or runsc), nothing else
     <root>/.tmp-<key>-<pid>-<rand> a snapshot being written (renamed to <key> when complete)
     <root>/.bad-<key>-<time>       a snapshot that failed verification (kept for inspection; gc removes)
-    <root>/.state/                 digest caches (see file_digests.py), last-use stamps
+    <root>/.state/                 digest caches (see file_digests.py), last-use stamps, pull locks
+
+A snapshot pulled from another host (``remote.py``) lands here too, through ``commit_verified``: same
+folder, same manifest, so restoring it is a local restore.
 
 A folder named by a key is always complete: it is renamed into place only after every file and the
 manifest are written and fsynced. Replacing a snapshot (the host changed, or the old one was refused) moves
@@ -155,6 +158,22 @@ class SnapshotStore:
             "bytes": sum(f["size"] for f in files.values()),
         }
         write_text_atomic(pending.path / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+        return self._install(pending, manifest, cache)
+
+    def commit_verified(self, pending: PendingSnapshot, manifest: dict[str, Any]) -> Snapshot:
+        """Install a snapshot pulled from another host (``remote.py``) whose files were already checked
+        against ``manifest`` (sizes and SHA-256, hashed as they were written): fsync, keep the manifest
+        as published, rename into place."""
+        if manifest.get("format") != FORMAT or manifest.get("key") != pending.key:
+            raise SnapshotCorrupt(f"snapshot {pending.key}: pulled manifest has another format or key")
+        for rel in manifest["files"]:
+            with open(pending.path / rel, "rb") as f:
+                os.fsync(f.fileno())
+        write_text_atomic(pending.path / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+        return self._install(pending, manifest, self._verified_cache(pending.key))
+
+    def _install(self, pending: PendingSnapshot, manifest: dict[str, Any], cache: DigestCache) -> Snapshot:
+        files: dict[str, dict[str, Any]] = manifest["files"]
         _fsync_dir(pending.path)
         dest = self.root / pending.key
         trash = None

@@ -1,0 +1,338 @@
+"""Snapshots across hosts: publish a committed snapshot into an imagefs chunk store; find, gate and pull
+it on another host through that host's tiers (local chunk cache -> cache servers -> origin).
+
+Layout in the chunk store (``coldstart.imagefs.refs``)::
+
+    refs/snapshot.<key>   the ref: index digest, manifest digest, bytes, a summary for ``ls``
+    chunks/..             the manifest (one small blob), the index, the image files' 256 KiB chunks
+
+Pull, in the order that keeps a refused snapshot cheap (``pull``):
+    ref (nearest tier that has it) -> manifest blob (verified; a few KB) -> **gate** (checkpointer version,
+    host fingerprint, model files: the caller's) -> index blob (verified) -> chunks, fetched ahead by
+    ``workers`` threads, small files first, page images last, each verified, each file hashed as it is
+    written and compared with the manifest -> committed into the local ``SnapshotStore`` (atomic rename).
+    CRIU then restores from plain local files, exactly as a snapshot taken here.
+
+Why local files and not CRIU reading through the FUSE mount: CRIU reads every byte of every page image
+before the restored process runs (no lazy pages here), so a "restore profile" would list the whole image;
+what is left to win is fetching in parallel, and a file filled ahead is also what the second restore on
+this host reads at local-disk speed (the warm path is a local restore, ratio 1.0), with every chunk
+verified before CRIU opens a file instead of an EIO in the middle of a restore.
+
+Faults: an unreachable tier is skipped (the fetcher's cooldown) and the next one answers; a chunk failing
+its digest is discarded and fetched from the next tier; when no tier has a chunk the pull fails with
+``RemoteSnapshotError("fetch")`` and leaves nothing behind (the pending folder is removed; the chunk cache
+only ever holds verified chunks). Two launchers on one host pulling one snapshot: a file lock per key, the
+second waits and finds the first one's committed copy (fetched once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coldstart.imagefs.errors import ImageError
+from coldstart.imagefs.fetcher import Fetcher
+from coldstart.imagefs.index import ImageIndex
+from coldstart.imagefs.refs import Published, Ref, find_ref, materialize, publish, remove_ref
+from coldstart.imagefs.tiers import DirectoryTier, MemoryTier, Tier, open_tier
+from coldstart.launcher.errors import SnapshotError, UsageError
+from coldstart.launcher.snapshots.store import MANIFEST, Snapshot, SnapshotStore
+
+log = logging.getLogger("coldstart.snapshots")
+
+REF_PREFIX = "snapshot."
+DEFAULT_WORKERS = 8
+MEMORY_BYTES = 32 << 20  # the fetcher's memory tier: the manifest and index; pages go straight to files
+
+Gate = Callable[[dict[str, Any]], list[str]]  # manifest -> why it cannot restore here ([] = it can)
+
+
+def ref_name(key: str) -> str:
+    return REF_PREFIX + key
+
+
+class RemoteSnapshotError(SnapshotError):
+    """A remote snapshot could not be found, was refused by the gate, or could not be fetched."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason  # "missing", "gate", "fetch" or "digest": RestoreFailed's reason
+
+
+@dataclass
+class RemoteSnapshot:
+    key: str
+    ref: Ref
+    tier: str  # where the ref was found
+    manifest: dict[str, Any]
+
+    @property
+    def total_bytes(self) -> int:
+        return int(self.manifest.get("bytes", self.ref.bytes))
+
+
+@dataclass
+class PullReport:
+    key: str
+    bytes: int  # the snapshot's image bytes
+    remote_bytes: int = 0  # bytes that came from cache servers or the origin
+    local_bytes: int = 0  # bytes from the local chunk cache
+    already_local: bool = False  # another puller on this host got it first
+    phases: dict[str, float] = field(default_factory=dict)
+    tiers: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.phases.values())
+
+
+def parse_tiers(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+class SnapshotTiers:
+    """Where this host finds (``tiers``, nearest first, origin last) and publishes (``publish_to``, a chunk
+    store directory, normally the origin or the store a ``coldstart image serve`` serves) snapshots."""
+
+    def __init__(
+        self,
+        tiers: list[str],
+        cache_dir: Path | None = None,
+        publish_to: Path | None = None,
+        *,
+        workers: int = DEFAULT_WORKERS,
+    ) -> None:
+        if not tiers and publish_to is None:
+            raise UsageError("remote snapshots need --snapshot-tiers or --snapshot-publish")
+        self.tiers = list(tiers)
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.publish_to = Path(publish_to) if publish_to else None
+        self.workers = workers
+
+    # -- publishing -------------------------------------------------------------------------------
+    def publish(self, snapshot: Snapshot) -> Published:
+        """Publish a committed local snapshot into ``publish_to`` (chunks, index, manifest, then the ref)."""
+        if self.publish_to is None:
+            raise UsageError("no store to publish into: pass --snapshot-publish DIR")
+        manifest_bytes = (snapshot.path / MANIFEST).read_bytes()
+        ident = snapshot.manifest.get("identity", {})
+        summary = {
+            "engine": ident.get("engine", {}).get("engine"),
+            "engine_version": ident.get("engine", {}).get("engine_version"),
+            "model": ident.get("engine", {}).get("model"),
+            "checkpointer": f"{ident.get('checkpointer')} {ident.get('checkpointer_version')}",
+            "created_at": snapshot.manifest.get("created_at"),
+        }
+        try:
+            done = publish(
+                snapshot.image_dir,
+                self.publish_to,
+                ref_name(snapshot.key),
+                {"manifest": manifest_bytes},
+                extra=summary,
+            )
+        except (ImageError, OSError) as exc:
+            raise SnapshotError(
+                f"publishing snapshot {snapshot.key} to {self.publish_to} failed: {exc}"
+            ) from exc
+        log.info(
+            "snapshot %s published to %s: %.1f MB, %d new chunks, %.2fs",
+            snapshot.key, self.publish_to, done.ref.bytes / 1e6, done.new_chunks, done.seconds,
+            extra={"event": "snapshot_published", "key": snapshot.key},
+        )  # fmt: skip
+        return done
+
+    # -- finding ----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _fetcher(self) -> Iterator[Fetcher]:
+        remotes: list[Tier] = []
+        try:
+            for url in self.tiers:
+                remotes.append(open_tier(url))
+        except ImageError as exc:
+            for tier in remotes:
+                tier.close()
+            raise UsageError(f"--snapshot-tiers: {exc}") from exc
+        disk = (
+            DirectoryTier(self.cache_dir, name=f"cache:{self.cache_dir}", writable=True)
+            if self.cache_dir
+            else None
+        )
+        fetcher = Fetcher(MemoryTier(MEMORY_BYTES), disk, remotes)
+        try:
+            yield fetcher
+        finally:
+            fetcher.close()
+
+    def _remotes(self, fetcher: Fetcher) -> list[Tier]:
+        return fetcher.tiers[len(fetcher.tiers) - len(self.tiers) :]
+
+    def _find(self, fetcher: Fetcher, key: str) -> RemoteSnapshot | None:
+        try:
+            found = find_ref(self._remotes(fetcher), ref_name(key))
+        except ImageError as exc:
+            raise RemoteSnapshotError("fetch", f"snapshot {key}: {exc}") from exc
+        if found is None:
+            return None
+        ref, tier = found
+        if "manifest" not in ref.blobs:
+            raise RemoteSnapshotError("digest", f"snapshot {key} on {tier}: its ref names no manifest")
+        try:
+            manifest = json.loads(fetcher.get(ref.blobs["manifest"]))
+        except ImageError as exc:
+            raise RemoteSnapshotError("fetch", f"snapshot {key}: manifest unavailable: {exc}") from exc
+        except ValueError as exc:
+            raise RemoteSnapshotError("digest", f"snapshot {key} on {tier}: manifest is not JSON") from exc
+        if manifest.get("key") != key:
+            raise RemoteSnapshotError(
+                "digest", f"snapshot {key} on {tier}: manifest is for {manifest.get('key')}"
+            )
+        return RemoteSnapshot(key, ref, tier, manifest)
+
+    def find(self, key: str) -> RemoteSnapshot | None:
+        """The snapshot's ref and verified manifest from the nearest tier; None when no tier has it."""
+        with self._fetcher() as fetcher:
+            return self._find(fetcher, key)
+
+    def ls(self) -> list[RemoteSnapshot]:
+        """Every snapshot the nearest answering tier lists (manifests fetched: they are small)."""
+        with self._fetcher() as fetcher:
+            names: list[str] = []
+            for tier in self._remotes(fetcher):
+                try:
+                    names = tier.list_refs(REF_PREFIX)
+                except ImageError as exc:
+                    log.warning("cannot list snapshots on %s: %s", tier.name, exc)
+                    continue
+                break
+            out = []
+            for name in names:
+                with contextlib.suppress(RemoteSnapshotError):
+                    found = self._find(fetcher, name.removeprefix(REF_PREFIX))
+                    if found is not None:
+                        out.append(found)
+            return out
+
+    def rm(self, key: str) -> bool:
+        """Remove a snapshot's ref from ``publish_to`` (its chunks go at the next ``gc``)."""
+        if self.publish_to is None:
+            raise UsageError("removing a remote snapshot needs the store directory: --snapshot-publish DIR")
+        return remove_ref(self.publish_to, ref_name(key))
+
+    # -- pulling ----------------------------------------------------------------------------------
+    def pull(
+        self,
+        key: str,
+        store: SnapshotStore,
+        gate: Gate | None = None,
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple[Snapshot, PullReport]:
+        """Find, gate and fetch snapshot ``key`` into ``store``; one puller per key per host at a time."""
+        t0 = time.monotonic()
+        with _pull_lock(store, key):
+            waited = time.monotonic() - t0
+            local = store.lookup(key)
+            if local is not None:  # another puller (or a snapshot taken here) got there first
+                report = PullReport(key, local.total_bytes, already_local=True, phases={"lock": waited})
+                return local, report
+            with self._fetcher() as fetcher:
+                snapshot, report = self._pull(fetcher, key, store, gate, progress)
+                report.phases["lock"] = waited
+                t = time.monotonic()
+            report.phases["cache_flush"] = time.monotonic() - t  # close() writes what the cache still lacks
+            return snapshot, report
+
+    def _pull(
+        self,
+        fetcher: Fetcher,
+        key: str,
+        store: SnapshotStore,
+        gate: Gate | None,
+        progress: Callable[[int], None] | None,
+    ) -> tuple[Snapshot, PullReport]:
+        phases: dict[str, float] = {}
+        t = time.monotonic()
+        found = self._find(fetcher, key)
+        if found is None:
+            raise RemoteSnapshotError(
+                "missing", f"no snapshot {key} locally or on tiers {', '.join(self.tiers)}"
+            )
+        phases["manifest"] = time.monotonic() - t
+        t = time.monotonic()
+        problems = gate(found.manifest) if gate is not None else []
+        phases["gate"] = time.monotonic() - t
+        if problems:  # refused before a byte of the image is fetched
+            raise RemoteSnapshotError(
+                "gate", f"snapshot {key} on {found.tier} does not fit this host: " + "; ".join(problems)
+            )
+        t = time.monotonic()
+        try:
+            index = ImageIndex.from_bytes(fetcher.get(found.ref.index), f"snapshot {key} index")
+        except ImageError as exc:
+            raise RemoteSnapshotError("fetch", f"snapshot {key}: index unavailable: {exc}") from exc
+        phases["index"] = time.monotonic() - t
+        files: dict[str, Any] = found.manifest.get("files") or {}
+        report = PullReport(key, int(found.manifest.get("bytes", 0)), phases=phases)
+        with store.begin(key) as pending:
+            t = time.monotonic()
+            try:
+                written = materialize(
+                    index, fetcher.get, pending.image_dir, workers=self.workers, progress=progress
+                )
+            except ImageError as exc:
+                raise RemoteSnapshotError("fetch", f"snapshot {key}: {exc}") from exc
+            phases["fetch"] = time.monotonic() - t
+            got = {f"image/{rel}": meta for rel, meta in written.items()}
+            if set(got) != set(files):
+                raise RemoteSnapshotError(
+                    "digest", f"snapshot {key}: published files differ from its manifest's; publish it again"
+                )
+            for rel, meta in got.items():
+                if meta.size != files[rel]["size"] or meta.sha256 != files[rel]["sha256"]:
+                    raise RemoteSnapshotError(
+                        "digest", f"snapshot {key}: {rel} does not match its manifest; publish it again"
+                    )
+            t = time.monotonic()
+            snapshot = store.commit_verified(pending, found.manifest)
+            phases["commit"] = time.monotonic() - t
+        stats = fetcher.stats()
+        report.tiers = stats
+        report.remote_bytes = fetcher.remote_bytes()
+        report.local_bytes = sum(s["bytes"] for name, s in stats.items() if name.startswith("cache:"))
+        log.info(
+            "snapshot %s pulled from %s: %.1f MB (%.1f MB over the network) in %.2fs",
+            key, found.tier, report.bytes / 1e6, report.remote_bytes / 1e6, sum(phases.values()),
+            extra={"event": "snapshot_pulled", "key": key, "remote_bytes": report.remote_bytes},
+        )  # fmt: skip
+        return snapshot, report
+
+
+@contextlib.contextmanager
+def _pull_lock(store: SnapshotStore, key: str) -> Iterator[None]:
+    store.state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(store.state_dir / f"{key}.pull.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def remote_for(config: Any) -> SnapshotTiers | None:
+    """The ``SnapshotTiers`` a ``ServeConfig`` asks for (``--snapshot-tiers``, ``--snapshot-cache``,
+    ``--snapshot-publish``), or None."""
+    tiers = parse_tiers(getattr(config, "snapshot_tiers", None))
+    publish_to = getattr(config, "snapshot_publish", None)
+    if not tiers and publish_to is None:
+        return None
+    return SnapshotTiers(tiers, getattr(config, "snapshot_cache", None), publish_to)

@@ -1,0 +1,295 @@
+"""Snapshots across hosts through imagefs tiers.
+
+Fast part (no engine): a snapshot-shaped folder committed on "host A", published into an origin store,
+served by a real ``coldstart image serve`` cache server, pulled on "host B" (its own store and chunk
+cache): gate before any image byte, digest failures refetched from the next tier, a cache server killed
+mid-pull, no tier at all, two pullers fetching once.
+
+Slow part (``test_two_hosts``, marked slow): two network namespaces, a real ``transformers serve`` on the
+tiny model, CRIU, ``coldstart-serve`` on each host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from support import free_port
+
+from coldstart.imagefs.store import ChunkStore
+from coldstart.launcher.snapshots.remote import RemoteSnapshotError, SnapshotTiers, ref_name
+from coldstart.launcher.snapshots.store import SnapshotStore
+
+CHUNK = 256 * 1024
+KEY = "0123456789abcdef01234567"
+
+
+class ChunkServer:
+    """A ``coldstart image serve`` process (the cache server / origin of a host)."""
+
+    def __init__(self, store: Path, upstream: str | None, log: Path, argv_prefix: list[str] | None = None,
+                 host: str = "127.0.0.1") -> None:  # fmt: skip
+        self.port = free_port()
+        self.url = f"http://{host}:{self.port}"
+        args = [*(argv_prefix or []), sys.executable, "-m", "coldstart.imagefs.cli", "serve"]
+        args += ["--store", str(store), "--host", host, "--port", str(self.port)]
+        args += ["--upstream", upstream] if upstream else []
+        self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"chunk server exited: {log.read_text()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/healthz", timeout=1, trust_env=False).status_code == 200:
+                    return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("chunk server did not come up in 30 s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def chunk_server(tmp_path: Path) -> Iterator[Callable[..., ChunkServer]]:
+    servers: list[ChunkServer] = []
+
+    def start(store: Path, upstream: str | None = None, **kw: object) -> ChunkServer:
+        server = ChunkServer(store, upstream, tmp_path / f"server{len(servers)}.log", **kw)  # type: ignore[arg-type]
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def fake_snapshot(root: Path, key: str = KEY, pages_mb: int = 24) -> SnapshotStore:
+    """A committed snapshot with CRIU-like files: small metadata files and one large page image."""
+    store = SnapshotStore(root)
+    with store.begin(key) as pending:
+        (pending.image_dir / "inventory.img").write_bytes(os.urandom(200))
+        (pending.image_dir / "core-1.img").write_bytes(os.urandom(9000))
+        (pending.image_dir / "pages-1.img").write_bytes(os.urandom(pages_mb << 20))
+        (pending.image_dir / "coldstart-criu.json").write_text('{"pipes": []}')
+        store.commit(pending, {"identity": {"engine": {"engine": "fake"}}, "created_at": "now"})
+    return store
+
+
+@pytest.fixture
+def published(tmp_path: Path, chunk_server):  # type: ignore[no-untyped-def]
+    """(host A's store, the origin store dir, a cache server in front of the origin)."""
+    a = fake_snapshot(tmp_path / "a-snapshots")
+    origin = tmp_path / "origin"
+    SnapshotTiers([], publish_to=origin).publish(a.lookup(KEY))
+    server = chunk_server(tmp_path / "az-cache", upstream=chunk_server(origin).url)
+    return a, origin, server
+
+
+def same_files(a: SnapshotStore, b: SnapshotStore, key: str = KEY) -> None:
+    sa, sb = a.lookup(key), b.lookup(key)
+    assert sa is not None and sb is not None
+    assert sb.manifest == sa.manifest
+    for rel in sa.manifest["files"]:
+        assert (sb.path / rel).read_bytes() == (sa.path / rel).read_bytes()
+    b.verify(sb, full=True)
+
+
+def test_pull_through_cache_server_into_empty_host(tmp_path: Path, published) -> None:  # type: ignore[no-untyped-def]
+    a, origin, server = published
+    b = SnapshotStore(tmp_path / "b-snapshots")
+    tiers = SnapshotTiers([server.url, str(origin)], cache_dir=tmp_path / "b-cache")
+    found = tiers.find(KEY)
+    assert found is not None and found.tier == server.url and found.manifest["key"] == KEY
+    snap, report = tiers.pull(KEY, b)
+    same_files(a, b)
+    assert report.bytes == snap.total_bytes
+    assert report.remote_bytes <= report.bytes * 1.01 + 64 * 1024  # + the manifest and index
+    assert report.tiers[server.url]["bytes"] >= report.bytes  # all through the cache server
+    # A second pull on B (another key's folder removed, chunks cached): nothing crosses the network.
+    b.rm(KEY)
+    _, again = tiers.pull(KEY, b)
+    assert again.remote_bytes < 64 * 1024  # only the ref's manifest/index re-read: they are cached too
+    assert again.local_bytes >= report.bytes
+    same_files(a, b)
+
+
+def test_gate_refuses_before_any_image_byte(tmp_path: Path, published) -> None:  # type: ignore[no-untyped-def]
+    _, origin, server = published
+    b = SnapshotStore(tmp_path / "b-snapshots")
+    cache = tmp_path / "b-cache"
+    tiers = SnapshotTiers([server.url, str(origin)], cache_dir=cache)
+    seen = []
+    with pytest.raises(RemoteSnapshotError) as info:
+        tiers.pull(KEY, b, gate=lambda m: seen.append(m["key"]) or ["cpu flag avx512f missing on this host"])
+    assert info.value.reason == "gate" and "avx512f" in str(info.value)
+    assert seen == [KEY]
+    cached = [p for p in cache.rglob("*") if p.is_file()]
+    assert len(cached) <= 1 and all(p.stat().st_size < 64 * 1024 for p in cached)  # the manifest at most
+    assert b.lookup(KEY) is None and not [p for p in b.root.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_missing_snapshot_says_so(tmp_path: Path, published) -> None:  # type: ignore[no-untyped-def]
+    _, origin, server = published
+    with pytest.raises(RemoteSnapshotError) as info:
+        SnapshotTiers([server.url, str(origin)]).pull("f" * 24, SnapshotStore(tmp_path / "b"))
+    assert info.value.reason == "missing"
+
+
+def test_corrupt_chunk_on_cache_server_is_refetched_from_origin(tmp_path: Path, published) -> None:  # type: ignore[no-untyped-def]
+    a, origin, server = published
+    # Warm the cache server, then flip a byte of one of its page chunks.
+    SnapshotTiers([server.url]).pull(KEY, SnapshotStore(tmp_path / "warm"))
+    az = ChunkStore(tmp_path / "az-cache")
+    victim = next(
+        p for p in (tmp_path / "az-cache" / "chunks").rglob("*") if p.is_file() and p.stat().st_size == CHUNK
+    )
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    b = SnapshotStore(tmp_path / "b-snapshots")
+    cache = tmp_path / "b-cache"
+    _, report = SnapshotTiers([server.url, str(origin)], cache_dir=cache).pull(KEY, b)
+    same_files(a, b)
+    assert report.tiers[f"dir:{origin}"]["hits"] >= 1  # the bad chunk came from the origin
+    assert az.read(victim.name) is not None
+    for path in cache.rglob("*"):  # the local cache holds only verified chunks
+        if path.is_file():
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name
+
+
+def test_cache_server_killed_mid_pull_falls_back_to_origin(tmp_path: Path, published) -> None:  # type: ignore[no-untyped-def]
+    a, origin, server = published
+    b = SnapshotStore(tmp_path / "b-snapshots")
+    pulled = 0
+    lock = threading.Lock()
+
+    def progress(n: int) -> None:
+        nonlocal pulled
+        with lock:
+            pulled += n
+            if pulled >= 4 * CHUNK and server.proc.poll() is None:
+                server.proc.kill()
+                server.proc.wait()
+
+    _, report = SnapshotTiers([server.url, str(origin)], cache_dir=tmp_path / "b-cache").pull(
+        KEY, b, progress=progress
+    )
+    same_files(a, b)
+    assert report.tiers[server.url]["errors"] >= 1
+    assert report.tiers[f"dir:{origin}"]["bytes"] > 0
+
+
+def test_no_tier_has_it_fails_and_leaves_nothing(tmp_path: Path, published) -> None:  # type: ignore[no-untyped-def]
+    _, _, server = published
+    b = SnapshotStore(tmp_path / "b-snapshots")
+    cache = tmp_path / "b-cache"
+
+    def progress(n: int) -> None:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
+
+    with pytest.raises(RemoteSnapshotError) as info:
+        SnapshotTiers([server.url], cache_dir=cache).pull(KEY, b, progress=progress)
+    assert info.value.reason == "fetch" and "is on no tier" in str(info.value)
+    assert b.lookup(KEY) is None and not [p for p in b.root.iterdir() if p.name.startswith(".tmp-")]
+    for path in cache.rglob("*"):
+        if path.is_file():
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name
+
+
+def test_two_pullers_on_one_host_fetch_once(tmp_path: Path, published) -> None:  # type: ignore[no-untyped-def]
+    a, origin, server = published
+    b = SnapshotStore(tmp_path / "b-snapshots")
+    reports = []
+
+    def pull() -> None:
+        tiers = SnapshotTiers([server.url, str(origin)], cache_dir=tmp_path / "b-cache")
+        reports.append(tiers.pull(KEY, b)[1])
+
+    threads = [threading.Thread(target=pull) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    same_files(a, b)
+    assert sorted(r.already_local for r in reports) == [False, True]
+    assert sum(r.remote_bytes for r in reports) <= a.lookup(KEY).total_bytes + 64 * 1024
+
+
+def test_ls_rm_and_gc_of_the_origin(tmp_path: Path, published) -> None:  # type: ignore[no-untyped-def]
+    from coldstart.imagefs.refs import gc
+
+    _, origin, server = published
+    tiers = SnapshotTiers([server.url], publish_to=origin)
+    assert [s.key for s in tiers.ls()] == [KEY]
+    assert gc(origin, min_age_s=0).removed_chunks == 0  # everything is named by the ref
+    assert tiers.rm(KEY)
+    assert tiers.ls() == [] and tiers.find(KEY) is None
+    result = gc(origin, min_age_s=0)
+    assert result.removed_chunks > 0 and result.kept_chunks == 0
+    assert not (origin / "refs" / ref_name(KEY)).exists()
+
+
+def test_cli_push_ls_inspect_pull_rm_gc(tmp_path: Path, chunk_server, capsys) -> None:  # type: ignore[no-untyped-def]
+    from coldstart.launcher.cli import snapshot as cli
+    from coldstart.launcher.snapshots.fingerprint import HostFingerprint
+    from coldstart.launcher.snapshots.identity import SnapshotIdentity
+
+    other_host = HostFingerprint(arch="x86_64", kernel="6.1", cpu_model="Xeon", cpu_flags=("avx512f",))
+    ident = SnapshotIdentity(
+        engine={"engine": "transformers", "engine_version": "5", "model": "/m", "engine_args": []},
+        warmup=[],
+        canary={"path": "/v1/completions", "body": {"temperature": 0}},
+        checkpointer="criu",
+        checkpointer_version="4.2.1",
+        hooks_version="1",
+        image_digest=None,
+        fingerprint=other_host,
+    )
+    a = SnapshotStore(tmp_path / "a")
+    with a.begin(ident.key) as pending:
+        (pending.image_dir / "pages-1.img").write_bytes(os.urandom(3 * CHUNK + 5))
+        a.commit(pending, {"identity": ident.to_json(), "canary": {"text": "hi"}})
+    origin = tmp_path / "origin"
+    assert (
+        cli.main(["--snapshot-dir", str(a.root), "--snapshot-publish", str(origin), "push", ident.key[:6]])
+        == 0
+    )
+    assert "pushed " + ident.key in capsys.readouterr().out
+    server = chunk_server(origin)
+    b = ["--snapshot-dir", str(tmp_path / "b"), "--snapshot-tiers", server.url]
+    assert cli.main([*b, "ls"]) == 0
+    out = capsys.readouterr().out
+    assert ident.key[:12] in out and server.url in out
+    assert cli.main([*b, "inspect", ident.key[:8]]) == 1  # another host's fingerprint: refused, says why
+    out = capsys.readouterr().out
+    assert '"remote"' in out and "fits this host: no:" in out
+    assert cli.main([*b, "pull", ident.key[:8]]) == 1  # the gate refuses before any image byte
+    assert "does not fit this host" in capsys.readouterr().err
+    assert SnapshotStore(tmp_path / "b").ls() == []
+    assert cli.main([*b, "pull", ident.key[:8], "--force"]) == 0
+    assert "pulled " + ident.key in capsys.readouterr().out
+    assert [s.key for s in SnapshotStore(tmp_path / "b").ls()] == [ident.key]
+    pub = ["--snapshot-publish", str(origin)]
+    assert cli.main([*pub, "rm", "--remote", ident.key[:6]]) == 0
+    assert cli.main([*pub, "gc", "--remote", "--min-age", "0"]) == 0
+    assert "removed 6 chunks" in capsys.readouterr().out  # 4 page chunks, the index, the manifest
