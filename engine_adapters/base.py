@@ -117,6 +117,11 @@ class EngineAdapter(abc.ABC):
     async def after_restore(self, client: httpx.AsyncClient, base_url: str) -> None:
         """Undo ``before_checkpoint`` on a restored (or resumed) engine before it takes traffic."""
 
+    def canary_fields(self, chat: bool) -> dict[str, Any]:
+        """Extra request fields that make the engine report what it computed (token ids, logprobs) in the
+        canary answer; {} for engines that refuse unknown fields (``transformers serve`` answers 422)."""
+        return {}
+
     def identity(self, config: EngineConfig) -> dict[str, Any]:
         """Everything of this engine that shapes the process; hashed into the snapshot identity."""
         return {

@@ -1,8 +1,13 @@
 """``ServeConfig``: every option of ``coldstart-serve``, written once.
 
-The CLI's options are generated from this dataclass (``cli_serve.py``), and Python users call
-``coldstart.launcher.server.run(ServeConfig(...))`` directly, as uvicorn's ``main()`` -> ``run(Config)``.
-Each field's ``metadata["help"]`` is its ``--help`` text; ``metadata["cli"]`` overrides the flag name.
+The CLI's options are generated from this dataclass (``cli/serve.py``), and Python users call
+``coldstart.launcher.run(ServeConfig(...))`` directly, as uvicorn's ``main()`` -> ``run(Config)``.
+Each field's ``metadata["help"]`` is its ``--help`` text; ``metadata["cli"] = False`` keeps a field off the
+command line (recipe-only settings). ``settings.py`` is the one place that turns a ``ServeConfig`` into what
+the engine, the autoscaler and the snapshot manager take.
+
+Defaults that depend on the environment (``$XDG_CACHE_HOME``) are read when a config is made, never at
+import time.
 """
 
 from __future__ import annotations
@@ -10,15 +15,45 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+ModelSize = Literal["tiny", "qwen3-0.6b"]
 
 
-def _default_cache() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "coldstart"
+def coldstart_cache() -> Path:
+    """``$XDG_CACHE_HOME/coldstart`` (default ``~/.cache/coldstart``), read at call time."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "coldstart"
 
 
-def opt(default: object, help: str, **extra: object) -> object:  # noqa: A002 - mirrors argparse
+def opt(default: object, help: str, **extra: object) -> Any:  # noqa: A002 - mirrors argparse
     return field(default=default, metadata={"help": help, **extra})
+
+
+def cache_opt(sub: str, help: str) -> Any:  # noqa: A002
+    """A path under the coldstart cache, resolved when the config is made (``--help`` shows the rule)."""
+    return field(
+        default_factory=lambda: coldstart_cache() / sub,
+        metadata={"help": help, "default_text": f"$XDG_CACHE_HOME/coldstart/{sub}"},
+    )
+
+
+@dataclass(frozen=True)
+class WarmupRequest:
+    """One request sent after the engine is healthy and before the checkpoint (JSON body). The launcher
+    fills in ``model`` with the engine's own model name when the body leaves it out."""
+
+    path: str
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Canary:
+    """The greedy completion recorded before a checkpoint that must come back identical after restore
+    (token ids, and logprobs where the engine reports them)."""
+
+    prompt: str
+    max_tokens: int = 8
+    chat: bool = True  # /v1/chat/completions with one user message, else /v1/completions
 
 
 @dataclass
@@ -48,8 +83,8 @@ class ServeConfig:
         "checkpointer: auto (the best 'coldstart doctor' finds), criu, runsc, cuda (CUDA + CRIU) or off",
         choices=("auto", "criu", "runsc", "cuda", "off"),
     )
-    snapshot_dir: Path = opt(_default_cache() / "snapshots", "where snapshots are stored")
-    work_dir: Path = opt(_default_cache() / "run", "scratch space for replicas (sandboxes, logs)")
+    snapshot_dir: Path = cache_opt("snapshots", "where snapshots are stored")
+    work_dir: Path = cache_opt("run", "scratch space for replicas (sandboxes, logs)")
     image: Path | None = opt(
         None,
         "run the engine from this imagefs index, mounted lazily; {image} in MODEL "
@@ -65,10 +100,12 @@ class ServeConfig:
         None, "local disk cache for image chunks (default: ~/.cache/coldstart/chunks)"
     )
 
-    # From recipes only (no flag): engine environment, warm-up requests, canary prompt.
+    # From recipes only (no flag): engine environment, warm-up requests, canary prompt, and how to make a
+    # missing local model (done when serving starts, never while arguments are parsed).
     engine_env: dict[str, str] = field(default_factory=dict, metadata={"cli": False})
-    warmup: tuple[Any, ...] = field(default=(), metadata={"cli": False})
-    canary: Any = field(default=None, metadata={"cli": False})
+    warmup: tuple[WarmupRequest, ...] = field(default=(), metadata={"cli": False})
+    canary: Canary | None = field(default=None, metadata={"cli": False})
+    make_model: ModelSize | None = field(default=None, metadata={"cli": False})
 
     log_format: str = opt("text", "log lines as 'text' or 'json'", choices=("text", "json"))
     log_level: str = opt(

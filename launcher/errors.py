@@ -1,25 +1,42 @@
-"""Errors of the launcher: every one is a single line a user can act on.
+"""Errors of the launcher, in one tree: every one is a single line a user can act on.
 
     ColdstartError                 base; ``str(exc)`` is the one-line message shown by the CLIs
     ├── UsageError                 bad command line or config (exit code 2)
+    │   └── RecipeError            a recipe that does not exist, parse or fit the schema (names the key)
     ├── PortInUse                  the proxy's (or engine's) port is taken
     ├── EngineExited               the engine died while booting (carries the tail of its log)
     ├── BootTimeout                the engine did not become healthy in time (carries the tail of its log)
     ├── WarmupFailed               a warm-up request failed
     ├── ReplicaStateError          an operation illegal in the replica's current state
+    ├── QueueFull                  more requests waiting than --max-queue (503 to the client)
+    ├── QueueTimeout               no replica became ready within --queue-timeout (503 to the client)
+    ├── NetnsError                 a network namespace could not be created or removed
     ├── CheckpointerUnavailable    criu/runsc missing or unusable here (names the fix)
     ├── SnapshotError              a snapshot could not be written, read or verified
-    └── RestoreFailed              restore failed; ``reason`` is a short label for metrics
+    │   └── SnapshotCorrupt        a snapshot file is missing, has the wrong size or the wrong digest
+    ├── RestoreFailed              restore failed; ``reason`` (a ``RestoreReason``) labels metrics
+    └── GpuError                   the GPU layer (CUDA checkpoint driver API, NVML)
+        ├── NoNvidiaDriver         libcuda / libnvidia-ml not found: no NVIDIA driver on this host
+        ├── CheckpointUnsupported  the driver (or cuda-bindings) has no CUDA checkpoint API
+        ├── CudaCallFailed         a driver call returned an error; carries call, pid and CUresult name
+        │   └── LockTimeout        lock timed out; the process was left RUNNING (snapshot aborted)
+        ├── CudaCallTimeout        a call did not return in its bound; the helper running it was killed
+        ├── CudaStateError         a process was not in the state a step expects
+        ├── GpuRefused             a setup we refuse: tensor parallel > 1, old driver, other GPU model, ...
+        └── GpuNotFound            a GPU UUID that this host does not have
 
 Engine adapters raise their own ``coldstart.engine_adapters.errors.AdapterError`` tree (UnknownEngine,
-ModelNotFound, EngineNotInstalled, EngineCallFailed): adapters cannot import the launcher. The CLIs catch
-both trees (``USER_ERRORS``).
+ModelNotFound, EngineNotInstalled, EngineCallFailed): adapters cannot import the launcher. imagefs has its
+own ``ImageError``. The CLIs catch all three (``USER_ERRORS``).
 
-Foreign errors (subprocess, httpx, OSError) are mapped where they cross into the launcher with
-``raise ... from exc``; nothing below the CLI layer calls ``sys.exit``.
+Foreign errors are mapped at one boundary each, with ``raise ... from exc``: subprocess and OSError where a
+sandbox or checkpointer runs a tool, ``cuda.bindings``/``pynvml`` in ``gpu/driver.py`` and
+``gpu/inventory.py``, httpx in the boot and snapshot paths. Nothing below the CLI layer calls ``sys.exit``.
 """
 
 from __future__ import annotations
+
+from enum import StrEnum
 
 from coldstart.engine_adapters.errors import AdapterError
 
@@ -32,6 +49,10 @@ class ColdstartError(Exception):
 
 class UsageError(ColdstartError):
     exit_code = 2
+
+
+class RecipeError(UsageError):
+    """A recipe that does not exist, does not parse, or does not fit the schema (names the key)."""
 
 
 class PortInUse(ColdstartError):
@@ -60,6 +81,18 @@ class ReplicaStateError(ColdstartError):
     pass
 
 
+class QueueFull(ColdstartError):
+    pass
+
+
+class QueueTimeout(ColdstartError):
+    pass
+
+
+class NetnsError(ColdstartError):
+    """A network namespace could not be created or removed (needs root and iproute2)."""
+
+
 class CheckpointerUnavailable(ColdstartError):
     pass
 
@@ -68,12 +101,81 @@ class SnapshotError(ColdstartError):
     pass
 
 
+class SnapshotCorrupt(SnapshotError):
+    """A snapshot file is missing, has the wrong size or the wrong digest."""
+
+
+class RestoreReason(StrEnum):
+    """Why a restore failed: the ``reason`` label of ``coldstart_restore_failures_total``."""
+
+    MISSING = "missing"  # no snapshot for this identity
+    DIGEST = "digest"  # unreadable manifest, wrong size or digest
+    GATE = "gate"  # taken on a host or checkpointer this one does not fit
+    MODEL_FILES = "model_files"  # the model's files changed since the snapshot
+    CHECKPOINTER = "checkpointer"  # criu/runsc restore failed or the restored engine exited
+    TIMEOUT = "timeout"  # restore or health did not finish in time
+    HOOK = "hook"  # an after-restore hook failed
+    CANARY = "canary"  # the restored replica answered the canary differently
+    CUDA = "cuda"  # the CUDA driver could not restore the device state
+
+    @property
+    def replace_snapshot(self) -> bool:
+        """True when a fresh snapshot fixes it (damaged, foreign, stale); after the other failures a new
+        snapshot would fail alike."""
+        return self in (
+            RestoreReason.MISSING,
+            RestoreReason.DIGEST,
+            RestoreReason.GATE,
+            RestoreReason.MODEL_FILES,
+        )
+
+
 class RestoreFailed(ColdstartError):
     """A restore that did not produce a serving replica; the launcher cold-boots instead."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: RestoreReason, message: str) -> None:
         super().__init__(message)
-        self.reason = reason  # short label: gate, digest, checkpointer, canary, timeout, hook, ...
+        self.reason = RestoreReason(reason)  # a label outside the enum fails here, not silently later
+
+
+class GpuError(ColdstartError):
+    pass
+
+
+class NoNvidiaDriver(GpuError):
+    pass
+
+
+class CheckpointUnsupported(GpuError):
+    pass
+
+
+class CudaCallFailed(GpuError):
+    def __init__(self, message: str, *, call: str, pid: int | None, result: str) -> None:
+        super().__init__(message)
+        self.call = call
+        self.pid = pid
+        self.result = result  # CUresult name, e.g. CUDA_ERROR_ILLEGAL_STATE
+
+
+class LockTimeout(CudaCallFailed):
+    pass
+
+
+class CudaCallTimeout(GpuError):
+    """A driver call did not return within its bound; the helper process running it was killed."""
+
+
+class CudaStateError(GpuError):
+    pass
+
+
+class GpuRefused(GpuError):
+    pass
+
+
+class GpuNotFound(GpuError):
+    pass
 
 
 def _user_errors() -> tuple[type[Exception], ...]:

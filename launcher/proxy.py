@@ -1,14 +1,32 @@
 """The public OpenAI-compatible proxy (starlette): the only door to the replicas.
 
 Routes: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/responses``, ``/v1/embeddings`` are forwarded
-to the least-busy ready replica (requests are held while none is ready); ``/v1/models`` is answered here
-(some engines list a hub cache instead of the served model); ``/health`` and ``/metrics`` are the proxy's.
-Everything else is 404: engine control routes (``/sleep``, ``/wake_up``, ``/collective_rpc``,
-``/release_memory_occupation``, ...) have no authentication upstream and are never forwarded. This is an
-allow-list on purpose: a deny-list would leak each new control route an engine adds.
+to a ready replica (requests are held while none has room, see ``replicas.py``); ``/v1/models`` is answered
+here (some engines list a hub cache instead of the served model). Everything else is 404: engine control
+routes (``/sleep``, ``/wake_up``, ``/collective_rpc``, ``/release_memory_occupation``, ...) have no
+authentication upstream and are never forwarded. This is an allow-list on purpose: a deny-list would leak
+each new control route an engine adds.
+
+Probes: ``GET /health`` is 200 whenever the proxy is up (it accepts and holds requests even at zero
+replicas: a load tool waiting on it may start sending, and its requests start a replica); its body lists
+the replicas. ``GET /ready`` is 200 only while a replica is READY, else 503 (a readiness probe; it starts
+nothing). ``GET /metrics`` is Prometheus.
+
+Every error the proxy returns is OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``), also
+the engine's own (a FastAPI 422 ``{"detail": ...}`` or a plain-text 500 is wrapped, status kept), so the
+``openai`` client raises its typed errors with a readable message.
+
+Failures upstream: a connection error or read timeout is not proof that a replica is dead (the engine may
+have closed a keep-alive connection after answering a bad request with an error): the manager is asked to
+probe the replica (``suspect``), which it fails only if the engine exited or its health probe fails. A
+request is retried on another replica only when the connection could not be opened (nothing was sent);
+once bytes may have reached the engine it is never replayed silently (it may not be idempotent: it costs
+tokens, it may have side effects): the client gets a 502 saying so and decides. Connections that carried
+an error answer are closed, not pooled, and pooled ones idle no longer than engines keep them (uvicorn: 5 s).
 
 Streaming (SSE) is passed through chunk by chunk. If the engine dies mid-stream the client receives an
-OpenAI-shaped ``error`` event and the stream ends (the ``openai`` client raises), never a hang.
+OpenAI-shaped ``error`` event and the stream ends (the ``openai`` client raises), never a hang. A client
+that goes away cancels its upstream request, streaming or not (the engine sees the connection close).
 
 The data plane uses aiohttp's client, not httpx (which the control plane uses): measured on this project's
 2-core machine, a request through httpx's pool cost 1.0-2.0 ms against aiohttp's 0.4-0.5 ms, and the
@@ -17,28 +35,37 @@ proxy's goal is <= 1 ms added at p50 (bench/proxy_overhead.py).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from coldstart.launcher.errors import QueueFull, QueueTimeout, ReplicaStateError
 from coldstart.launcher.metrics import Metrics
 from coldstart.launcher.replica import Replica, ReplicaState
-from coldstart.launcher.replicas import QueueFull, QueueTimeout, ReplicaManager
+from coldstart.launcher.replicas import ReplicaManager
 
 log = logging.getLogger("coldstart.proxy")
 
 FORWARDED = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings")
 RETRY_AFTER_S = 5
-# Hop-by-hop headers (RFC 9110 7.6.1) and those the proxy recomputes.
+MAX_BODY_BYTES = 32 * 1024 * 1024  # a request body above this is refused (413) before it is read whole
+READ_TIMEOUT_S = 600.0  # longest silence from an engine within one answer (hung engines: replicas.py)
+POOL_IDLE_S = 3.0  # below uvicorn's keep-alive (5 s): never reuse a connection the engine is closing
+_ENGINE_ERROR_BYTES = 64 * 1024  # an engine's error body is read up to this to reshape it
+# Hop-by-hop headers (RFC 9110 7.6.1), those the proxy recomputes, and those its own server sets
+# (``date``, ``server``: uvicorn adds them; passing the engine's too would send each twice).
 _DROP = frozenset(
     {
         "connection",
@@ -53,6 +80,8 @@ _DROP = frozenset(
         "host",
         "authorization",
         "content-encoding",
+        "date",
+        "server",
     }
 )
 
@@ -64,6 +93,40 @@ def openai_error(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def shaped_engine_error(status: int, body: bytes) -> dict[str, Any] | None:
+    """The OpenAI-shaped body for an engine's error answer, or None when it already is one."""
+    text = body.decode(errors="replace")
+    try:
+        parsed: Any = json.loads(text)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        return None
+    message: str
+    if isinstance(parsed, dict) and "message" in parsed:  # vLLM's older {"object": "error", ...}
+        message = str(parsed["message"])
+    elif isinstance(parsed, dict) and "detail" in parsed:  # FastAPI: a string or pydantic's error list
+        detail = parsed["detail"]
+        if isinstance(detail, list):
+            parts = [
+                f"{'.'.join(map(str, d.get('loc', ())))}: {d.get('msg', d)}"
+                if isinstance(d, dict)
+                else str(d)
+                for d in detail
+            ]
+            message = "; ".join(parts)
+        else:
+            message = str(detail)
+    else:
+        message = text.strip()[:1000] or f"engine answered {status}"
+    type_ = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": type_, "param": None, "code": f"engine_{status}"}}
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
 class Proxy:
     def __init__(
         self,
@@ -72,23 +135,28 @@ class Proxy:
         public_model: str,
         upstream_model: str,
         api_key: str | None = None,
+        *,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        read_timeout: float = READ_TIMEOUT_S,
     ) -> None:
         self.manager = manager
         self.metrics = metrics
         self.public_model = public_model
         self.upstream_model = upstream_model
         self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+        self.read_timeout = read_timeout
         self.created = int(time.time())
         self._session: aiohttp.ClientSession | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
         # Created on first use, inside the running loop. No pool cap (1000s of concurrent streams), no
-        # read timeout (generation can be long), bytes passed through undecoded.
+        # total timeout (generation can be long) but a bound on silence, bytes passed through undecoded.
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=POOL_IDLE_S),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.read_timeout),
                 auto_decompress=False,
                 skip_auto_headers=("User-Agent",),
             )
@@ -99,9 +167,13 @@ class Proxy:
         routes += [
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
+            Route("/ready", self.ready, methods=["GET"]),
             Route("/metrics", self.metrics_route, methods=["GET"]),
         ]
-        return Starlette(routes=routes, exception_handlers={404: self._not_found, 405: self._not_allowed})
+        return Starlette(
+            routes=routes,
+            exception_handlers={404: self._not_found, 405: self._not_allowed, Exception: self._crashed},
+        )
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -118,6 +190,10 @@ class Proxy:
             "invalid_request_error",
             "method_not_allowed",
         )
+
+    async def _crashed(self, request: Request, exc: Exception) -> Response:
+        log.exception("proxy error on %s", request.url.path, exc_info=exc)
+        return openai_error(500, f"proxy error: {type(exc).__name__}", "server_error", "proxy_error")
 
     def _unauthorized(self, request: Request) -> Response | None:
         if self.api_key is None:
@@ -137,109 +213,168 @@ class Proxy:
         model = {"id": self.public_model, "object": "model", "created": self.created, "owned_by": "coldstart"}
         return JSONResponse({"object": "list", "data": [model]})
 
+    def _is_ready(self) -> bool:
+        return any(r.state is ReplicaState.READY for r in self.manager.replicas.values())
+
     async def health(self, request: Request) -> Response:
         replicas = [
             {"id": r.id, "state": r.state.value, "in_flight": r.in_flight, "how": r.how}
             for r in self.manager.replicas.values()
         ]
-        ready = any(r.state is ReplicaState.READY for r in self.manager.replicas.values())
-        body = {"status": "ok", "ready": ready, "replicas": replicas, "queue_depth": self.manager.queue_depth}
+        body = {
+            "status": "ok",
+            "ready": self._is_ready(),
+            "replicas": replicas,
+            "queue_depth": self.manager.queue_depth,
+        }
         return JSONResponse(body)
+
+    async def ready(self, request: Request) -> Response:
+        if self._is_ready():
+            return JSONResponse({"ready": True})
+        return openai_error(503, "no replica is ready (yet)", "server_overloaded", "not_ready")
 
     async def metrics_route(self, request: Request) -> Response:
         self.manager.update_gauges()  # current at scrape time, not as of the last scaling tick
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # ------------------------------------------------------------------ forwarding
+    async def _read_body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise _BodyTooLarge
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise _BodyTooLarge
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _parse(self, request: Request) -> dict[str, Any] | Response:
+        try:
+            raw = await self._read_body(request)
+        except _BodyTooLarge:
+            return openai_error(
+                413,
+                f"request body larger than {self.max_body_bytes} bytes",
+                "invalid_request_error",
+                "request_too_large",
+            )
+        try:
+            payload = json.loads(raw)
+        except UnicodeDecodeError:
+            return openai_error(400, "request body is not UTF-8 text", "invalid_request_error")
+        except ValueError as exc:  # JSONDecodeError
+            return openai_error(400, f"request body is not JSON: {exc}", "invalid_request_error")
+        except RecursionError:
+            return openai_error(400, "request body is JSON nested too deeply", "invalid_request_error")
+        if not isinstance(payload, dict):
+            return openai_error(400, "request body must be a JSON object", "invalid_request_error")
+        return payload
+
     async def forward(self, request: Request) -> Response:
         route = request.url.path
         if (denied := self._unauthorized(request)) is not None:
             return self._count(route, denied)
         try:
-            payload = json.loads(await request.body())
-        except json.JSONDecodeError as exc:
-            return self._count(
-                route, openai_error(400, f"request body is not JSON: {exc}", "invalid_request_error")
-            )
-        if not isinstance(payload, dict):
-            return self._count(
-                route, openai_error(400, "request body must be a JSON object", "invalid_request_error")
-            )
-        model = payload.get("model")
+            parsed = await self._parse(request)
+        except ClientDisconnect:
+            return self._count(route, Response(status_code=499))
+        if isinstance(parsed, Response):
+            return self._count(route, parsed)
+        model = parsed.get("model")
         if model not in (self.public_model, self.upstream_model):
             return self._count(
                 route,
                 openai_error(404, f"The model `{model}` does not exist.", "NotFoundError", "model_not_found"),
             )
-        payload["model"] = self.upstream_model
-        body = json.dumps(payload).encode()
+        parsed["model"] = self.upstream_model
+        body = json.dumps(parsed).encode()
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROP]
 
-        # One retry when the chosen replica turns out to be gone before a byte was sent.
+        # Until the answer starts, a client that goes away cancels the wait (queue or engine).
+        gone = asyncio.create_task(_disconnected(request))
+        work = asyncio.create_task(self._dispatch(route, body, headers))
+        try:
+            await asyncio.wait([work, gone], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():  # the client went away (or we are cancelled): stop the upstream call
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+        if work.cancelled():
+            return self._count(route, Response(status_code=499))  # nobody reads this: the client is gone
+        response, status = work.result()
+        return self._count(route, response, status)
+
+    async def _dispatch(
+        self, route: str, body: bytes, headers: list[tuple[str, str]]
+    ) -> tuple[Response, int | None]:
+        # Retry on another replica only when the connection could not be opened: nothing was sent.
         for attempt in (1, 2):
             try:
                 replica = await self.manager.acquire()
-            except QueueFull as exc:
-                return self._count(
-                    route,
-                    openai_error(
-                        503, str(exc), "server_overloaded", "queue_full", {"Retry-After": str(RETRY_AFTER_S)}
-                    ),
-                )
-            except QueueTimeout as exc:
-                return self._count(
-                    route,
-                    openai_error(
-                        503,
-                        str(exc),
-                        "server_overloaded",
-                        "queue_timeout",
-                        {"Retry-After": str(RETRY_AFTER_S)},
-                    ),
-                )
-            assert replica.sandbox is not None  # READY replicas always have one
+            except (QueueFull, QueueTimeout) as exc:
+                code = "queue_full" if isinstance(exc, QueueFull) else "queue_timeout"
+                retry = {"Retry-After": str(RETRY_AFTER_S)}
+                return openai_error(503, str(exc), "server_overloaded", code, retry), None
+            finished = False
             try:
-                response = await self.session.post(
-                    replica.sandbox.base_url + route, data=body, headers=headers
-                )
-            except aiohttp.ClientConnectionError as exc:
-                self.manager.release(replica)
-                await self.manager.replica_failed(replica, f"unreachable: {exc!r}")
-                if attempt == 2:
-                    return self._count(
-                        route,
-                        openai_error(
-                            502, f"replica {replica.id} unreachable", "server_error", "upstream_unreachable"
-                        ),
+                url = _base_url(replica) + route
+                try:
+                    response = await self.session.post(url, data=body, headers=headers)
+                except aiohttp.ClientConnectorError as exc:
+                    self.manager.suspect(replica, f"connection refused: {exc!r}")
+                    if attempt == 1:
+                        continue
+                    msg = f"replica {replica.id} unreachable; retry the request"
+                    return openai_error(502, msg, "server_error", "upstream_unreachable"), None
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    self.manager.suspect(replica, f"lost before answering: {exc!r}")
+                    msg = (
+                        f"replica {replica.id} closed the connection before answering "
+                        f"({type(exc).__name__}); the request may have reached the engine and was not retried"
                     )
-                continue
-            return self._count(route, await self._relay(replica, response), response.status)
-        raise AssertionError("unreachable")
+                    return openai_error(502, msg, "server_error", "upstream_lost"), None
+                result = await self._relay(replica, response)
+                finished = True  # _relay owns the release from here
+                return result, response.status
+            finally:
+                if not finished:
+                    self.manager.release(replica)
+        raise ReplicaStateError("unreachable: the retry loop always returns")
 
     async def _relay(self, replica: Replica, response: aiohttp.ClientResponse) -> Response:
         headers = {k: v for k, v in response.headers.items() if k.lower() not in _DROP}
+        if response.status >= 400 and response.connection is not None:
+            # Not back into the pool once read: engines may drop a connection after an error answer.
+            if (protocol := response.connection.protocol) is not None:
+                protocol.force_close()
         finish = _Finish(self.manager, replica, response)
-        if not response.headers.get("content-type", "").startswith("text/event-stream"):
-            # A whole answer: one body, one ASGI message (cheaper than a stream of chunks).
-            try:
-                body = await response.read()
-            except aiohttp.ClientError as exc:
-                await self.manager.replica_failed(replica, f"lost mid-response: {exc!r}")
-                return openai_error(
-                    502,
-                    f"replica {replica.id} failed mid-response; retry the request",
-                    "server_error",
-                    "upstream_lost",
-                )
-            finally:
-                await finish()
-            return Response(body, status_code=response.status, headers=headers)
-        return StreamingResponse(
-            self._stream(replica, response, finish),
-            status_code=response.status,
-            headers=headers,
-            background=BackgroundTask(finish),
-        )
+        streaming = response.headers.get("content-type", "").startswith("text/event-stream")
+        if response.status < 400 and streaming:
+            return StreamingResponse(
+                self._stream(replica, response, finish),
+                status_code=response.status,
+                headers=headers,
+                background=BackgroundTask(finish),
+            )
+        # A whole answer: one body, one ASGI message (cheaper than a stream of chunks).
+        try:
+            body = await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.manager.suspect(replica, f"lost mid-response: {exc!r}")
+            finish.broken = True
+            msg = f"replica {replica.id} failed mid-response; retry the request"
+            return openai_error(502, msg, "server_error", "upstream_lost")
+        finally:
+            await finish()
+        if response.status >= 400 and (shaped := shaped_engine_error(response.status, body)) is not None:
+            headers.pop("content-type", None)
+            return JSONResponse(shaped, status_code=response.status, headers=headers)
+        return Response(body, status_code=response.status, headers=headers)
 
     async def _stream(
         self, replica: Replica, response: aiohttp.ClientResponse, finish: _Finish
@@ -247,9 +382,10 @@ class Proxy:
         try:
             async for chunk in response.content.iter_any():
                 yield chunk
-        except aiohttp.ClientError as exc:
-            await self.manager.replica_failed(replica, f"lost mid-response: {exc!r}")
-            log.warning("replica %s lost mid-response: %r", replica.id, exc)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            finish.broken = True
+            self.manager.suspect(replica, f"lost mid-stream: {exc!r}")
+            log.warning("replica %s lost mid-stream: %r", replica.id, exc)
             # The openai client raises APIError on an SSE event carrying "error".
             error = {
                 "error": {
@@ -268,17 +404,34 @@ class Proxy:
         return response
 
 
+def _base_url(replica: Replica) -> str:
+    if replica.sandbox is None:
+        raise ReplicaStateError(f"replica {replica.id} in state {replica.state.name} has no sandbox")
+    return replica.sandbox.base_url
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read: the next message is the end)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 class _Finish:
     """Closes the upstream response and releases the replica exactly once: from the stream's end, or from
-    the background task when the client went away before the stream started."""
+    the background task when the client went away before the stream started. A connection that carried
+    an error answer (or broke) is closed, not returned to the pool: the engine may be closing it."""
 
     def __init__(self, manager: ReplicaManager, replica: Replica, response: aiohttp.ClientResponse) -> None:
         self._manager, self._replica, self._response = manager, replica, response
         self._done = False
+        self.broken = False
 
     async def __call__(self) -> None:
         if self._done:
             return
         self._done = True
         self._manager.release(self._replica)
-        self._response.release()
+        if self.broken or self._response.status >= 400:
+            self._response.close()
+        else:
+            self._response.release()

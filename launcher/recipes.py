@@ -23,33 +23,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import coldstart.recipes
-from coldstart.launcher.errors import UsageError
+from coldstart.launcher.config import Canary, ModelSize, ServeConfig, WarmupRequest, coldstart_cache
+from coldstart.launcher.errors import RecipeError
+
+__all__ = ["Canary", "Recipe", "RecipeError", "WarmupRequest", "apply_recipe", "available", "load_recipe"]
 
 SnapshotPreference = Literal["auto", "criu", "runsc", "off"]
-ModelSize = Literal["tiny", "qwen3-0.6b"]
 RECIPES_DIR = Path(coldstart.recipes.__file__).resolve().parent
-
-
-class RecipeError(UsageError):
-    """A recipe that does not exist, does not parse, or does not fit the schema (names the key)."""
-
-
-@dataclass(frozen=True)
-class WarmupRequest:
-    """One request sent after the engine is healthy and before the checkpoint (JSON body). The launcher
-    fills in ``model`` with the engine's own model name when the body leaves it out."""
-
-    path: str
-    body: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Canary:
-    """The greedy completion recorded before a checkpoint that must come back identical after restore."""
-
-    prompt: str
-    max_tokens: int = 8
-    chat: bool = True  # /v1/chat/completions with one user message, else /v1/completions
 
 
 @dataclass(frozen=True)
@@ -69,14 +49,6 @@ class Recipe:
     # Not TOML keys: where the recipe came from.
     name: str = field(default="", metadata={"internal": True})
     source: Path | None = field(default=None, metadata={"internal": True})
-
-    def ensure_model(self) -> str:
-        """The model string to serve; makes the local model first when the recipe says how."""
-        if self.make_model is not None and not (Path(self.model) / "config.json").exists():
-            from coldstart.launcher.tiny_model import make_model
-
-            make_model(Path(self.model), self.make_model)
-        return self.model
 
 
 # -- lookup --------------------------------------------------------------------------------------------
@@ -114,7 +86,7 @@ def load_recipe(name_or_path: str) -> Recipe:
 
 def _fill_placeholders(recipe: Recipe) -> Recipe:
     folder = str(recipe.source.parent) if recipe.source else str(RECIPES_DIR)
-    cache = str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "coldstart")
+    cache = str(coldstart_cache())
     model = os.path.expanduser(recipe.model.replace("{cache}", cache))
     args = tuple(a.replace("{recipes}", folder) for a in recipe.engine_args)
     return dataclasses.replace(recipe, model=model, engine_args=args)
@@ -180,24 +152,22 @@ def _what(value: object) -> str:
 
 
 # -- into coldstart-serve's config ---------------------------------------------------------------------
-def apply_recipe(name_or_path: str, base: Any) -> Any:
-    """``ServeConfig`` with the recipe's values (flags the user gave are applied on top by the caller).
-
-    Fields the serve config does not have (yet) are carried only when it grows a field of the same name
-    (``env`` as ``engine_env``, ``warmup``, ``canary``).
-    """
+def apply_recipe(name_or_path: str, base: ServeConfig) -> ServeConfig:
+    """``base`` with the recipe's values (flags the user gave are applied on top by the caller). Every
+    recipe key has its ``ServeConfig`` field; a missing model the recipe can make is made when serving
+    starts (``make_model``), not here."""
     recipe = load_recipe(name_or_path)
-    wanted: dict[str, Any] = {
-        "engine": recipe.engine,
-        "model": recipe.ensure_model(),
-        "engine_args": recipe.engine_args,
-        "served_model_name": recipe.served_model_name,
-        "snapshot": recipe.snapshot,
-        "idle_timeout": recipe.idle_timeout,
-        "boot_timeout": recipe.boot_timeout,
-        "engine_env": dict(recipe.env),
-        "warmup": recipe.warmup,
-        "canary": recipe.canary,
-    }
-    have = {f.name for f in dataclasses.fields(base)}
-    return dataclasses.replace(base, **{k: v for k, v in wanted.items() if k in have})
+    return dataclasses.replace(
+        base,
+        engine=recipe.engine,
+        model=recipe.model,
+        engine_args=recipe.engine_args,
+        served_model_name=recipe.served_model_name,
+        snapshot=recipe.snapshot,
+        idle_timeout=recipe.idle_timeout,
+        boot_timeout=recipe.boot_timeout,
+        engine_env=dict(recipe.env),
+        warmup=recipe.warmup,
+        canary=recipe.canary,
+        make_model=recipe.make_model,
+    )

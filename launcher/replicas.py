@@ -1,10 +1,24 @@
-"""The replica manager: starts, routes to, scales and stops replicas.
+"""The replica manager: starts, routes to, scales, watches and stops replicas.
 
-Owns every replica and every task it starts (no fire-and-forget): ``close()`` cancels them and stops all
-sandboxes. Requests call ``acquire()``, which returns the least-busy READY replica or waits for one
-(bounded queue, timeout); demand beyond ``target_concurrency`` per replica starts another (up to
-``max_replicas``); replicas idle for ``idle_timeout`` are drained and stopped, down to ``min_replicas``
-(zero: scale to zero), and the next request starts one again.
+Owns every replica and every task it starts (no fire-and-forget): ``close()`` cancels the bring-ups and
+probes and waits for every stop. Requests call ``acquire()``, which returns a READY replica with room or
+waits for one (bounded queue, timeout); demand beyond ``target_concurrency`` per replica starts another (up
+to ``max_replicas``, counting replicas still draining or being stopped); replicas idle for
+``idle_timeout`` are drained and stopped, down to ``min_replicas`` (zero: scale to zero), never while
+requests wait.
+
+Routing while capacity is coming: a replica at ``target_concurrency`` takes no more requests while another
+replica is starting; the waiters stay queued here and spread over every replica as it becomes ready (a
+burst from zero would otherwise bind every waiter to the first ready replica, leave the second idle and
+the idle timer would stop it). With nothing starting, the least-busy replica takes the request.
+
+Who decides a replica is dead (``suspect()``): never one failed connection. A connection error can be a
+keep-alive connection the engine closed after an error answer; a bad request must not take a healthy
+replica (and its other requests) down. A replica fails when its engine process exited, or when its
+liveness probe (the adapter's health probe, ``health_timeout`` each) fails ``HEALTH_FAILURES`` times in a
+row; probes run every ``health_interval`` and at once after a connection error. A hung engine (SIGSTOP, a
+deadlock) is thus detected within interval + 2 x timeout + interval (10 s by default), its engine killed
+(which ends its in-flight requests with an error), and demand starts a replacement.
 
 How a replica comes up (``_bring_up``): with snapshots on, restore when the store has this identity's
 snapshot, else cold boot and take the snapshot; a failed restore is logged with its reason, counted, and
@@ -19,34 +33,30 @@ import dataclasses
 import itertools
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 
 from coldstart.engine_adapters.base import EngineAdapter, EngineConfig
 from coldstart.launcher.boot import cold_boot
-from coldstart.launcher.errors import ColdstartError, RestoreFailed
+from coldstart.launcher.errors import QueueFull, QueueTimeout, RestoreFailed
 from coldstart.launcher.metrics import Metrics
-from coldstart.launcher.sandboxes.plain import PlainSandbox
 from coldstart.launcher.replica import Replica, ReplicaState
 from coldstart.launcher.sandboxes.base import Sandbox
+from coldstart.launcher.sandboxes.plain import PlainSandbox
 from coldstart.pool import Pool, UnitState, unit_env
 
 log = logging.getLogger("coldstart.lifecycle")
 
 TICK_S = 0.25  # scaling loop period
-RESNAPSHOT_REASONS = frozenset({"digest", "gate", "model_files", "missing"})
+HEALTH_FAILURES = 2  # consecutive failed liveness probes that fail a replica
+FAILED_STOP_GRACE_S = 2.0  # a failed (exited or hung) engine gets little time to stop politely
 _HELD_UNIT_STATES = tuple(s for s in UnitState if s is not UnitState.RELEASED)
-
-
-class QueueFull(ColdstartError):
-    pass
-
-
-class QueueTimeout(ColdstartError):
-    pass
+_STARTING = (ReplicaState.NEW, ReplicaState.BOOTING, ReplicaState.RESTORING, ReplicaState.SNAPSHOTTING)
+_SERVING = (ReplicaState.READY, ReplicaState.DRAINING)
 
 
 class Snapshots(Protocol):
@@ -81,6 +91,10 @@ class ScalingPolicy:
     queue_timeout: float = 600.0
     boot_timeout: float = 900.0
     drain_timeout: float = 30.0
+    # Liveness of READY replicas: worst-case detection of a hung engine is
+    # health_interval + HEALTH_FAILURES * (health_timeout + health_interval) - health_interval = 10 s.
+    health_interval: float = 2.0
+    health_timeout: float = 3.0
 
 
 class ReplicaManager:
@@ -104,15 +118,21 @@ class ReplicaManager:
         self.pool = pool
         self.replicas: dict[str, Replica] = {}
         self._ids = itertools.count(1)
-        self._changed = asyncio.Condition()
+        # Set (and replaced) whenever a waiter may now find a replica: one ready, one with room, one gone.
+        self._changed = asyncio.Event()
         self._waiting = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # bring-ups and probes: cancelled by close()
+        self._stops: dict[str, asyncio.Task[None]] = {}  # one stop per replica; awaited, never cancelled
+        self._probe_now: dict[str, asyncio.Event] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
         self.last_boot_exception: BaseException | None = None  # why the latest bring-up failed
         self._retry_at = 0.0  # no new replica before this (back-off after failed boots)
         self._failed_boots = 0
+        self.peak_live = 0  # most replicas holding an engine at once (never above max_replicas)
+        # GPU-seconds totals behind the utilization gauges (prometheus counters are write-only here).
         self._held_since = time.monotonic()
+        self._held_s = self._running_s = self._serving_s = 0.0
         # Control-plane client: health, warm-up, hooks. trust_env=False: never via an HTTP proxy.
         # No keep-alive: each call's connection is closed by us when it ends, so the engine holds no
         # established or TIME_WAIT socket when it is checkpointed (gVisor refuses to save them).
@@ -129,21 +149,36 @@ class ReplicaManager:
         return [self._launch() for _ in range(self.policy.initial_replicas)]
 
     async def close(self) -> None:
+        """Cancel bring-ups and probes, stop every replica and wait for every stop (also those already
+        running: a second stop never returns while the first is still tearing the sandbox down)."""
         self._closing = True
-        if self._loop_task:
-            self._loop_task.cancel()
-        for task in list(self._tasks):
+        tasks = [*self._tasks, *([self._loop_task] if self._loop_task else [])]
+        for task in tasks:
             task.cancel()
-        for task in [*self._tasks, *([self._loop_task] if self._loop_task else [])]:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        await asyncio.gather(*(self._stop(r, drain=False) for r in list(self.replicas.values())))
+        for replica in list(self.replicas.values()):
+            self._request_stop(replica, drain=False)
+        while self._stops:
+            await asyncio.gather(*self._stops.values(), return_exceptions=True)
+        self._wake()
         await self.http.aclose()
 
     # ---------------------------------------------------------------- routing
     def _pick(self) -> Replica | None:
         ready = [r for r in self.replicas.values() if r.state is ReplicaState.READY]
-        return min(ready, key=lambda r: r.in_flight) if ready else None
+        if not ready:
+            return None
+        best = min(ready, key=lambda r: r.in_flight)
+        if best.in_flight < self.policy.target_concurrency:
+            return best
+        # Every ready replica is at its target: wait for one that is coming, else take the least busy.
+        return None if any(r.state in _STARTING for r in self.replicas.values()) else best
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     @property
     def last_boot_error(self) -> str | None:
@@ -158,29 +193,30 @@ class ReplicaManager:
         return self._waiting
 
     async def acquire(self) -> Replica:
-        """The least-busy READY replica; waits (bounded) while none is ready. Call ``release`` after."""
+        """A READY replica with room (or the least busy); waits (bounded) while none. ``release`` after."""
         replica = self._pick()
         if replica is None:
             if self._waiting >= self.policy.max_queue:
                 raise QueueFull(f"{self._waiting} requests already waiting for a replica; retry later")
             self._waiting += 1
             self.metrics.queue_depth.set(self._waiting)
-            self._ensure_capacity()
+            deadline = time.monotonic() + self.policy.queue_timeout
             try:
-                async with self._changed:
-                    await asyncio.wait_for(
-                        self._changed.wait_for(lambda: self._pick() is not None), self.policy.queue_timeout
-                    )
-            except TimeoutError:
-                why = f" (last boot failed: {self.last_boot_error})" if self.last_boot_error else ""
-                raise QueueTimeout(
-                    f"no replica became ready within {self.policy.queue_timeout:.0f} s{why}"
-                ) from None
+                while (replica := self._pick()) is None:
+                    self._ensure_capacity()
+                    changed = self._changed
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        why = f" (last boot failed: {self.last_boot_error})" if self.last_boot_error else ""
+                        raise QueueTimeout(
+                            f"no replica became ready within {self.policy.queue_timeout:.0f} s{why}"
+                        )
+                    # Bounded by TICK_S too: a back-off after failed boots ends without an event.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), min(left, 1.0))
             finally:
                 self._waiting -= 1
                 self.metrics.queue_depth.set(self._waiting)
-            replica = self._pick()
-            assert replica is not None  # wait_for's predicate held under the condition's lock
         replica.begin_request()
         self.metrics.in_flight.inc()
         return replica
@@ -190,23 +226,83 @@ class ReplicaManager:
         self.metrics.in_flight.dec()
         if served:
             self.metrics.gpu_seconds_serving.inc(served)
+            self._serving_s += served
+        self._wake()  # room on this replica for a waiter
 
-    async def replica_failed(self, replica: Replica, why: str) -> None:
-        """A request saw the replica's engine gone: take it out of service at once."""
-        if replica.state in (ReplicaState.READY, ReplicaState.DRAINING):
+    def suspect(self, replica: Replica, why: str) -> None:
+        """A request saw trouble reaching the replica (connection error, read timeout): probe it now.
+        The replica is failed only if its engine exited or its health probe fails, never on this alone."""
+        log.info(
+            "replica %s: %s; probing its health",
+            replica.id,
+            why,
+            extra={"event": "suspect", "replica": replica.id},
+        )
+        if (event := self._probe_now.get(replica.id)) is not None:
+            event.set()
+
+    def fail(self, replica: Replica, why: str) -> None:
+        """Take the replica out of service: its engine is stopped (ending its in-flight requests)."""
+        if replica.state in _SERVING:
             replica.transition(ReplicaState.FAILED, reason=why)
-            self._spawn(self._stop(replica, drain=False), f"stop {replica.id}")
+            self._request_stop(replica, drain=False)
+            self._wake()  # waiters re-evaluate (and demand may start a replacement)
+
+    # ---------------------------------------------------------------- liveness
+    async def _watch(self, replica: Replica) -> None:
+        """Probe a serving replica every ``health_interval`` (or at once when suspected)."""
+        poke = self._probe_now.setdefault(replica.id, asyncio.Event())
+        failures = 0
+        try:
+            while replica.state in _SERVING and replica.sandbox is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(poke.wait(), self.policy.health_interval)
+                poke.clear()
+                if replica.state not in _SERVING:
+                    return
+                why = await self._probe(replica)
+                if why is None:
+                    failures = 0
+                    continue
+                failures += 1
+                exited = replica.sandbox.exit_code() is not None
+                if exited or failures >= HEALTH_FAILURES:
+                    log.warning(
+                        "replica %s is not alive: %s",
+                        replica.id,
+                        why,
+                        extra={"event": "replica_dead", "replica": replica.id},
+                    )
+                    self.fail(replica, why)
+                    return
+        finally:
+            self._probe_now.pop(replica.id, None)
+
+    async def _probe(self, replica: Replica) -> str | None:
+        """None when alive, else why not."""
+        sandbox = replica.sandbox
+        if sandbox is None:
+            return "no sandbox"
+        if (code := sandbox.exit_code()) is not None:
+            return f"engine exited with status {code}"
+        timeout = self.policy.health_timeout
+        try:
+            healthy = await asyncio.wait_for(self.adapter.is_healthy(self.http, sandbox.base_url), timeout)
+        except TimeoutError:
+            return f"health probe got no answer within {timeout:.0f} s (engine hung?)"
+        if (code := sandbox.exit_code()) is not None:
+            return f"engine exited with status {code}"
+        return None if healthy else "health probe failed"
 
     # ---------------------------------------------------------------- scaling
     def _active(self) -> list[Replica]:
-        live = (
-            ReplicaState.NEW,
-            ReplicaState.BOOTING,
-            ReplicaState.RESTORING,
-            ReplicaState.SNAPSHOTTING,
-            ReplicaState.READY,
-        )
-        return [r for r in self.replicas.values() if r.state in live]
+        """Replicas starting or serving new requests (the capacity demand is measured against)."""
+        return [r for r in self.replicas.values() if r.state in (*_STARTING, ReplicaState.READY)]
+
+    def _live(self) -> list[Replica]:
+        """Replicas that hold an engine or a unit: everything not yet stopped (draining and failed ones
+        still being stopped included). ``max_replicas`` bounds this."""
+        return [r for r in self.replicas.values() if r.state is not ReplicaState.STOPPED]
 
     def _ensure_capacity(self) -> None:
         """Start replicas until there are enough for the demand (in flight + waiting), within bounds."""
@@ -216,35 +312,40 @@ class ReplicaManager:
         demand = self._waiting + sum(r.in_flight for r in active)
         want = -(-demand // max(1, self.policy.target_concurrency))  # ceil
         want = min(max(want, self.policy.min_replicas), self.policy.max_replicas)
-        for _ in range(want - len(active)):
+        room = self.policy.max_replicas - len(self._live())
+        for _ in range(min(want - len(active), room)):
             self._launch()
 
     async def _scaling_loop(self) -> None:
         while True:
             await asyncio.sleep(TICK_S)
-            now = time.monotonic()
-            for replica in list(self.replicas.values()):
+            for replica in list(self.replicas.values()):  # an exited engine is seen within a tick
                 sandbox = replica.sandbox
-                if replica.state is ReplicaState.READY and sandbox and sandbox.exit_code() is not None:
-                    await self.replica_failed(replica, f"engine exited with status {sandbox.exit_code()}")
+                if replica.state in _SERVING and sandbox and (code := sandbox.exit_code()) is not None:
+                    self.fail(replica, f"engine exited with status {code}")
             self._ensure_capacity()
-            idle = self.policy.idle_timeout
-            ready = [r for r in self.replicas.values() if r.state is ReplicaState.READY]
-            surplus = len(self._active()) - self.policy.min_replicas
-            for replica in sorted(ready, key=lambda r: r.last_used):
-                if surplus <= 0 or not idle or self._waiting:
-                    break
-                if replica.in_flight == 0 and now - replica.last_used >= idle:
-                    log.info(
-                        "replica %s idle for %.0fs: scaling down",
-                        replica.id,
-                        now - replica.last_used,
-                        extra={"event": "scale_down", "replica": replica.id},
-                    )
-                    replica.transition(ReplicaState.DRAINING, reason="idle")
-                    self._spawn(self._stop(replica, drain=True), f"stop {replica.id}")
-                    surplus -= 1
+            self._scale_down(time.monotonic())
             self.update_gauges()
+
+    def _scale_down(self, now: float) -> None:
+        idle = self.policy.idle_timeout
+        if not idle or self._waiting:  # never while requests wait for a replica
+            return
+        ready = [r for r in self.replicas.values() if r.state is ReplicaState.READY]
+        surplus = len(self._active()) - self.policy.min_replicas
+        for replica in sorted(ready, key=lambda r: r.last_used):
+            if surplus <= 0:
+                break
+            if replica.in_flight == 0 and now - replica.last_used >= idle:
+                log.info(
+                    "replica %s idle for %.0fs: scaling down",
+                    replica.id,
+                    now - replica.last_used,
+                    extra={"event": "scale_down", "replica": replica.id},
+                )
+                replica.transition(ReplicaState.DRAINING, reason="idle")
+                self._request_stop(replica, drain=True)
+                surplus -= 1
 
     def update_gauges(self) -> None:
         counts = {state: 0 for state in ReplicaState}
@@ -265,17 +366,15 @@ class ReplicaManager:
             held = len(self._active()) + counts[ReplicaState.DRAINING]
         self.metrics.gpu_seconds_held.inc(held * elapsed)
         self.metrics.gpu_seconds_running.inc(running * elapsed)
-        held_total = _counter_value(self.metrics.gpu_seconds_held)
-        if held_total > 0:
-            running_total = _counter_value(self.metrics.gpu_seconds_running)
-            self.metrics.gpu_allocation_utilization.set(running_total / held_total)
-            self.metrics.gpu_busy_utilization.set(
-                _counter_value(self.metrics.gpu_seconds_serving) / held_total
-            )
+        self._held_s += held * elapsed
+        self._running_s += running * elapsed
+        if self._held_s > 0:
+            self.metrics.gpu_allocation_utilization.set(self._running_s / self._held_s)
+            self.metrics.gpu_busy_utilization.set(self._serving_s / self._held_s)
 
     # ---------------------------------------------------------------- one replica
-    def _spawn(self, coro: object, name: str) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -283,6 +382,7 @@ class ReplicaManager:
     def _launch(self) -> asyncio.Task[None]:
         replica = Replica(f"r{next(self._ids)}")
         self.replicas[replica.id] = replica
+        self.peak_live = max(self.peak_live, len(self._live()))
         return self._spawn(self._bring_up(replica), f"bring up {replica.id}")
 
     def _new_sandbox(self, replica: Replica) -> Sandbox:
@@ -317,7 +417,7 @@ class ReplicaManager:
                     replica.transition(ReplicaState.BOOTING, reason=f"restore-failed:{exc.reason}")
                     # A snapshot that is unusable here (damaged, foreign, stale weights) is replaced by
                     # a fresh one; after other failures (canary, checkpointer) a new one would fail alike.
-                    await self._cold_boot(replica, snapshot=exc.reason in RESNAPSHOT_REASONS)
+                    await self._cold_boot(replica, snapshot=exc.reason.replace_snapshot)
                 else:
                     self.metrics.restores.inc()
                     replica.how = "restore"
@@ -325,7 +425,7 @@ class ReplicaManager:
                 replica.transition(ReplicaState.BOOTING)
                 await self._cold_boot(replica, snapshot=self.snapshots is not None)
         except asyncio.CancelledError:
-            await self._stop(replica, drain=False)
+            self._request_stop(replica, drain=False)  # close() waits for it
             raise
         except Exception as exc:  # any failure: the replica never serves; callers read last_boot_exception
             self.last_boot_exception = exc
@@ -339,15 +439,17 @@ class ReplicaManager:
             )
             if replica.state is not ReplicaState.FAILED:
                 replica.transition(ReplicaState.FAILED, reason="boot")
-            await self._stop(replica, drain=False)
+            self._request_stop(replica, drain=False)
+            self._wake()
             return
         elapsed = time.monotonic() - started
         self.metrics.phase_seconds.labels(replica.how).observe(elapsed)
         self.last_boot_exception = None
         self._failed_boots = 0
         replica.transition(ReplicaState.READY, how=replica.how, ready_after_s=round(elapsed, 3))
-        async with self._changed:
-            self._changed.notify_all()
+        self._probe_now[replica.id] = asyncio.Event()
+        self._spawn(self._watch(replica), f"watch {replica.id}")
+        self._wake()
 
     async def _cold_boot(self, replica: Replica, *, snapshot: bool) -> None:
         replica.sandbox = self._new_sandbox(replica)
@@ -373,15 +475,28 @@ class ReplicaManager:
         env = {**self.engine_config.env, **unit_env(replica.unit)}
         return dataclasses.replace(self.engine_config, env=env)
 
+    def _request_stop(self, replica: Replica, *, drain: bool) -> asyncio.Task[None]:
+        """The replica's one stop task (started now, or the one already running). Not in ``_tasks``:
+        ``close()`` waits for stops instead of cancelling them half-way (a half-stopped sandbox leaks)."""
+        task = self._stops.get(replica.id)
+        if task is None:
+            task = asyncio.create_task(self._stop(replica, drain=drain), name=f"stop {replica.id}")
+            self._stops[replica.id] = task
+            task.add_done_callback(lambda _t: self._stops.pop(replica.id, None))
+        return task
+
     async def _stop(self, replica: Replica, *, drain: bool) -> None:
         if replica.state is ReplicaState.READY:
             replica.transition(ReplicaState.DRAINING, reason="shutdown")
         if drain:
             deadline = time.monotonic() + self.policy.drain_timeout
-            while replica.in_flight and time.monotonic() < deadline:
+            while (
+                replica.in_flight and replica.state is ReplicaState.DRAINING and time.monotonic() < deadline
+            ):
                 await asyncio.sleep(0.05)
         if replica.sandbox is not None:
-            await replica.sandbox.stop()
+            grace = FAILED_STOP_GRACE_S if replica.state is ReplicaState.FAILED else 10.0
+            await replica.sandbox.stop(grace)
         if replica.state is not ReplicaState.STOPPED:
             if replica.state not in (ReplicaState.DRAINING, ReplicaState.FAILED):
                 replica.transition(ReplicaState.FAILED, reason="cancelled")
@@ -391,8 +506,4 @@ class ReplicaManager:
             unit, replica.unit = replica.unit, None
             with contextlib.suppress(Exception):  # a closed pool on shutdown: nothing to hand back
                 await self.pool.release(unit)
-
-
-def _counter_value(counter: object) -> float:
-    # prometheus_client keeps the value in ``_value``; reading it avoids a full registry collect.
-    return float(counter._value.get())  # type: ignore[attr-defined]
+        self._wake()

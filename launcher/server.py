@@ -1,16 +1,18 @@
 """``run(ServeConfig)``: the programmatic API behind ``coldstart-serve``.
 
-Order: validate everything a user can get wrong (engine, install, model path, port) before any process
-starts; bring the proxy up; start the initial replicas; serve until SIGINT/SIGTERM (uvicorn's handlers,
-scoped to ``serve()``); then stop every replica and release everything, also on errors.
+Order: validate everything a user can get wrong (engine, install, model path) and bind the proxy's port
+before any process starts; bring the proxy up; start the initial replicas; serve until SIGINT/SIGTERM
+(``serve_until_signalled``); then stop every replica and release everything, also on errors.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,42 +20,20 @@ from typing import Any
 
 import uvicorn
 
-from coldstart.engine_adapters.base import EngineAdapter, EngineConfig
+from coldstart.engine_adapters.base import EngineAdapter
 from coldstart.engine_adapters.registry import get_adapter
 from coldstart.launcher.config import ServeConfig
-from coldstart.launcher.errors import CheckpointerUnavailable, PortInUse, UsageError
+from coldstart.launcher.errors import CheckpointerUnavailable, GpuRefused, PortInUse, UsageError
 from coldstart.launcher.image import image_mounted, with_mountpoint
 from coldstart.launcher.logs import configured_logging
 from coldstart.launcher.metrics import Metrics
-from coldstart.launcher.process import port_is_free
 from coldstart.launcher.proxy import Proxy
 from coldstart.launcher.replica import ReplicaState
-from coldstart.launcher.replicas import ReplicaManager, ScalingPolicy, Snapshots
+from coldstart.launcher.replicas import ReplicaManager, Snapshots
+from coldstart.launcher.settings import engine_config, scaling_policy, snapshot_settings
 from coldstart.pool import pool_for_host
 
 log = logging.getLogger("coldstart.serve")
-
-
-def engine_config(config: ServeConfig) -> EngineConfig:
-    return EngineConfig(
-        model=config.model, engine_args=tuple(config.engine_args), served_model_name=config.served_model_name
-    )
-
-
-def policy(config: ServeConfig) -> ScalingPolicy:
-    if config.max_replicas < max(1, config.min_replicas, config.initial_replicas):
-        raise UsageError("--max-replicas must be >= 1, --min-replicas and --initial-replicas")
-    return ScalingPolicy(
-        min_replicas=config.min_replicas,
-        max_replicas=config.max_replicas,
-        initial_replicas=config.initial_replicas,
-        target_concurrency=config.target_concurrency,
-        idle_timeout=config.idle_timeout,
-        max_queue=config.max_queue,
-        queue_timeout=config.queue_timeout,
-        boot_timeout=config.boot_timeout,
-        drain_timeout=config.drain_timeout,
-    )
 
 
 def validate(config: ServeConfig) -> EngineAdapter:
@@ -63,19 +43,48 @@ def validate(config: ServeConfig) -> EngineAdapter:
         raise UsageError("MODEL is required: coldstart-serve ENGINE MODEL (see --help)")
     adapter = get_adapter(config.engine)
     adapter.check_installed()
-    if config.snapshot == "cuda":  # CUDA checkpoint cannot restore NCCL: one GPU per replica
+    if config.snapshot == "cuda":  # asked for by name: refuse before anything starts (auto: make_snapshots)
         from coldstart.launcher.checkpointers.cuda import refuse_unsupported_engine_args
 
         refuse_unsupported_engine_args(config.engine_args)
     if config.image is None:
+        ensure_model(config)
         check_model(adapter, config)
     elif not Path(config.image).is_file():
         raise UsageError(f"--image {config.image}: no such index (build one with: coldstart image build)")
-    if not port_is_free(config.host, config.port):
-        raise PortInUse(
-            f"port {config.port} on {config.host} is in use: pass --port N or stop what listens there"
-        )
     return adapter
+
+
+def ensure_model(config: ServeConfig) -> None:
+    """Make a recipe's missing local model (``make_model``) now that serving starts, never while
+    arguments are parsed (``--help`` or a typo must not write a 1.2 GB model)."""
+    if config.make_model is None or (Path(config.model) / "config.json").exists():
+        return
+    from coldstart.launcher.tiny_model import make_model
+
+    log.info("making model %s (%s) for its first use", config.model, config.make_model)
+    make_model(Path(config.model), config.make_model)
+
+
+def bind_proxy_socket(host: str, port: int) -> socket.socket:
+    """The proxy's listening socket, bound now: the port is ours from here on (no check-then-bind race)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise UsageError(f"--host {host}: cannot resolve it ({exc.strerror})") from exc
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT does not block
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(
+                f"port {port} on {host} is in use: pass --port N or stop what listens there"
+            ) from exc
+        raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror}): check --host") from exc
+    sock.set_inheritable(False)
+    return sock
 
 
 def check_model(adapter: EngineAdapter, config: ServeConfig) -> None:
@@ -83,13 +92,14 @@ def check_model(adapter: EngineAdapter, config: ServeConfig) -> None:
 
 
 def make_snapshots(config: ServeConfig, adapter: EngineAdapter, metrics: Metrics) -> Snapshots | None:
-    if config.snapshot == "off":
+    settings = snapshot_settings(config)
+    if settings is None:
         return None
     from coldstart.launcher.snapshots.manager import snapshots_for  # imported only when snapshots are on
 
     try:
-        return snapshots_for(config, adapter, engine_config(config), metrics)  # type: ignore[no-any-return]
-    except CheckpointerUnavailable as exc:
+        return snapshots_for(settings, adapter, engine_config(config), metrics)
+    except (CheckpointerUnavailable, GpuRefused) as exc:
         if config.snapshot != "auto":
             raise  # asked for by name: say why it cannot work here
         log.warning("snapshots off: %s", exc, extra={"event": "snapshots_off"})
@@ -101,7 +111,8 @@ async def serve(config: ServeConfig, *, ready: asyncio.Event | None = None) -> N
     here is stopped on the way out (replicas, pool, image mount), also on errors."""
     adapter = validate(config)
     async with contextlib.AsyncExitStack() as undo:
-        undo.callback(log.info, "stopped", extra={"event": "stopped"})  # runs last
+        sock = undo.enter_context(bind_proxy_socket(config.host, config.port))
+        undo.callback(log.info, "stopped", extra={"event": "stopped"})  # runs last but one
         mount = await undo.enter_async_context(image_mounted(config))
         if mount is not None:
             config = with_mountpoint(config, mount.mountpoint)
@@ -117,7 +128,7 @@ async def serve(config: ServeConfig, *, ready: asyncio.Event | None = None) -> N
         manager = ReplicaManager(
             adapter,
             econf,
-            policy(config),
+            scaling_policy(config),
             metrics,
             work_dir,
             snapshots=make_snapshots(config, adapter, metrics),
@@ -128,7 +139,7 @@ async def serve(config: ServeConfig, *, ready: asyncio.Event | None = None) -> N
             manager, metrics, config.public_model_name, adapter.upstream_model_name(econf), config.api_key
         )
         undo.push_async_callback(proxy.aclose)
-        await _serve_proxy(config, adapter, manager, proxy, mount, ready)
+        await _serve_proxy(config, adapter, manager, proxy, mount, ready, sock)
 
 
 async def _serve_proxy(
@@ -138,6 +149,7 @@ async def _serve_proxy(
     proxy: Proxy,
     mount: Any,
     ready: asyncio.Event | None,
+    sock: socket.socket,
 ) -> None:
     server = _ProxyServer(
         uvicorn.Config(
@@ -150,7 +162,7 @@ async def _serve_proxy(
         )
     )
     started = time.monotonic()
-    server_task = asyncio.create_task(server.serve(), name="proxy")
+    server_task = asyncio.create_task(server.serve(sockets=[sock]), name="proxy")
     try:
         while not server.started:
             if server_task.done():
@@ -203,7 +215,6 @@ async def serve_until_signalled(config: ServeConfig) -> None:
     """``serve`` until SIGINT or SIGTERM, which cancel it (its cleanup stops every replica)."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
-    assert task is not None  # called from a coroutine
     inner = asyncio.create_task(serve(config), name="serve")
     signals = (signal.SIGINT, signal.SIGTERM)
     for sig in signals:
@@ -211,7 +222,7 @@ async def serve_until_signalled(config: ServeConfig) -> None:
     try:
         await inner
     except asyncio.CancelledError:
-        if task.cancelling():  # we ourselves were cancelled, not by a signal
+        if task is not None and task.cancelling():  # we ourselves were cancelled, not by a signal
             raise
         log.info("signal received: stopped cleanly", extra={"event": "signal"})
     finally:

@@ -7,6 +7,7 @@ with either). ``--snapshot off`` uses no checkpointer and a ``PlainSandbox``.
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -45,3 +46,14 @@ class Checkpointer(abc.ABC):
     @abc.abstractmethod
     async def restore(self, image_dir: Path, workdir: Path, replica_id: str) -> Sandbox:
         """A new running sandbox restored from ``image_dir``; does not modify ``image_dir``."""
+
+    async def restore_onto(
+        self, image_dir: Path, workdir: Path, replica_id: str, target_gpu: str | None
+    ) -> Sandbox:
+        """``restore`` onto the GPU with UUID ``target_gpu`` (the pool unit's). Checkpointers that do not
+        place GPU state (CRIU, runsc: the engine finds its GPU at first use) ignore it."""
+        return await self.restore(image_dir, workdir, replica_id)
+
+    def check_engine_args(self, engine_args: Sequence[str]) -> None:
+        """Refuse engine arguments this checkpointer cannot snapshot (``GpuRefused`` / ``UsageError``,
+        naming the fix). Called for the checkpointer actually picked, ``--snapshot auto`` included."""

@@ -49,9 +49,15 @@ from coldstart.launcher.checkpointers._pipes import (
     wait_exit,
 )
 from coldstart.launcher.checkpointers.base import Checkpointer, CheckpointerInfo
-from coldstart.launcher.errors import CheckpointerUnavailable, ReplicaStateError, RestoreFailed, SnapshotError
-from coldstart.launcher.sandboxes.netns import NetNamespace, create_netns
+from coldstart.launcher.errors import (
+    CheckpointerUnavailable,
+    ReplicaStateError,
+    RestoreFailed,
+    RestoreReason,
+    SnapshotError,
+)
 from coldstart.launcher.sandboxes.base import NetnsSandbox, Sandbox
+from coldstart.launcher.sandboxes.netns import NetNamespace, create_netns
 
 MIN_VERSION = (4, 2)
 ENGINE_PORT = NetnsSandbox.ENGINE_PORT  # fixed inside every replica's own network namespace
@@ -129,7 +135,7 @@ class CriuSandbox(NetnsSandbox):
         return self._engine_pid
 
     def host_pids(self) -> list[int]:
-        from coldstart.launcher.checkpointers.cuda import process_tree
+        from coldstart.launcher.process import process_tree
 
         return process_tree(self.pid) if self.pid else []
 
@@ -287,7 +293,7 @@ class CriuCheckpointer(Checkpointer):
         except (OSError, ValueError, KeyError) as exc:
             await sandbox.stop(1.0)
             raise RestoreFailed(
-                "checkpointer", f"criu restore of {image_dir} could not start: {exc}"
+                RestoreReason.CHECKPOINTER, f"criu restore of {image_dir} could not start: {exc}"
             ) from exc
         except BaseException:
             await sandbox.stop(1.0)

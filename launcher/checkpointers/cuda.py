@@ -14,8 +14,16 @@ Restore:   read cuda.json -> gate (driver version, GPU model) -> CPU restore -> 
 
 Failure rules: a lock timeout unlocks what was locked and leaves the engine RUNNING (snapshot aborted);
 any failure after a CUDA checkpoint puts the original back in place (restore + unlock) so it keeps
-serving; a failed CUDA restore stops the restored sandbox (never a half-restored replica) and raises
-``RestoreFailed(reason="cuda")`` so the launcher cold-boots. Every step checks the state it expects.
+serving, and an engine that cannot be brought back to RUNNING is stopped (never left locked: its
+requests would hang); a failed CUDA restore stops the restored sandbox (never a half-restored replica)
+and raises ``RestoreFailed(reason="cuda")`` so the launcher cold-boots. Every step checks the state it
+expects. The driver calls run in a helper process (``gpu/helper.py``), each bounded: a call stuck in the
+driver fails its step instead of hanging the launcher.
+
+Before the CPU dump, no process of the tree may still hold ``/dev/nvidia*`` open or mapped: the CUDA
+checkpoint releases CUDA's own handles, but NVML (vLLM and SGLang query it) keeps ``/dev/nvidiactl`` and
+``/dev/nvidiaN`` open, and CRIU would either fail on them or re-open a device with none of the driver's
+state behind it. The snapshot is refused, naming the process, fd and path.
 
 Which processes: the sandbox's host PIDs (``host_pids()`` when the sandbox has it, else ``pid`` and its
 descendants from /proc), kept where the driver knows them as CUDA processes. This fits the CRIU sandbox
@@ -23,7 +31,11 @@ descendants from /proc), kept where the driver knows them as CUDA processes. Thi
 ``--cuda-checkpoint-path`` runs ``coldstart-cuda-checkpoint --toggle`` inside the sandbox instead.
 
 Why not CRIU's CUDA plugin: it runs the same four actions but without a lock timeout we choose, without
-GPU remapping by UUID, and with errors only in CRIU's log; run CRIU without it (no ``--libdir`` plugin).
+GPU remapping by UUID, and with errors only in CRIU's log. Worse, CRIU loads every ``*.so`` in its plugin
+folder (``--libdir``, else ``$CRIU_LIBS_DIR``, else ``/usr/lib/criu/``): an installed ``cuda_plugin.so``
+would restore and unlock the process itself, this checkpointer would find it RUNNING and fall back to a
+cold boot every time. So CRIU runs with ``CRIU_LIBS_DIR`` set to an empty folder we own
+(``NO_PLUGINS_DIR``), on purpose without its CUDA plugin.
 Limits (driver, r570-r580): no UVM/managed memory and no CUDA IPC (the driver refuses at checkpoint;
 nothing visible earlier tells), one chip type per restore, NCCL (tensor parallel) processes deadlock.
 """
@@ -35,17 +47,19 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from coldstart.launcher.atomic import write_text_atomic
 from coldstart.launcher.checkpointers.base import Checkpointer, CheckpointerInfo
+from coldstart.launcher.errors import CheckpointerUnavailable, RestoreFailed, RestoreReason
 from coldstart.launcher.gpu.driver import CudaCheckpointAPI, CudaProcessState
-from coldstart.launcher.errors import CheckpointerUnavailable, RestoreFailed
 from coldstart.launcher.gpu.errors import GpuError, GpuRefused, NoNvidiaDriver
+from coldstart.launcher.gpu.helper import CallBounds, HelperCudaAPI
 from coldstart.launcher.gpu.inventory import GpuInventory, gpu_processes, read_inventory
+from coldstart.launcher.process import process_tree
 from coldstart.launcher.sandboxes.base import Sandbox
 
 log = logging.getLogger("coldstart.cuda")
@@ -54,6 +68,8 @@ CUDA_INFO_FILE = "cuda.json"
 MIN_DRIVER_MAJOR = 550  # first driver with the checkpoint API
 PARITY_DRIVER_MAJOR = 570  # lock with timeout, driver API at parity with cuda-checkpoint
 REMAP_DRIVER_MAJOR = 580  # restore onto another GPU (gpuPairs)
+NO_PLUGINS_DIR = Path("/run/coldstart/criu-no-plugins")  # empty: CRIU loads no CUDA plugin of its own
+DEVICE_PREFIX = "/dev/nvidia"
 
 # Engine flags that spread one replica over several GPUs (vLLM, SGLang spellings).
 _PARALLEL_FLAGS = {
@@ -75,6 +91,8 @@ _PARALLEL_FLAGS = {
 class CudaOptions:
     lock_timeout_s: float = 30.0  # wait this long for in-flight kernels, then abort the snapshot
     target_gpu: str | None = None  # UUID to restore onto; None: the snapshot's GPU if here, else same model
+    bounds: CallBounds = field(default_factory=CallBounds)  # how long each driver call may take
+    device_prefix: str = DEVICE_PREFIX  # files under it, open or mapped, block the CPU dump
 
 
 @dataclass(frozen=True)
@@ -185,26 +203,54 @@ def sandbox_host_pids(sandbox: Sandbox) -> list[int]:
     return process_tree(root)
 
 
-def process_tree(root: int) -> list[int]:
-    """``root`` and its descendants (breadth first), from /proc/PID/task/TID/children."""
-    seen: list[int] = []
-    queue = [root]
-    while queue:
-        pid = queue.pop(0)
-        if pid in seen or not os.path.exists(f"/proc/{pid}"):
-            continue
-        seen.append(pid)
-        task_dir = Path(f"/proc/{pid}/task")
+def device_handles(pids: Iterable[int], prefix: str = DEVICE_PREFIX) -> list[str]:
+    """Open fds and mappings of files under ``prefix`` in ``pids``, e.g. ``pid 7 fd 12 /dev/nvidiactl``.
+
+    Read from /proc/PID/fd and /proc/PID/maps; a process that is gone or unreadable contributes nothing.
+    """
+    found: list[str] = []
+    for pid in pids:
         try:
-            tids = list(task_dir.iterdir())
+            fds = sorted(Path(f"/proc/{pid}/fd").iterdir(), key=lambda p: int(p.name))
         except OSError:
-            continue
-        for tid in tids:
+            fds = []
+        for fd in fds:
             try:
-                queue += [int(c) for c in (tid / "children").read_text().split()]
+                target = os.readlink(fd)
             except OSError:
                 continue
-    return seen
+            if target.startswith(prefix):
+                found.append(f"pid {pid} fd {fd.name} {target}")
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+        except OSError:
+            maps = []
+        mapped = {fields[5] for fields in (line.split(None, 5) for line in maps) if len(fields) == 6}
+        found += [f"pid {pid} maps {path}" for path in sorted(mapped) if path.startswith(prefix)]
+    return found
+
+
+def refuse_device_handles(pids: Iterable[int], prefix: str = DEVICE_PREFIX) -> None:
+    """``GpuRefused`` when the checkpointed tree still holds GPU device files (checked before the dump)."""
+    held = device_handles(pids, prefix)
+    if held:
+        shown = "; ".join(held[:6]) + (f"; and {len(held) - 6} more" if len(held) > 6 else "")
+        raise GpuRefused(
+            f"after the CUDA checkpoint the engine still holds GPU device files ({shown}): CRIU cannot save "
+            "them (NVML keeps /dev/nvidiactl open: vLLM/SGLang query it); close NVML before the checkpoint "
+            "(a before-checkpoint hook calling nvmlShutdown) or use --snapshot off"
+        )
+
+
+def without_criu_plugins() -> None:
+    """Make every CRIU this process runs load plugins from an empty folder we own: no ``cuda_plugin.so``.
+
+    CRIU reads ``CRIU_LIBS_DIR`` when it gets no ``--libdir``. Set for the whole launcher process, on
+    purpose and always to the same value: every CRIU it runs is driven by this checkpointer, which does the
+    CUDA part itself.
+    """
+    NO_PLUGINS_DIR.mkdir(parents=True, exist_ok=True)
+    os.environ["CRIU_LIBS_DIR"] = str(NO_PLUGINS_DIR)
 
 
 class CudaCheckpointer(Checkpointer):
@@ -220,12 +266,15 @@ class CudaCheckpointer(Checkpointer):
         options: CudaOptions | None = None,
     ) -> None:
         self.cpu = cpu
-        self.api = api or CudaCheckpointAPI()
-        self.nvml = nvml
         self.options = options or CudaOptions()
+        self.api = api or HelperCudaAPI(self.options.bounds)
+        self.nvml = nvml
         self.last_timings: dict[str, float] = {}
 
     # -- Checkpointer interface --------------------------------------------------------------------
+
+    def check_engine_args(self, engine_args: Sequence[str]) -> None:
+        refuse_unsupported_engine_args(engine_args)
 
     def probe(self) -> CheckpointerInfo:
         cpu_info = self.cpu.probe()
@@ -277,13 +326,21 @@ class CudaCheckpointer(Checkpointer):
                     CudaProcessState.CHECKPOINTED,
                     "save",
                 )
+            tree = await asyncio.to_thread(sandbox_host_pids, sandbox)
+            await asyncio.to_thread(refuse_device_handles, tree, self.options.device_prefix)
+            without_criu_plugins()
             t0 = time.perf_counter()
             await self.cpu.checkpoint(sandbox, image_dir, leave_running=leave_running)
             timings["cpu_checkpoint"] = time.perf_counter() - t0
         except BaseException as exc:
             # Nothing was saved: put every CUDA process back as it was so the engine keeps serving.
             problems = await self._resume_in_place(pids, timings)
-            log.warning("cuda checkpoint aborted (%s); engine resumed in place%s", exc, _problems(problems))
+            if problems:  # never leave it locked: its requests would hang, and it cannot serve
+                await sandbox.stop()
+                log.warning("cuda checkpoint aborted (%s); the engine could not resume and was stopped%s",
+                            exc, _problems(problems))  # fmt: skip
+            else:
+                log.warning("cuda checkpoint aborted (%s); engine resumed in place", exc)
             raise
         info = CudaSnapshotInfo(
             driver_version=inventory.driver_version,
@@ -296,9 +353,10 @@ class CudaCheckpointer(Checkpointer):
         if leave_running:
             problems = await self._resume_in_place(pids, timings)
             if problems:
+                await sandbox.stop()  # never leave it locked
                 raise GpuError(
-                    f"snapshot saved but the engine did not resume on its GPU ({problems[0]}); "
-                    "replace the replica"
+                    f"snapshot saved but the engine did not resume on its GPU ({problems[0]}); it was "
+                    "stopped: replace the replica"
                 )
         log.info(
             "cuda checkpoint of %s on %s: %.1f MiB device memory, %s",
@@ -320,14 +378,17 @@ class CudaCheckpointer(Checkpointer):
         try:
             info = CudaSnapshotInfo.from_json((image_dir / CUDA_INFO_FILE).read_text())
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise RestoreFailed("cuda", f"snapshot has no readable {CUDA_INFO_FILE}: {exc}") from exc
+            raise RestoreFailed(
+                RestoreReason.CUDA, f"snapshot has no readable {CUDA_INFO_FILE}: {exc}"
+            ) from exc
         try:
             inventory = await asyncio.to_thread(read_inventory, self.nvml)
             pairs = plan_gpu_pairs(info, inventory, target_gpu)
         except NoNvidiaDriver as exc:
-            raise RestoreFailed("cuda", str(exc)) from exc
+            raise RestoreFailed(RestoreReason.CUDA, str(exc)) from exc
         except GpuError as exc:
-            raise RestoreFailed("gate", str(exc)) from exc
+            raise RestoreFailed(RestoreReason.GATE, str(exc)) from exc
+        without_criu_plugins()
         t0 = time.perf_counter()
         sandbox = await self.cpu.restore(image_dir, workdir, replica_id)
         timings["cpu_restore"] = time.perf_counter() - t0
@@ -357,7 +418,7 @@ class CudaCheckpointer(Checkpointer):
         except BaseException as exc:
             await sandbox.stop()
             if isinstance(exc, GpuError):
-                raise RestoreFailed("cuda", f"CUDA restore failed: {exc}") from exc
+                raise RestoreFailed(RestoreReason.CUDA, f"CUDA restore failed: {exc}") from exc
             raise
         log.info(
             "cuda restore onto %s: %s",

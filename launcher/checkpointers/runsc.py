@@ -46,9 +46,15 @@ from coldstart.launcher.checkpointers._pipes import (
     wait_exit,
 )
 from coldstart.launcher.checkpointers.base import Checkpointer, CheckpointerInfo
-from coldstart.launcher.errors import CheckpointerUnavailable, ReplicaStateError, RestoreFailed, SnapshotError
-from coldstart.launcher.sandboxes.netns import NetNamespace, create_netns
+from coldstart.launcher.errors import (
+    CheckpointerUnavailable,
+    ReplicaStateError,
+    RestoreFailed,
+    RestoreReason,
+    SnapshotError,
+)
 from coldstart.launcher.sandboxes.base import NetnsSandbox, Sandbox
+from coldstart.launcher.sandboxes.netns import NetNamespace, create_netns
 
 log = logging.getLogger("coldstart.runsc")
 
@@ -171,7 +177,8 @@ class RunscSandbox(NetnsSandbox):
         if await create.wait() != 0:
             self._pipe.close_write_end()
             raise RestoreFailed(
-                "checkpointer", f"runsc create for replica {self.replica_id} failed ({create.returncode})"
+                RestoreReason.CHECKPOINTER,
+                f"runsc create for replica {self.replica_id} failed ({create.returncode})",
             )
         restore = [
             "restore",
@@ -363,12 +370,12 @@ class RunscCheckpointer(Checkpointer):
             sidecar = json.loads((image_dir / SIDECAR).read_text())
         except (OSError, ValueError) as exc:
             raise RestoreFailed(
-                "checkpointer", f"runsc image {image_dir} has no readable {SIDECAR}: {exc}"
+                RestoreReason.CHECKPOINTER, f"runsc image {image_dir} has no readable {SIDECAR}: {exc}"
             ) from exc
         flags = self.global_flags()
         if sidecar.get("global_flags") != flags:
             raise RestoreFailed(
-                "gate",
+                RestoreReason.GATE,
                 f"runsc flags differ: image taken with {sidecar.get('global_flags')}, this host uses {flags}",
             )
         sandbox = RunscSandbox(workdir, replica_id, self.binary, flags)

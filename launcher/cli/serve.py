@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = _field_type(f)
-        default = f.default
+        default = f.metadata.get("default_text", f.default)
         shown = f" (default: {default})" if default not in (None, "") else ""
         metavar = {int: "N", float: "SECONDS", Path: "PATH"}.get(kind, "TEXT")
         parser.add_argument(

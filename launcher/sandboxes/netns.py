@@ -29,7 +29,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from coldstart.launcher.errors import ColdstartError
+from coldstart.launcher.errors import NetnsError
 
 log = logging.getLogger("coldstart.netns")
 
@@ -38,10 +38,6 @@ STATE_DIR = Path("/run/coldstart")
 SUBNET = ipaddress.IPv4Network("10.88.0.0/16")
 _SLOTS = SUBNET.num_addresses // 4
 _NAME = re.compile(r"^cs-(\d+)-([0-9a-f]{8})$")
-
-
-class NetnsError(ColdstartError):
-    """A network namespace could not be created or removed (needs root and iproute2)."""
 
 
 def _ip(*args: str) -> str:

@@ -10,7 +10,8 @@ Restore (``restore``), every failure a ``RestoreFailed(reason)`` after the sandb
     lookup ("missing", "digest" for an unreadable manifest) -> gate: checkpointer version and host
     fingerprint ("gate"), mapped model files ("model_files") -> verify sizes + digests ("digest"; the bad
     snapshot is moved aside) -> checkpointer restore into fresh namespaces ("checkpointer") -> health
-    ("checkpointer" if it died, "timeout") -> adapter.after_restore ("hook") -> canary must match ("canary").
+    ("checkpointer" if it died, "timeout") -> adapter.after_restore ("hook") -> canary must match ("canary":
+    token ids, logprobs and text; see ``canary.py``).
 
 The replica manager (``replicas.py``) counts restores and restore failures and cold-boots on failure; this
 module records phase durations (``checkpoint``, ``save``, ``restore``, ``canary``), snapshots taken and
@@ -32,7 +33,7 @@ import hashlib
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -40,37 +41,29 @@ from coldstart.engine_adapters.base import EngineAdapter, EngineConfig, local_mo
 from coldstart.engine_adapters.errors import AdapterError
 from coldstart.launcher.boot import cold_boot, wait_healthy
 from coldstart.launcher.checkpointers.base import Checkpointer
-from coldstart.launcher.errors import BootTimeout, ColdstartError, EngineExited, RestoreFailed, SnapshotError
-from coldstart.launcher.snapshots.file_digests import DigestCache
-from coldstart.launcher.snapshots.identity import SnapshotIdentity, snapshot_identity
+from coldstart.launcher.config import Canary
+from coldstart.launcher.errors import (
+    BootTimeout,
+    ColdstartError,
+    EngineExited,
+    RestoreFailed,
+    RestoreReason,
+    SnapshotCorrupt,
+    SnapshotError,
+)
 from coldstart.launcher.metrics import Metrics
 from coldstart.launcher.sandboxes.base import Sandbox
-from coldstart.launcher.snapshots.store import SnapshotCorrupt, SnapshotStore
+from coldstart.launcher.snapshots.canary import DEFAULT_CANARY, CanaryAnswer, canary_request
+from coldstart.launcher.snapshots.file_digests import DigestCache
+from coldstart.launcher.snapshots.identity import SnapshotIdentity, snapshot_identity
+from coldstart.launcher.snapshots.store import SnapshotStore
+
+if TYPE_CHECKING:
+    from coldstart.launcher.settings import SnapshotSettings
 
 log = logging.getLogger("coldstart.snapshots")
 
 RESTORE_POLL_S = 0.01  # a restored engine answers within ~0.3 s: poll finer than a cold boot does
-DEFAULT_CANARY_PROMPT = "coldstart canary: repeat after me, the quick brown fox"
-# One greedy token: a full forward pass (weights, KV cache, sampling, detokenizer) checked against the
-# recording. Every further token costs a decode step before the replica may serve (0.25-0.7 s each for
-# Qwen3-0.6B on this CPU, measured by bench/coldstart.py); pass canary_max_tokens for a stricter check.
-CANARY_MAX_TOKENS = 1
-
-
-def canary_request(
-    adapter: EngineAdapter, config: EngineConfig, prompt: str, max_tokens: int, chat: bool = True
-) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model": adapter.upstream_model_name(config),
-        "max_tokens": max_tokens,
-        "temperature": 0,
-    }
-    if chat:
-        return {
-            "path": "/v1/chat/completions",
-            "body": {**body, "messages": [{"role": "user", "content": prompt}]},
-        }
-    return {"path": "/v1/completions", "body": {**body, "prompt": prompt}}
 
 
 def model_files(adapter: EngineAdapter, config: EngineConfig) -> list[Path]:
@@ -100,21 +93,21 @@ class SnapshotManager:
         metrics: Metrics | None = None,
         *,
         image_digest: str | None = None,
-        canary_prompt: str = DEFAULT_CANARY_PROMPT,
-        canary_max_tokens: int = CANARY_MAX_TOKENS,
-        canary_chat: bool = True,
+        canary: Canary = DEFAULT_CANARY,
         restore_timeout_s: float = 120.0,
     ) -> None:
         self.checkpointer = checkpointer
         self.store = store
         self.metrics = metrics or Metrics()
         self.info = checkpointer.probe()
-        self.canary = canary_request(adapter, engine_config, canary_prompt, canary_max_tokens, canary_chat)
+        self.canary = canary_request(adapter, engine_config, canary)
         self.identity: SnapshotIdentity = snapshot_identity(
-            adapter, engine_config, self.info, self.canary, image_digest=image_digest
+            adapter, engine_config, self.info, self.canary.to_json(), image_digest=image_digest
         )
         self.restore_timeout_s = restore_timeout_s
-        self.last_timings: dict[str, float] = {}
+        # Phase durations of each finished restore, by replica id: restores run concurrently, so one
+        # shared "last" dict would mix them.
+        self.restore_timings: dict[str, dict[str, float]] = {}
 
     # -- what the replica manager calls ------------------------------------------------------------
     def has_snapshot(self) -> bool:
@@ -156,7 +149,6 @@ class SnapshotManager:
         """Snapshot a healthy, warmed-up replica and leave it serving. Never takes the replica down for a
         failed snapshot: logs why, and raises only when the engine no longer answers."""
         timings: dict[str, float] = {}
-        self.last_timings = timings
         if self._usable_snapshot_exists():  # another replica booted at the same time got there first
             log.info("snapshot %s already taken; not taking another", self.identity.key)
             return
@@ -189,7 +181,8 @@ class SnapshotManager:
             trust_env=False, timeout=300.0, limits=httpx.Limits(max_keepalive_connections=0)
         ) as control:
             t = time.monotonic()
-            canary_text = await self._run_canary(control, sandbox.base_url)
+            answer = await self._run_canary(control, sandbox.base_url)
+            answer.require_meaningful()
             timings["canary"] = time.monotonic() - t
             await adapter.before_checkpoint(control, sandbox.base_url)
         with self.store.begin(key) as pending:
@@ -206,7 +199,7 @@ class SnapshotManager:
                 },
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "model_files": files,
-                "canary": {**self.canary, "text": canary_text},
+                "canary": {**self.canary.to_json(), **answer.to_json()},
                 "timings": {k: round(v, 4) for k, v in timings.items()},
             }
             snapshot = await asyncio.to_thread(self.store.commit, pending, manifest)
@@ -232,29 +225,31 @@ class SnapshotManager:
     ) -> Sandbox:
         """A serving replica restored from this identity's snapshot, or ``RestoreFailed(reason)``."""
         timings: dict[str, float] = {}
-        self.last_timings = timings
         started = time.monotonic()
         key = self.identity.key
         try:
             snapshot = self.store.lookup(key)
         except SnapshotCorrupt as exc:
-            raise RestoreFailed("digest", str(exc)) from exc
+            raise RestoreFailed(RestoreReason.DIGEST, str(exc)) from exc
         if snapshot is None:
-            raise RestoreFailed("missing", f"no snapshot {key} in {self.store.root}")
+            raise RestoreFailed(RestoreReason.MISSING, f"no snapshot {key} in {self.store.root}")
         problems = self.identity.gate(snapshot.identity)
         if problems:
-            raise RestoreFailed("gate", f"snapshot {key} does not fit this host: " + "; ".join(problems))
+            raise RestoreFailed(
+                RestoreReason.GATE, f"snapshot {key} does not fit this host: " + "; ".join(problems)
+            )
         t = time.monotonic()
         changed = await asyncio.to_thread(self._model_changes, adapter, engine_config, snapshot.manifest)
         if changed:
             raise RestoreFailed(
-                "model_files", f"snapshot {key}: model files changed since the snapshot: {changed}"
+                RestoreReason.MODEL_FILES,
+                f"snapshot {key}: model files changed since the snapshot: {changed}",
             )
         try:
             await asyncio.to_thread(self.store.verify, snapshot)
         except SnapshotCorrupt as exc:
             moved = self.store.quarantine(snapshot)
-            raise RestoreFailed("digest", f"{exc} (moved to {moved.name})") from exc
+            raise RestoreFailed(RestoreReason.DIGEST, f"{exc} (moved to {moved.name})") from exc
         timings["verify"] = time.monotonic() - t
 
         sandbox: Sandbox | None = None
@@ -271,19 +266,22 @@ class SnapshotManager:
                 )
             except TimeoutError as exc:
                 raise RestoreFailed(
-                    "timeout", f"restore of {key} did not finish in {self.restore_timeout_s:.0f} s"
+                    RestoreReason.TIMEOUT,
+                    f"restore of {key} did not finish in {self.restore_timeout_s:.0f} s",
                 ) from exc
             except BootTimeout as exc:
                 raise RestoreFailed(
-                    "timeout", f"restored replica {replica_id} never became healthy: {exc}"
+                    RestoreReason.TIMEOUT, f"restored replica {replica_id} never became healthy: {exc}"
                 ) from exc
             except EngineExited as exc:
-                raise RestoreFailed("checkpointer", f"restored replica {replica_id} exited: {exc}") from exc
+                raise RestoreFailed(
+                    RestoreReason.CHECKPOINTER, f"restored replica {replica_id} exited: {exc}"
+                ) from exc
             except RestoreFailed:
                 raise
             except (ColdstartError, OSError) as exc:
                 raise RestoreFailed(
-                    "checkpointer", f"{self.info.name} restore of {key} failed: {exc}"
+                    RestoreReason.CHECKPOINTER, f"{self.info.name} restore of {key} failed: {exc}"
                 ) from exc
             timings["restore"] = time.monotonic() - t
             timings["healthy"] = time.monotonic() - started  # lookup + gate + verify + restore
@@ -291,20 +289,20 @@ class SnapshotManager:
                 await adapter.after_restore(http, sandbox.base_url)
             except (AdapterError, httpx.HTTPError) as exc:
                 raise RestoreFailed(
-                    "hook", f"after-restore hook of replica {replica_id} failed: {exc}"
+                    RestoreReason.HOOK, f"after-restore hook of replica {replica_id} failed: {exc}"
                 ) from exc
             t = time.monotonic()
             try:
-                text = await self._run_canary(http, sandbox.base_url)
-            except (httpx.HTTPError, ValueError, KeyError) as exc:
+                answer = await self._run_canary(http, sandbox.base_url)
+            except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
                 raise RestoreFailed(
-                    "canary", f"canary request to restored replica {replica_id} failed: {exc!r}"
+                    RestoreReason.CANARY, f"canary request to restored replica {replica_id} failed: {exc!r}"
                 ) from exc
             timings["canary"] = time.monotonic() - t
-            want = snapshot.manifest["canary"]["text"]
-            if text != want:
+            differs = answer.mismatch(CanaryAnswer.from_json(snapshot.manifest["canary"]))
+            if differs:
                 raise RestoreFailed(
-                    "canary", f"restored replica {replica_id} answered the canary {text!r}, expected {want!r}"
+                    RestoreReason.CANARY, f"restored replica {replica_id} answered the canary with {differs}"
                 )
         except BaseException:
             if sandbox is not None:
@@ -312,6 +310,7 @@ class SnapshotManager:
             raise
         self.store.touch_used(snapshot)
         timings["total"] = time.monotonic() - started
+        self.restore_timings[replica_id] = timings
         self.metrics.snapshot_bytes.set(snapshot.total_bytes)
         for phase in ("restore", "canary"):  # labelled snapshot_*: "restore" is the whole bring-up
             self.metrics.phase_seconds.labels(f"snapshot_{phase}").observe(timings[phase])
@@ -341,13 +340,10 @@ class SnapshotManager:
             return await restore_onto(image_dir, workdir, replica_id, target_gpu)  # type: ignore[no-any-return]
         return await self.checkpointer.restore(image_dir, workdir, replica_id)
 
-    async def _run_canary(self, client: httpx.AsyncClient, base_url: str) -> str:
-        response = await client.post(
-            f"{base_url}{self.canary['path']}", json=self.canary["body"], timeout=300.0
-        )
+    async def _run_canary(self, client: httpx.AsyncClient, base_url: str) -> CanaryAnswer:
+        response = await client.post(f"{base_url}{self.canary.path}", json=self.canary.body, timeout=300.0)
         response.raise_for_status()
-        choice = response.json()["choices"][0]
-        return str(choice["message"]["content"] if "message" in choice else choice["text"])
+        return CanaryAnswer.from_response(response.json())
 
     def _digest_cache(self) -> DigestCache:
         return DigestCache(self.store.state_dir / "model-digests.json")
@@ -390,21 +386,20 @@ def image_digest_of(path: Path | None) -> str | None:
 
 
 def snapshots_for(
-    config: Any, adapter: EngineAdapter, engine_config: EngineConfig, metrics: Metrics
+    settings: SnapshotSettings, adapter: EngineAdapter, engine_config: EngineConfig, metrics: Metrics
 ) -> SnapshotManager:
-    """The ``SnapshotManager`` for a ``ServeConfig`` (``--snapshot``, ``--snapshot-dir``, ``--image``)."""
+    """The ``SnapshotManager`` for ``--snapshot``, ``--snapshot-dir``, ``--image`` and a recipe's canary.
+    The picked checkpointer (``auto`` included) refuses engine arguments it cannot snapshot."""
     from coldstart.launcher.checkpointers.registry import get_checkpointer
 
-    checkpointer = get_checkpointer(config.snapshot)
-    canary = getattr(config, "canary", None)  # a recipe's [canary]: prompt, max_tokens, chat
+    checkpointer = get_checkpointer(settings.checkpointer)
+    checkpointer.check_engine_args(engine_config.engine_args)
     return SnapshotManager(
         checkpointer,
-        SnapshotStore(Path(config.snapshot_dir)),
+        SnapshotStore(settings.store_dir),
         adapter,
         engine_config,
         metrics,
-        image_digest=image_digest_of(getattr(config, "image", None)),
-        canary_prompt=canary.prompt if canary else DEFAULT_CANARY_PROMPT,
-        canary_max_tokens=canary.max_tokens if canary else CANARY_MAX_TOKENS,
-        canary_chat=canary.chat if canary else True,
+        image_digest=image_digest_of(settings.image),
+        canary=settings.canary,
     )

@@ -29,17 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from coldstart.launcher.atomic import write_text_atomic
-from coldstart.launcher.errors import SnapshotError
+from coldstart.launcher.errors import SnapshotCorrupt, SnapshotError
 from coldstart.launcher.snapshots.file_digests import DigestCache, sha256_file
 from coldstart.launcher.snapshots.identity import SnapshotIdentity
 
 MANIFEST = "manifest.json"
 IMAGE = "image"
 FORMAT = 1
-
-
-class SnapshotCorrupt(SnapshotError):
-    """A snapshot file is missing, has the wrong size or the wrong digest."""
 
 
 @dataclass

@@ -333,6 +333,7 @@ class _Ctx:
         else:
             choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
             kind = "text_completion"
+        choice["token_ids"] = ids  # as vLLM's return_token_ids: what the launcher's canary compares
         usage = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": len(ids),

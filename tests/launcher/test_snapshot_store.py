@@ -7,6 +7,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -225,14 +226,15 @@ def test_cli_doctor_lists_checkpointers(capsys: pytest.CaptureFixture[str]) -> N
 def test_canary_request_chat_or_completion() -> None:
     from coldstart.engine_adapters.base import EngineConfig
     from coldstart.engine_adapters.registry import get_adapter
-    from coldstart.launcher.snapshots.manager import canary_request
+    from coldstart.launcher.config import Canary
+    from coldstart.launcher.snapshots.canary import canary_request
 
     adapter, config = get_adapter("transformers"), EngineConfig(model="org/model")
-    chat = canary_request(adapter, config, "The capital of France is", 8)
-    assert chat["path"] == "/v1/chat/completions" and chat["body"]["temperature"] == 0
-    assert chat["body"]["messages"] == [{"role": "user", "content": "The capital of France is"}]
-    completion = canary_request(adapter, config, "The capital of France is", 8, chat=False)
-    assert completion == {
+    chat = canary_request(adapter, config, Canary("The capital of France is", 8))
+    assert chat.path == "/v1/chat/completions" and chat.body["temperature"] == 0
+    assert chat.body["messages"] == [{"role": "user", "content": "The capital of France is"}]
+    completion = canary_request(adapter, config, Canary("The capital of France is", 8, chat=False))
+    assert completion.to_json() == {
         "path": "/v1/completions",
         "body": {
             "model": "org/model",
@@ -241,3 +243,35 @@ def test_canary_request_chat_or_completion() -> None:
             "prompt": "The capital of France is",
         },
     }
+
+
+def _chat(text: str, ids: list[int] | None = None, logprobs: list[float] | None = None) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
+    if ids is not None:
+        choice["token_ids"] = ids
+    if logprobs is not None:
+        choice["logprobs"] = {"content": [{"token": "x", "logprob": lp} for lp in logprobs]}
+    return {"choices": [choice], "usage": {"completion_tokens": len(ids or [1])}}
+
+
+def test_canary_compares_token_ids_not_only_text() -> None:
+    """Ids that decode to "" used to pass as two equal empty strings."""
+    from coldstart.launcher.snapshots.canary import CanaryAnswer
+
+    recorded = CanaryAnswer.from_response(_chat("", [151000, 150999]))
+    recorded.require_meaningful()  # ids alone are evidence
+    assert CanaryAnswer.from_response(_chat("", [151000, 150999])).mismatch(recorded) == ""
+    assert "token ids" in CanaryAnswer.from_response(_chat("", [151000, 7])).mismatch(recorded)
+    # logprobs compared within a tolerance where the engine gives them
+    with_lp = CanaryAnswer.from_response(_chat("hi", [5], [-0.25]))
+    assert CanaryAnswer.from_response(_chat("hi", [5], [-0.2500001])).mismatch(with_lp) == ""
+    assert "logprobs" in CanaryAnswer.from_response(_chat("hi", [5], [-1.5])).mismatch(with_lp)
+    # a manifest round trip keeps everything
+    assert CanaryAnswer.from_json(with_lp.to_json()) == with_lp
+
+
+def test_vacuous_canary_is_refused() -> None:
+    from coldstart.launcher.snapshots.canary import CanaryAnswer, VacuousCanary
+
+    with pytest.raises(VacuousCanary, match="no text and no token ids"):
+        CanaryAnswer.from_response(_chat("")).require_meaningful()

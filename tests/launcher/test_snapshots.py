@@ -103,7 +103,7 @@ def truncate(snap: Path) -> None:
 
 def other_host(snap: Path) -> None:
     manifest = json.loads((snap / "manifest.json").read_text())
-    manifest["identity"]["fingerprint"]["cpu_flags"].append("avx512_vp2intersect")
+    manifest["identity"]["fingerprint"]["cpu_flags"].append("coldstart_flag_no_cpu_has")
     (snap / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -121,7 +121,7 @@ def weights_changed(snap: Path) -> None:
     [
         (flip_byte, "digest", "sha256"),
         (truncate, "digest", "bytes, manifest says"),
-        (other_host, "gate", "cpu flag avx512_vp2intersect missing on this host"),
+        (other_host, "gate", "cpu flag coldstart_flag_no_cpu_has missing on this host"),
         (weights_changed, "model_files", "model.safetensors sha256 differs"),
     ],
     ids=["flipped-byte", "truncated-pages", "manifest-from-another-host", "weights-changed"],

@@ -109,8 +109,27 @@ def test_apply_recipe_fills_serve_config(tmp_path: Path, tiny_model: Path) -> No
     assert config.engine_args == ("{python}", f"{tmp_path}/server.py")
 
 
-def test_make_model_on_first_use(tmp_path: Path) -> None:
+def test_make_model_when_serving_starts_not_while_parsing(tmp_path: Path) -> None:
+    from coldstart.launcher.cli.serve import parse
+    from coldstart.launcher.server import ensure_model
+
     model = tmp_path / "made"
     path = _write(tmp_path, f'engine = "transformers"\nmodel = "{model}"\nmake_model = "tiny"\n')
-    assert load_recipe(path).ensure_model() == str(model)
+    config = parse(["--recipe", str(path)])
+    assert config.make_model == "tiny" and not model.exists()  # parsing (or --help) writes nothing
+    ensure_model(config)
     assert (model / "config.json").is_file()
+
+
+def test_recipe_env_warmup_and_canary_reach_the_engine_and_snapshots() -> None:
+    """Every recipe key arrives where it acts (env and warm-ups used to be dropped on the way)."""
+    from coldstart.launcher.settings import engine_config, snapshot_settings
+
+    recipe = load_recipe("vllm-qwen3-0.6b")
+    assert recipe.env and recipe.warmup and recipe.canary
+    config = apply_recipe("vllm-qwen3-0.6b", ServeConfig())
+    econf = engine_config(config)
+    assert dict(econf.env) == recipe.env
+    assert econf.warmup == tuple((w.path, w.body) for w in recipe.warmup)
+    settings = snapshot_settings(config)
+    assert settings is not None and settings.canary == recipe.canary
