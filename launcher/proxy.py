@@ -159,6 +159,7 @@ class Proxy:
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.read_timeout),
                 auto_decompress=False,
                 skip_auto_headers=("User-Agent",),
+                response_class=_NoReuseAfterError,
             )
         return self._session
 
@@ -313,9 +314,10 @@ class Proxy:
         self, route: str, body: bytes, headers: list[tuple[str, str]]
     ) -> tuple[Response, int | None]:
         # Retry on another replica only when the connection could not be opened: nothing was sent.
+        refused: Replica | None = None
         for attempt in (1, 2):
             try:
-                replica = await self.manager.acquire()
+                replica = await self.manager.acquire(avoid=refused)
             except (QueueFull, QueueTimeout) as exc:
                 code = "queue_full" if isinstance(exc, QueueFull) else "queue_timeout"
                 retry = {"Retry-After": str(RETRY_AFTER_S)}
@@ -327,6 +329,7 @@ class Proxy:
                     response = await self.session.post(url, data=body, headers=headers)
                 except aiohttp.ClientConnectorError as exc:
                     self.manager.suspect(replica, f"connection refused: {exc!r}")
+                    refused = replica
                     if attempt == 1:
                         continue
                     msg = f"replica {replica.id} unreachable; retry the request"
@@ -348,10 +351,6 @@ class Proxy:
 
     async def _relay(self, replica: Replica, response: aiohttp.ClientResponse) -> Response:
         headers = {k: v for k, v in response.headers.items() if k.lower() not in _DROP}
-        if response.status >= 400 and response.connection is not None:
-            # Not back into the pool once read: engines may drop a connection after an error answer.
-            if (protocol := response.connection.protocol) is not None:
-                protocol.force_close()
         finish = _Finish(self.manager, replica, response)
         streaming = response.headers.get("content-type", "").startswith("text/event-stream")
         if response.status < 400 and streaming:
@@ -414,6 +413,23 @@ async def _disconnected(request: Request) -> None:
     """Returns when the client disconnects (the body has been read: the next message is the end)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+class _NoReuseAfterError(aiohttp.ClientResponse):
+    """A response whose connection is never reused after an error answer: engines may close it right
+    after (uvicorn does when it did not read the whole body), and the next request sent on it would be
+    lost in a way that cannot be told apart from a crash. A small body is read with the headers and the
+    connection already back in the pool when ``start`` returns, hence the close here."""
+
+    async def start(self, connection: aiohttp.connector.Connection) -> aiohttp.ClientResponse:
+        protocol = connection.protocol
+        await super().start(connection)
+        if self.status >= 400 and protocol is not None:
+            if self.connection is None:
+                protocol.close()  # idle in the pool already (no await since): nobody else took it
+            else:
+                protocol.force_close()  # closed instead of pooled once the body is read
+        return self
 
 
 class _Finish:

@@ -1,12 +1,24 @@
 """One replica: an engine in a sandbox, with an explicit lifecycle.
 
-    NEW ──▶ BOOTING ───────────────▶ READY ──▶ DRAINING ──▶ STOPPED
-     └───▶ RESTORING ──(fails)──▶ BOOTING      │
-                └──────────────────▶ READY     └──▶ SNAPSHOTTING ──▶ READY
-    any state ──▶ FAILED ──▶ STOPPED   (engine exited, boot failed)
+    NEW ──▶ BOOTING ──▶ SNAPSHOTTING ──▶ READY ──▶ DRAINING ──▶ STOPPED
+     │        └───────────────────────▶ READY
+     └─▶ RESTORING ──▶ READY
+            └──(restore failed)──▶ BOOTING
+    any state but STOPPED ──▶ FAILED ──▶ STOPPED   (boot failed, engine exited or hung, cancelled)
+
+The same, one line per state (``tests/launcher/test_replica_state.py`` checks it against ``_ALLOWED``):
+
+    NEW: BOOTING RESTORING FAILED
+    BOOTING: SNAPSHOTTING READY FAILED
+    RESTORING: READY BOOTING FAILED
+    SNAPSHOTTING: READY FAILED
+    READY: DRAINING FAILED
+    DRAINING: STOPPED FAILED
+    FAILED: STOPPED
+    STOPPED:
 
 A state changes only after the operation it names has succeeded, and an illegal change raises
-``ReplicaStateError`` ("cannot drain replica r3 in state BOOTING"). Each change is logged as one line with
+``ReplicaStateError`` ("replica r3 cannot go from BOOTING to DRAINING"). Each change is logged as one line with
 the time spent in the state left behind.
 """
 
@@ -60,10 +72,6 @@ class Replica:
         self.served_seconds = 0.0
         self.how = ""  # "cold boot" or "restore": how this replica came up
         self.unit: Unit | None = None  # the pool unit (GPU or CPU slot) the replica runs on
-
-    def require(self, *states: ReplicaState, action: str) -> None:
-        if self.state not in states:
-            raise ReplicaStateError(f"cannot {action} replica {self.id} in state {self.state.name}")
 
     def transition(self, new: ReplicaState, **details: object) -> float:
         """Move to ``new`` (if legal), log one line, and return the seconds spent in the old state."""

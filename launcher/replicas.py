@@ -166,8 +166,10 @@ class ReplicaManager:
         await self.http.aclose()
 
     # ---------------------------------------------------------------- routing
-    def _pick(self) -> Replica | None:
+    def _pick(self, avoid: Replica | None = None) -> Replica | None:
         ready = [r for r in self.replicas.values() if r.state is ReplicaState.READY]
+        if avoid is not None and len(ready) > 1:
+            ready = [r for r in ready if r is not avoid]
         if not ready:
             return None
         best = min(ready, key=lambda r: r.in_flight)
@@ -192,9 +194,10 @@ class ReplicaManager:
     def queue_depth(self) -> int:
         return self._waiting
 
-    async def acquire(self) -> Replica:
-        """A READY replica with room (or the least busy); waits (bounded) while none. ``release`` after."""
-        replica = self._pick()
+    async def acquire(self, avoid: Replica | None = None) -> Replica:
+        """A READY replica with room (or the least busy), other than ``avoid`` where there is one; waits
+        (bounded) while none. Call ``release`` after."""
+        replica = self._pick(avoid)
         if replica is None:
             if self._waiting >= self.policy.max_queue:
                 raise QueueFull(f"{self._waiting} requests already waiting for a replica; retry later")
@@ -202,7 +205,7 @@ class ReplicaManager:
             self.metrics.queue_depth.set(self._waiting)
             deadline = time.monotonic() + self.policy.queue_timeout
             try:
-                while (replica := self._pick()) is None:
+                while (replica := self._pick(avoid)) is None:
                     self._ensure_capacity()
                     changed = self._changed
                     left = deadline - time.monotonic()

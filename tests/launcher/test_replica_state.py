@@ -44,10 +44,15 @@ def test_illegal_transitions_are_refused(path: tuple[ReplicaState, ...], bad: Re
     assert replica.state is before  # state changes only after success
 
 
-def test_require_names_action_and_state() -> None:
-    replica = Replica("r3")
-    with pytest.raises(ReplicaStateError, match="cannot restore replica r3 in state NEW"):
-        replica.require(ReplicaState.READY, action="restore")
+def test_docstring_diagram_matches_the_transition_table() -> None:
+    import coldstart.launcher.replica as module
+
+    documented = {}
+    for line in (module.__doc__ or "").splitlines():
+        name, sep, targets = line.strip().partition(":")
+        if sep and name in ReplicaState.__members__:
+            documented[ReplicaState[name]] = frozenset(ReplicaState[t] for t in targets.split())
+    assert documented == module._ALLOWED
 
 
 def test_serving_seconds_accumulate_only_while_busy() -> None:
@@ -55,5 +60,8 @@ def test_serving_seconds_accumulate_only_while_busy() -> None:
     replica.begin_request()
     replica.begin_request()
     assert replica.end_request() == 0.0  # still one in flight
-    assert replica.end_request() >= 0.0
+    assert replica.busy_since is not None
+    replica.busy_since -= 0.5  # as if the requests had taken half a second
+    assert replica.end_request() >= 0.5
     assert replica.in_flight == 0 and replica.busy_since is None
+    assert replica.served_seconds >= 0.5

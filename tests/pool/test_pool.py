@@ -4,6 +4,7 @@ unit that failed its health check."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 from fake_nvml import FakeNvml, gpus
@@ -114,14 +115,21 @@ def test_zero_units_is_not_an_error_until_one_is_asked_for() -> None:
     asyncio.run(main())
 
 
+async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Yield to the pool's tasks until ``condition`` holds (a deadline only against a hang)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0)
+
+
 def test_set_target_trims_the_buffer() -> None:
     async def main() -> None:
         async with Pool(make_provider("cpu", slots=4), target_idle=3) as pool:
-            await asyncio.sleep(0.05)
-            assert pool.counts()["idle"] == 3
+            await _until(lambda: pool.counts()["idle"] == 3)
             pool.set_target(1)
-            await asyncio.sleep(0.05)
-            assert pool.counts()["idle"] == 1
+            await _until(lambda: pool.counts()["idle"] <= 1)
+            assert pool.counts()["idle"] == 1  # trimmed to the target, not below
 
     asyncio.run(main())
 

@@ -1,0 +1,296 @@
+"""``ReplicaManager`` and ``Proxy`` constructed for real over fake sandboxes (``tests/fake_engine.py``): the
+proxy is served by uvicorn on a loopback port and called over HTTP, each replica is a small HTTP server.
+Routing, queueing, scaling, liveness and fault handling in seconds; the real engines are in
+``test_scaling_and_faults.py`` and ``test_faults_e2e.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fake_engine import FakeAdapter, FakeSandbox, FakeSnapshots
+
+from coldstart.engine_adapters.base import EngineConfig
+from coldstart.launcher.metrics import Metrics
+from coldstart.launcher.proxy import Proxy
+from coldstart.launcher.replica import ReplicaState
+from coldstart.launcher.replicas import HEALTH_FAILURES, ReplicaManager, ScalingPolicy
+
+
+def run(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    @functools.wraps(test)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(asyncio.wait_for(test(*args, **kwargs), 60))
+
+    return wrapper
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[no-untyped-def]
+        yield
+
+
+@dataclass
+class Launched:
+    manager: ReplicaManager
+    proxy: Proxy
+    snapshots: FakeSnapshots
+    client: httpx.AsyncClient
+
+    def sandbox(self, replica_id: str) -> FakeSandbox:
+        return self.snapshots.sandboxes[replica_id]
+
+    def states(self) -> dict[str, ReplicaState]:
+        return {r.id: r.state for r in self.manager.replicas.values()}
+
+    async def until(self, condition: Callable[[], bool], what: str, timeout: float = 20.0) -> float:
+        """Wait for ``condition``; returns the seconds it took."""
+        started = time.monotonic()
+        while not condition():
+            if time.monotonic() - started > timeout:
+                raise AssertionError(f"timed out waiting for {what}: {self.states()}")
+            await asyncio.sleep(0.01)
+        return time.monotonic() - started
+
+    async def ready(self, n: int = 1) -> None:
+        await self.until(lambda: list(self.states().values()).count(ReplicaState.READY) >= n, f"{n} ready")
+
+    async def chat(self, **body: Any) -> httpx.Response:
+        return await self.client.post("/v1/chat/completions", json={"model": "fake", "messages": [], **body})
+
+
+@contextlib.asynccontextmanager
+async def launched(
+    restore_s: float | list[float] = 0.0,
+    stop_s: float = 0.0,
+    proxy_kw: dict[str, Any] | None = None,
+    **policy: Any,
+) -> AsyncIterator[Launched]:
+    snapshots = FakeSnapshots(restore_s, stop_s)
+    metrics = Metrics()
+    manager = ReplicaManager(
+        FakeAdapter(),
+        EngineConfig(model="fake"),
+        ScalingPolicy(**policy),
+        metrics,
+        Path("/nonexistent"),
+        snapshots,
+    )
+    proxy = Proxy(manager, metrics, "fake", "fake", **(proxy_kw or {}))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = _Server(uvicorn.Config(proxy.app(), log_level="warning", lifespan="off"))
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    await manager.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            yield Launched(manager, proxy, snapshots, client)
+    finally:
+        server.should_exit = True
+        await serving
+        await manager.close()
+        await proxy.aclose()
+        sock.close()
+
+
+def _error(response: httpx.Response) -> dict[str, Any]:
+    body = response.json()
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]  # type: ignore[no-any-return]
+
+
+# ---------------------------------------------------------------------------- faults
+@run
+async def test_bad_requests_never_kill_a_healthy_replica() -> None:
+    async with launched() as h:
+        await h.ready()
+        for _ in range(5):
+            bad = await h.chat(max_tokens=-1)  # 422 from the engine, which then drops the connection
+            assert bad.status_code == 422
+            assert "max_tokens: must be >= 1" in _error(bad)["message"]
+            good = await h.chat()
+            assert good.status_code == 200, good.text
+        assert h.states() == {"r1": ReplicaState.READY}
+        assert h.snapshots.restores == 1
+        assert h.sandbox("r1").engine.received == 10
+
+
+@run
+async def test_a_request_the_engine_may_have_received_is_not_replayed() -> None:
+    async with launched() as h:
+        await h.ready()
+        lost = await h.chat(drop=True)  # read by the engine, then the connection closes
+        assert lost.status_code == 502
+        assert _error(lost)["code"] == "upstream_lost"
+        assert "not retried" in _error(lost)["message"]
+        assert h.sandbox("r1").engine.received == 1  # exactly once, never replayed
+        # One lost connection is not a dead engine: the health probe says it is alive.
+        assert (await h.chat()).status_code == 200
+        assert h.states() == {"r1": ReplicaState.READY}
+
+
+@run
+async def test_connection_refused_is_retried_on_another_replica_and_the_dead_one_replaced() -> None:
+    async with launched(initial_replicas=2, max_replicas=2, health_interval=0.2, health_timeout=0.3) as h:
+        await h.ready(2)
+        await h.sandbox("r1").engine.close()  # the port closes, the process "exists": only probes tell
+        answers = [await h.chat() for _ in range(4)]
+        assert [a.status_code for a in answers] == [200] * 4  # nothing was sent to r1: safe to retry
+        await h.until(lambda: "r1" not in h.states(), "r1 failed by its probe and stopped")
+
+
+@run
+async def test_hung_engine_is_detected_its_requests_fail_and_it_is_replaced() -> None:
+    interval, timeout = 0.2, 0.3
+    async with launched(health_interval=interval, health_timeout=timeout) as h:
+        await h.ready()
+        pending = asyncio.create_task(h.chat(sleep=30))
+        await h.until(lambda: h.sandbox("r1").engine.in_flight == 1, "request in the engine")
+        h.sandbox("r1").engine.hang()  # SIGSTOP: connections open, nothing answers, /health neither
+        took = await h.until(lambda: h.states().get("r1") is not ReplicaState.READY, "r1 failed")
+        assert took <= interval + HEALTH_FAILURES * (timeout + interval) + 0.5
+        answer = await pending
+        assert answer.status_code == 502 and _error(answer)["code"] == "upstream_lost"
+        again = await h.chat()
+        assert again.status_code == 200
+        assert again.json()["port"] == h.sandbox("r2").engine.port
+
+
+@run
+async def test_exited_engine_fails_its_replica_and_demand_replaces_it() -> None:
+    async with launched() as h:
+        await h.ready()
+        await h.sandbox("r1").die()
+        assert (await h.chat()).status_code in (200, 502)  # raced against the exit being seen
+        assert (await h.chat()).status_code == 200
+        assert "r2" in h.snapshots.sandboxes
+
+
+# ---------------------------------------------------------------------------- scaling
+@run
+async def test_burst_from_zero_spreads_over_every_replica_without_churn() -> None:
+    # r1 restores quickly, r2 slowly; idle timeout short enough that an unused r2 would be stopped.
+    async with launched(
+        restore_s=[0.1, 0.6], initial_replicas=0, max_replicas=2, target_concurrency=1, idle_timeout=0.3
+    ) as h:
+        answers = await asyncio.gather(*(h.chat(sleep=0.05) for _ in range(40)))
+        assert [a.status_code for a in answers] == [200] * 40
+        ports = [a.json()["port"] for a in answers]
+        per_replica = {rid: ports.count(s.engine.port) for rid, s in h.snapshots.sandboxes.items()}
+        assert set(per_replica) == {"r1", "r2"}, per_replica  # no replica stopped and started again
+        assert min(per_replica.values()) >= 5, per_replica  # the second one took its share
+        assert h.manager.peak_live == 2
+
+
+@run
+async def test_a_replica_still_stopping_counts_against_max_replicas() -> None:
+    async with launched(stop_s=0.5, max_replicas=1) as h:
+        await h.ready()
+        await h.sandbox("r1").die()
+        assert (await h.chat()).status_code in (200, 502)
+        assert (await h.chat()).status_code == 200
+        assert h.manager.peak_live == 1
+        assert h.sandbox("r1").stopped.is_set()
+
+
+@run
+async def test_close_waits_for_a_stop_already_running() -> None:
+    async with launched(stop_s=0.5) as h:
+        await h.ready()
+        sandbox = h.sandbox("r1")
+        h.manager.fail(h.manager.replicas["r1"], "test")
+        await h.manager.close()
+        assert sandbox.stopped.is_set() and sandbox.stops == 1
+
+
+@run
+async def test_queue_timeout_is_an_openai_error() -> None:
+    async with launched(restore_s=5.0, initial_replicas=0, queue_timeout=0.3) as h:
+        answer = await h.chat()
+        assert answer.status_code == 503 and _error(answer)["code"] == "queue_timeout"
+        assert answer.headers["retry-after"]
+
+
+# ---------------------------------------------------------------------------- proxy
+@run
+async def test_bodies_that_are_not_json_objects_get_a_400() -> None:
+    async with launched() as h:
+        await h.ready()
+        for raw in (b"\xff\xfe\x00not utf-8", b"[" * 100_000 + b"]" * 100_000, b"{", b"[1, 2]"):
+            answer = await h.client.post("/v1/chat/completions", content=raw)
+            assert answer.status_code == 400, (raw[:20], answer.text)
+            assert _error(answer)["type"] == "invalid_request_error"
+        assert h.sandbox("r1").engine.received == 0
+
+
+@run
+async def test_a_body_over_the_limit_gets_a_413_without_being_read_whole() -> None:
+    async with launched(proxy_kw={"max_body_bytes": 1 << 20}) as h:
+        big = b'{"model": "fake", "x": "' + b"a" * (2 << 20) + b'"}'
+        answer = await h.client.post("/v1/chat/completions", content=big)
+        assert answer.status_code == 413 and _error(answer)["code"] == "request_too_large"
+
+        async def chunks() -> AsyncIterator[bytes]:  # no content-length: counted as it arrives
+            for _ in range(3):
+                yield b"a" * (1 << 20)
+
+        answer = await h.client.post("/v1/chat/completions", content=chunks())
+        assert answer.status_code == 413
+
+
+@run
+async def test_engine_errors_are_openai_shaped_and_headers_are_not_doubled() -> None:
+    async with launched() as h:
+        await h.ready()
+        answer = await h.chat(plain_500=True)
+        assert answer.status_code == 500
+        assert _error(answer) == {
+            "message": "Internal Server Error",
+            "type": "server_error",
+            "param": None,
+            "code": "engine_500",
+        }
+        for answer in (await h.chat(), await h.chat(stream=True)):
+            assert answer.status_code == 200
+            assert len(answer.headers.get_list("date")) == 1, answer.headers
+            assert len(answer.headers.get_list("server")) == 1, answer.headers
+
+
+@run
+async def test_client_that_goes_away_cancels_its_engine_request() -> None:
+    async with launched() as h:
+        await h.ready()
+        engine = h.sandbox("r1").engine
+        with pytest.raises(httpx.ReadTimeout):
+            await h.client.post(
+                "/v1/chat/completions",
+                json={"model": "fake", "sleep": 30},
+                timeout=httpx.Timeout(30, read=0.5),
+            )
+        await h.until(lambda: engine.cancelled == 1, "the engine saw its request cancelled")
+        await h.until(lambda: h.manager.replicas["r1"].in_flight == 0, "the proxy released the replica")
+
+
+@run
+async def test_health_means_the_proxy_is_up_and_ready_means_a_replica_is() -> None:
+    async with launched(restore_s=0.3, initial_replicas=0) as h:
+        health = await h.client.get("/health")
+        assert health.status_code == 200 and health.json()["ready"] is False
+        assert (await h.client.get("/ready")).status_code == 503
+        assert h.snapshots.restores == 0  # probes start nothing
+        assert (await h.chat()).status_code == 200  # a request does
+        assert (await h.client.get("/ready")).status_code == 200
