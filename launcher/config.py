@@ -99,6 +99,16 @@ class ServeConfig:
     image_cache: Path | None = opt(
         None, "local disk cache for image chunks (default: ~/.cache/coldstart/chunks)"
     )
+    # Snapshots across hosts (snapshots/remote.py).
+    snapshot_tiers: str | None = opt(
+        None,
+        "comma-separated tiers to pull snapshots this host lacks from, nearest first, origin last "
+        "(cache server URLs, chunk store dirs)",
+    )
+    snapshot_cache: Path | None = opt(None, "local chunk cache for pulled snapshots (default: none)")
+    snapshot_publish: Path | None = opt(
+        None, "publish every snapshot taken here into this chunk store dir (serve it: coldstart image serve)"
+    )
 
     # From recipes only (no flag): engine environment, warm-up requests, canary prompt, and how to make a
     # missing local model (done when serving starts, never while arguments are parsed).

@@ -117,6 +117,7 @@ class RestoreReason(StrEnum):
     HOOK = "hook"  # an after-restore hook failed
     CANARY = "canary"  # the restored replica answered the canary differently
     CUDA = "cuda"  # the CUDA driver could not restore the device state
+    FETCH = "fetch"  # no tier delivered the snapshot's bytes (snapshots across hosts, remote.py)
 
     @property
     def replace_snapshot(self) -> bool:
@@ -127,6 +128,7 @@ class RestoreReason(StrEnum):
             RestoreReason.DIGEST,
             RestoreReason.GATE,
             RestoreReason.MODEL_FILES,
+            RestoreReason.FETCH,  # a local snapshot (published again) serves the next restore
         )
 
 

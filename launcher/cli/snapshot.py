@@ -210,7 +210,7 @@ def _pull(store: SnapshotStore, remote: SnapshotTiers | None, key: str, force: b
 def _remote_of(args: argparse.Namespace) -> SnapshotTiers | None:
     from coldstart.launcher.snapshots.remote import remote_for
 
-    return remote_for(args)
+    return remote_for(args.snapshot_tiers, args.snapshot_cache, args.snapshot_publish)
 
 
 def main(argv: list[str] | None = None) -> int:

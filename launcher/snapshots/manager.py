@@ -56,10 +56,11 @@ from coldstart.launcher.sandboxes.base import Sandbox
 from coldstart.launcher.snapshots.canary import DEFAULT_CANARY, CanaryAnswer, canary_request
 from coldstart.launcher.snapshots.file_digests import DigestCache
 from coldstart.launcher.snapshots.identity import SnapshotIdentity, snapshot_identity
-from coldstart.launcher.snapshots.store import SnapshotStore
+from coldstart.launcher.snapshots.store import Snapshot, SnapshotStore
 
 if TYPE_CHECKING:
     from coldstart.launcher.settings import SnapshotSettings
+    from coldstart.launcher.snapshots.remote import PullReport, SnapshotTiers
 
 log = logging.getLogger("coldstart.snapshots")
 
@@ -95,6 +96,7 @@ class SnapshotManager:
         image_digest: str | None = None,
         canary: Canary = DEFAULT_CANARY,
         restore_timeout_s: float = 120.0,
+        remote: SnapshotTiers | None = None,
     ) -> None:
         self.checkpointer = checkpointer
         self.store = store
@@ -108,10 +110,16 @@ class SnapshotManager:
         # Phase durations of each finished restore, by replica id: restores run concurrently, so one
         # shared "last" dict would mix them.
         self.restore_timings: dict[str, dict[str, float]] = {}
+        # Snapshots across hosts (remote.py): pulled through these tiers when this host has none,
+        # published after every snapshot taken here.
+        self.remote = remote
+        self.last_pull: PullReport | None = None
+        self._publishing: set[asyncio.Task[None]] = set()
 
     # -- what the replica manager calls ------------------------------------------------------------
     def has_snapshot(self) -> bool:
-        return self.store.has(self.identity.key)
+        # With tiers, try: the lookup is a network call, made in restore() (a miss cold-boots, "missing").
+        return self.store.has(self.identity.key) or bool(self.remote and self.remote.tiers)
 
     def new_sandbox(self, workdir: Path, replica_id: str) -> Sandbox:
         return self.checkpointer.new_sandbox(workdir, replica_id)
@@ -205,6 +213,10 @@ class SnapshotManager:
             snapshot = await asyncio.to_thread(self.store.commit, pending, manifest)
             timings["save"] = time.monotonic() - t
         await adapter.after_restore(http, sandbox.base_url)
+        if self.remote is not None and self.remote.publish_to is not None:  # off the replica's path
+            task = asyncio.create_task(self._publish(snapshot))
+            self._publishing.add(task)
+            task.add_done_callback(self._publishing.discard)
         self.metrics.snapshots_taken.inc()
         self.metrics.snapshot_bytes.set(snapshot.total_bytes)
         for phase in ("checkpoint", "save"):
@@ -231,6 +243,10 @@ class SnapshotManager:
             snapshot = self.store.lookup(key)
         except SnapshotCorrupt as exc:
             raise RestoreFailed(RestoreReason.DIGEST, str(exc)) from exc
+        if snapshot is None and self.remote is not None and self.remote.tiers:
+            t = time.monotonic()
+            snapshot = await self._pull(adapter, engine_config)  # taken on another host
+            timings["pull"] = time.monotonic() - t
         if snapshot is None:
             raise RestoreFailed(RestoreReason.MISSING, f"no snapshot {key} in {self.store.root}")
         problems = self.identity.gate(snapshot.identity)
@@ -321,6 +337,37 @@ class SnapshotManager:
         )  # fmt: skip
         return sandbox
 
+    # -- snapshots across hosts (remote.py) -------------------------------------------------------
+    async def _pull(self, adapter: EngineAdapter, engine_config: EngineConfig) -> Snapshot:
+        """This identity's snapshot through the tiers into the local store; the gate (checkpointer,
+        host, model files) runs on the manifest before a byte of the image is fetched."""
+        from coldstart.launcher.snapshots.remote import RemoteSnapshotError
+
+        assert self.remote is not None
+
+        def gate(manifest: dict[str, Any]) -> list[str]:
+            try:
+                problems = self.identity.gate(SnapshotIdentity.from_json(manifest["identity"]))
+            except (KeyError, TypeError, ValueError) as exc:
+                return [f"its manifest has no readable identity ({exc!r})"]
+            changed = self._model_changes(adapter, engine_config, manifest)
+            return problems + ([f"model files differ: {changed}"] if changed else [])
+
+        try:
+            snapshot, self.last_pull = await asyncio.to_thread(
+                self.remote.pull, self.identity.key, self.store, gate
+            )
+        except RemoteSnapshotError as exc:
+            raise RestoreFailed(RestoreReason(exc.reason), str(exc)) from exc
+        return snapshot
+
+    async def _publish(self, snapshot: Snapshot) -> None:
+        assert self.remote is not None
+        try:
+            await asyncio.to_thread(self.remote.publish, snapshot)
+        except (SnapshotError, OSError) as exc:  # this host keeps serving from its local snapshot
+            log.warning("snapshot %s not published: %s", snapshot.key, exc, extra={"event": "publish_failed"})
+
     # -- helpers ----------------------------------------------------------------------------------
     def _usable_snapshot_exists(self) -> bool:
         try:
@@ -391,6 +438,7 @@ def snapshots_for(
     """The ``SnapshotManager`` for ``--snapshot``, ``--snapshot-dir``, ``--image`` and a recipe's canary.
     The picked checkpointer (``auto`` included) refuses engine arguments it cannot snapshot."""
     from coldstart.launcher.checkpointers.registry import get_checkpointer
+    from coldstart.launcher.snapshots.remote import remote_for
 
     checkpointer = get_checkpointer(settings.checkpointer)
     checkpointer.check_engine_args(engine_config.engine_args)
@@ -402,4 +450,5 @@ def snapshots_for(
         metrics,
         image_digest=image_digest_of(settings.image),
         canary=settings.canary,
+        remote=remote_for(settings.tiers, settings.chunk_cache, settings.publish_to),
     )

@@ -328,11 +328,12 @@ def _pull_lock(store: SnapshotStore, key: str) -> Iterator[None]:
         os.close(fd)
 
 
-def remote_for(config: Any) -> SnapshotTiers | None:
-    """The ``SnapshotTiers`` a ``ServeConfig`` asks for (``--snapshot-tiers``, ``--snapshot-cache``,
-    ``--snapshot-publish``), or None."""
-    tiers = parse_tiers(getattr(config, "snapshot_tiers", None))
-    publish_to = getattr(config, "snapshot_publish", None)
-    if not tiers and publish_to is None:
+def remote_for(
+    tiers: str | list[str] | tuple[str, ...] | None, cache: Path | None, publish_to: Path | None
+) -> SnapshotTiers | None:
+    """``SnapshotTiers`` for ``--snapshot-tiers`` (comma-separated or a list), ``--snapshot-cache`` and
+    ``--snapshot-publish``; None when neither tiers nor a store to publish into is given."""
+    urls = parse_tiers(tiers) if isinstance(tiers, str) or tiers is None else list(tiers)
+    if not urls and publish_to is None:
         return None
-    return SnapshotTiers(tiers, getattr(config, "snapshot_cache", None), publish_to)
+    return SnapshotTiers(urls, cache, publish_to)
