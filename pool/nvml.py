@@ -65,7 +65,12 @@ class Nvml:
     @property
     def nv(self) -> Any:
         if self._module is None:
-            self._module = importlib.import_module("pynvml")
+            try:
+                self._module = importlib.import_module("pynvml")
+            except ImportError as exc:  # a CPU-only install: no GPUs to see, CPU slots serve
+                raise NoDriverError(
+                    "nvidia-ml-py is not installed, so no GPU can be seen (pip install 'coldstart[gpu]')"
+                ) from exc
         return self._module
 
     def _call(self, name: str, *args: Any, optional: bool = False) -> Any:
