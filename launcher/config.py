@@ -77,6 +77,17 @@ class ServeConfig:
     queue_timeout: float = opt(600.0, "seconds a request waits for a replica before a 503")
     boot_timeout: float = opt(900.0, "seconds an engine may take to become healthy")
     drain_timeout: float = opt(30.0, "seconds a stopping replica gets to finish in-flight requests")
+    health_interval: float = opt(
+        2.0,
+        "seconds between liveness probes of each ready replica; a replica whose engine exited, or whose "
+        "probe fails twice in a row, is stopped and replaced (a hung engine is found within "
+        "interval + 2 x (timeout + interval) = 10 s by default)",
+    )
+    health_timeout: float = opt(3.0, "seconds a liveness probe waits for the engine's answer")
+    read_timeout: float = opt(
+        600.0, "longest silence (seconds) from an engine within one answer before the request fails (502)"
+    )
+    max_body_size: int = opt(32 * 1024 * 1024, "largest request body in bytes; larger ones get 413")
 
     snapshot: str = opt(
         "auto",

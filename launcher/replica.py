@@ -18,8 +18,8 @@ The same, one line per state (``tests/launcher/test_replica_state.py`` checks it
     STOPPED:
 
 A state changes only after the operation it names has succeeded, and an illegal change raises
-``ReplicaStateError`` ("replica r3 cannot go from BOOTING to DRAINING"). Each change is logged as one line with
-the time spent in the state left behind.
+``ReplicaStateError`` ("replica r3 cannot go from BOOTING to DRAINING"). Each change is logged as one
+line with the time spent in the state left behind.
 """
 
 from __future__ import annotations

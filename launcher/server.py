@@ -136,7 +136,13 @@ async def serve(config: ServeConfig, *, ready: asyncio.Event | None = None) -> N
         )
         undo.push_async_callback(manager.close)
         proxy = Proxy(
-            manager, metrics, config.public_model_name, adapter.upstream_model_name(econf), config.api_key
+            manager,
+            metrics,
+            config.public_model_name,
+            adapter.upstream_model_name(econf),
+            config.api_key,
+            max_body_bytes=config.max_body_size,
+            read_timeout=config.read_timeout,
         )
         undo.push_async_callback(proxy.aclose)
         await _serve_proxy(config, adapter, manager, proxy, mount, ready, sock)

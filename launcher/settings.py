@@ -55,6 +55,8 @@ def scaling_policy(config: ServeConfig) -> ScalingPolicy:
         queue_timeout=config.queue_timeout,
         boot_timeout=config.boot_timeout,
         drain_timeout=config.drain_timeout,
+        health_interval=config.health_interval,
+        health_timeout=config.health_timeout,
     )
 
 
