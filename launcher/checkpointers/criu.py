@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from coldstart.engine_adapters.base import LaunchSpec
-from coldstart.launcher.checkpointers import no_io_uring
+from coldstart.launcher.checkpointers import criu_init
 from coldstart.launcher.checkpointers._pipes import (
     OwnedPipe,
     exec_into,
@@ -64,6 +64,12 @@ ENGINE_PORT = NetnsSandbox.ENGINE_PORT  # fixed inside every replica's own netwo
 RESTORE_LOCK = Path("/run/coldstart/criu-restore.lock")
 SIDECAR = "coldstart-criu.json"  # which pipes the engine's fds 1/2 were, for --inherit-fd at restore
 CRIU_CANDIDATES = ("/usr/local/sbin/criu", "/opt/coldstart/bin/criu")
+# --tcp-close: connections open at dump time come back closed. --link-remap: files the engine holds open
+# but has unlinked are linked back for the dump. --ext-unix-sk / --file-locks: multi-process engines
+# (vLLM) hold unix sockets and flocks. --root /: the dumped mount namespace is a private copy of the
+# host's, restored on the host's root (without it CRIU 4.2 hits "BUG at criu/mount.c:48").
+DUMP_FLAGS = ("--tcp-close", "--link-remap", "--ext-unix-sk", "--file-locks")
+RESTORE_FLAGS = ("--tcp-close", "--ext-unix-sk", "--file-locks", "--root", "/")
 
 
 def find_criu() -> str | None:
@@ -120,7 +126,7 @@ class CriuSandbox(NetnsSandbox):
         self._engine_pid: int | None = None  # host PID of the engine (PID 1 of its namespace)
         self._pidfile = self.workdir / "criu-restore.pid"
         self._restore_log: Path | None = None
-        self._stopped = False
+        self._stopping: asyncio.Future[None] | None = None
 
     # -- addresses --------------------------------------------------------------------------------
     # -- processes --------------------------------------------------------------------------------
@@ -147,8 +153,8 @@ class CriuSandbox(NetnsSandbox):
         self._pipe = OwnedPipe(f"engine {self.replica_id}")
         argv = [
             *self.netns.enter_argv(),
-            "unshare", "--pid", "--fork", "--kill-child", "--", "setsid",
-            *no_io_uring.argv_prefix(), *spec.argv,
+            "unshare", "--pid", "--mount", "--propagation", "private", "--fork", "--kill-child", "--",
+            *criu_init.argv_prefix(), *spec.argv,
         ]  # fmt: skip
         self._proc = await exec_into(argv, self._pipe, env={**os.environ, **spec.env}, cwd=spec.cwd)
         await self._pipe.start_reading()
@@ -180,7 +186,7 @@ class CriuSandbox(NetnsSandbox):
             (images / item.name).symlink_to(item.resolve())
         argv = [
             *self.netns.enter_argv(), self.criu, "restore", "-D", str(images),
-            "-o", str(self._restore_log), "-v2", "--tcp-close", "--pidfile", str(self._pidfile), *inherit,
+            "-o", str(self._restore_log), "-v2", *RESTORE_FLAGS, "--pidfile", str(self._pidfile), *inherit,
         ]  # fmt: skip
         async with _restore_lock():
             self._proc = await exec_into(argv, self._pipe, extra_fds=[self._pipe.write_fd])
@@ -199,9 +205,13 @@ class CriuSandbox(NetnsSandbox):
         return text
 
     async def stop(self, grace_s: float = 10.0) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
+        # One stop; a concurrent second caller waits for it (returning early while the first was still
+        # tearing down left callers believing the namespace was gone).
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop_now(grace_s))
+        await asyncio.shield(self._stopping)
+
+    async def _stop_now(self, grace_s: float) -> None:
         proc = self._proc
         if proc is not None and proc.returncode is None:
             # The engine, not unshare/criu, gets SIGTERM; they exit when it does. PID 1 of a namespace
@@ -276,7 +286,7 @@ class CriuCheckpointer(Checkpointer):
         dump_log = sandbox.workdir / "criu-dump.log"
         argv = [
             *sandbox.netns.enter_argv(), sandbox.criu, "dump", "-t", str(pid), "-D", str(image_dir),
-            "-o", str(dump_log), "-v2", "--tcp-close",
+            "-o", str(dump_log), "-v2", *DUMP_FLAGS,
         ]  # fmt: skip
         if leave_running:
             argv.append("--leave-running")
@@ -288,14 +298,13 @@ class CriuCheckpointer(Checkpointer):
 
     async def restore(self, image_dir: Path, workdir: Path, replica_id: str) -> Sandbox:
         sandbox = CriuSandbox(workdir, replica_id, self.binary)
-        try:
-            await sandbox.restore_from(Path(image_dir))
-        except (OSError, ValueError, KeyError) as exc:
-            await sandbox.stop(1.0)
-            raise RestoreFailed(
-                RestoreReason.CHECKPOINTER, f"criu restore of {image_dir} could not start: {exc}"
-            ) from exc
-        except BaseException:
-            await sandbox.stop(1.0)
-            raise
+        async with contextlib.AsyncExitStack() as undo:
+            undo.push_async_callback(sandbox.stop, 1.0)
+            try:
+                await sandbox.restore_from(Path(image_dir))
+            except (OSError, ValueError, KeyError) as exc:
+                raise RestoreFailed(
+                    RestoreReason.CHECKPOINTER, f"criu restore of {image_dir} could not start: {exc}"
+                ) from exc
+            undo.pop_all()  # restored: the caller owns the sandbox now
         return sandbox

@@ -59,7 +59,6 @@ from coldstart.launcher.gpu.driver import CudaCheckpointAPI, CudaProcessState
 from coldstart.launcher.gpu.errors import GpuError, GpuRefused, NoNvidiaDriver
 from coldstart.launcher.gpu.helper import CallBounds, HelperCudaAPI
 from coldstart.launcher.gpu.inventory import GpuInventory, gpu_processes, read_inventory
-from coldstart.launcher.process import process_tree
 from coldstart.launcher.sandboxes.base import Sandbox
 
 log = logging.getLogger("coldstart.cuda")
@@ -191,16 +190,13 @@ def plan_gpu_pairs(snapshot: CudaSnapshotInfo, inventory: GpuInventory, target: 
 
 def sandbox_host_pids(sandbox: Sandbox) -> list[int]:
     """Host PIDs of the sandbox's process tree, root first."""
-    host_pids = getattr(sandbox, "host_pids", None)
-    if callable(host_pids):
-        return [int(p) for p in host_pids()]
-    root = getattr(sandbox, "pid", None)
-    if not isinstance(root, int):
+    pids = sandbox.host_pids()
+    if not pids:
         raise GpuError(
-            f"{type(sandbox).__name__} does not expose its host PIDs (host_pids()/pid): "
-            "CUDA checkpoint needs the CRIU sandbox (runsc uses --cuda-checkpoint-path instead)"
+            f"{type(sandbox).__name__} of replica has no host processes to checkpoint: CUDA checkpoint "
+            "needs a running CRIU sandbox (runsc uses --cuda-checkpoint-path instead)"
         )
-    return process_tree(root)
+    return pids
 
 
 def device_handles(pids: Iterable[int], prefix: str = DEVICE_PREFIX) -> list[str]:

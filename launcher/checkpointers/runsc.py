@@ -24,6 +24,7 @@ The root-netns check quirk of this kernel is worked around in ``runsc_rootns_qui
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -136,7 +137,7 @@ class RunscSandbox(NetnsSandbox):
         self._proc: asyncio.subprocess.Process | None = None  # runsc run, or runsc restore
         self._pipe: OwnedPipe | None = None
         self._created = False
-        self._stopped = False
+        self._stopping: asyncio.Future[None] | None = None
 
     def runsc_argv(self, *args: str) -> list[str]:
         return runsc_rootns_quirk.wrap([self.runsc, *self.global_flags, *args])
@@ -217,9 +218,13 @@ class RunscSandbox(NetnsSandbox):
         return [s for s in tcp_states(out) if s != _TCP_LISTEN]
 
     async def stop(self, grace_s: float = 10.0) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
+        # One stop; a concurrent second caller waits for it (returning early while the first was still
+        # tearing down left callers believing the namespace was gone).
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop_now(grace_s))
+        await asyncio.shield(self._stopping)
+
+    async def _stop_now(self, grace_s: float) -> None:
         proc = self._proc
         if self._created:
             if proc is not None and proc.returncode is None:
@@ -380,9 +385,8 @@ class RunscCheckpointer(Checkpointer):
             )
         sandbox = RunscSandbox(workdir, replica_id, self.binary, flags)
         direct = self.direct and "restore-direct" in self.probe().capabilities
-        try:
+        async with contextlib.AsyncExitStack() as undo:
+            undo.push_async_callback(sandbox.stop, 1.0)
             await sandbox.restore_from(image_dir, sidecar, direct)
-        except BaseException:
-            await sandbox.stop(1.0)
-            raise
+            undo.pop_all()  # restored: the caller owns the sandbox now
         return sandbox

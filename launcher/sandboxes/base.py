@@ -55,6 +55,11 @@ class Sandbox(abc.ABC):
     async def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM, wait ``grace_s``, SIGKILL, reap; release namespaces and mounts. Idempotent."""
 
+    def host_pids(self) -> list[int]:
+        """Host PIDs of the engine's process tree, root first (what the CUDA driver checkpoints); [] when
+        not running or when the engine's processes are not host processes (gVisor)."""
+        return []
+
 
 class NetnsSandbox(Sandbox):
     """A sandbox with its own network namespace (CRIU, runsc): the engine binds 0.0.0.0 on a fixed port

@@ -11,7 +11,8 @@ Subnets are handed out round-robin (a counter under a file lock in /run/coldstar
 HTTP client may still pool a keep-alive connection to a stopped replica's address, and an address reused
 at once would send its next request into a namespace that no longer exists.
 
-Names carry the launcher's PID so ``cleanup_stale()`` can remove what a killed launcher left behind.
+Names carry the launcher's PID so ``cleanup_stale()`` can remove what a killed launcher left behind
+(processes still in the namespace included). Only root may connect to 10.88.0.0/16 (``firewall.py``).
 All commands are ``ip`` (iproute2); the namespace is deleted (and its veth with it) by ``delete()``.
 """
 
@@ -25,11 +26,14 @@ import logging
 import os
 import re
 import secrets
+import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from coldstart.launcher.errors import NetnsError
+from coldstart.launcher.sandboxes.firewall import ensure_replica_subnet_guarded
 
 log = logging.getLogger("coldstart.netns")
 
@@ -75,9 +79,11 @@ class NetNamespace:
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         with open(STATE_DIR / "netns.lock", "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            ensure_replica_subnet_guarded()  # only root (the launcher) may connect to replicas
             host_ip, guest_ip = _next_subnet(lock)
             ns = cls(name, host_if, host_ip, guest_ip)
-            try:
+            with contextlib.ExitStack() as undo:
+                undo.callback(ns.delete)
                 _ip("netns", "add", name)
                 _ip("link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", name)
                 _ip("addr", "add", f"{host_ip}/30", "dev", host_if)
@@ -85,9 +91,7 @@ class NetNamespace:
                 _ip("-n", name, "link", "set", "lo", "up")
                 _ip("-n", name, "link", "set", "eth0", "up")
                 ns.set_guest_address()
-            except BaseException:
-                ns.delete()
-                raise
+                undo.pop_all()
         return ns
 
     def set_guest_address(self) -> None:
@@ -133,11 +137,55 @@ def _next_subnet(lock_file: object) -> tuple[str, str]:
 
 
 def cleanup_stale() -> list[str]:
-    """Delete ``cs-PID-*`` namespaces whose launcher PID is gone; returns the names removed."""
+    """Remove what launchers that are gone left behind: every process still running in one of their
+    ``cs-PID-*`` namespaces (engines, their ``criu restore`` or ``unshare`` parents) is SIGKILLed and reaped
+    by init, then the namespace and its veth are deleted; a ``csh*`` veth whose namespace is gone too.
+    Returns one line per thing removed (said at launcher start and by ``coldstart doctor``)."""
     removed = []
-    for entry in NETNS_DIR.glob("cs-*") if NETNS_DIR.is_dir() else []:
+    for entry in sorted(NETNS_DIR.glob("cs-*")) if NETNS_DIR.is_dir() else []:
         match = _NAME.match(entry.name)
-        if match and not Path(f"/proc/{match.group(1)}").exists():
-            NetNamespace(entry.name, f"csh{match.group(2)}", "", "").delete()
-            removed.append(entry.name)
+        if not match or Path(f"/proc/{match.group(1)}").exists():
+            continue
+        pids = processes_in(entry)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        if pids:
+            removed.append(f"killed {len(pids)} process(es) of dead launcher {match.group(1)}: {pids}")
+        _wait_gone(pids)
+        NetNamespace(entry.name, f"csh{match.group(2)}", "", "").delete()
+        removed.append(f"network namespace {entry.name} and veth csh{match.group(2)}")
+    live_tokens = {m.group(2) for e in NETNS_DIR.glob("cs-*") if (m := _NAME.match(e.name))}
+    with contextlib.suppress(NetnsError):
+        links = _ip("-o", "link", "show", "type", "veth")
+        for host_if in re.findall(r"^\d+: (csh[0-9a-f]{8})@", links, re.M):
+            if host_if[3:] not in live_tokens:
+                with contextlib.suppress(NetnsError):
+                    _ip("link", "del", host_if)
+                    removed.append(f"veth {host_if} without a namespace")
+    from coldstart.launcher.sandboxes.firewall import cleanup_stale_rules
+
+    removed += cleanup_stale_rules()
     return removed
+
+
+def processes_in(netns_path: Path) -> list[int]:
+    """Host PIDs of the processes whose network namespace is ``netns_path``."""
+    try:
+        inode = os.stat(netns_path).st_ino
+    except OSError:
+        return []
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(proc / "ns" / "net").st_ino == inode:
+                    pids.append(int(proc.name))
+    return sorted(pids)
+
+
+def _wait_gone(pids: list[int], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    for pid in pids:
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)

@@ -136,7 +136,8 @@ class SnapshotManager:
     ) -> Sandbox:
         """Cold boot in this checkpointer's sandbox, snapshot, and return the original, serving."""
         sandbox = self.new_sandbox(workdir, replica_id)
-        try:
+        async with contextlib.AsyncExitStack() as undo:
+            undo.push_async_callback(sandbox.stop, 2.0)
             started = time.monotonic()
             # Boot traffic on a client that keeps no connection alive: nothing left open to drain.
             async with httpx.AsyncClient(
@@ -146,9 +147,7 @@ class SnapshotManager:
             self.metrics.cold_boots.inc()
             self.metrics.phase_seconds.labels("boot").observe(time.monotonic() - started)
             await self.snapshot(sandbox, adapter, engine_config, http)
-        except BaseException:
-            await sandbox.stop(2.0)
-            raise
+            undo.pop_all()  # booted and serving: the caller owns it
         return sandbox
 
     async def snapshot(
@@ -268,37 +267,12 @@ class SnapshotManager:
             raise RestoreFailed(RestoreReason.DIGEST, f"{exc} (moved to {moved.name})") from exc
         timings["verify"] = time.monotonic() - t
 
-        sandbox: Sandbox | None = None
-        try:
+        async with contextlib.AsyncExitStack() as undo:
             t = time.monotonic()
-            try:
-                sandbox = await asyncio.wait_for(
-                    self._restore_sandbox(snapshot.image_dir, workdir, replica_id, engine_config),
-                    self.restore_timeout_s,
-                )
-                remaining = max(1.0, self.restore_timeout_s - (time.monotonic() - t))
-                await wait_healthy(
-                    sandbox, adapter, http, timeout_s=remaining, poll_s=RESTORE_POLL_S, while_="restoring"
-                )
-            except TimeoutError as exc:
-                raise RestoreFailed(
-                    RestoreReason.TIMEOUT,
-                    f"restore of {key} did not finish in {self.restore_timeout_s:.0f} s",
-                ) from exc
-            except BootTimeout as exc:
-                raise RestoreFailed(
-                    RestoreReason.TIMEOUT, f"restored replica {replica_id} never became healthy: {exc}"
-                ) from exc
-            except EngineExited as exc:
-                raise RestoreFailed(
-                    RestoreReason.CHECKPOINTER, f"restored replica {replica_id} exited: {exc}"
-                ) from exc
-            except RestoreFailed:
-                raise
-            except (ColdstartError, OSError) as exc:
-                raise RestoreFailed(
-                    RestoreReason.CHECKPOINTER, f"{self.info.name} restore of {key} failed: {exc}"
-                ) from exc
+            sandbox = await self._restored_and_healthy(
+                snapshot.image_dir, adapter, engine_config, http, workdir, replica_id
+            )
+            undo.push_async_callback(sandbox.stop, 2.0)  # until it has passed every check below
             timings["restore"] = time.monotonic() - t
             timings["healthy"] = time.monotonic() - started  # lookup + gate + verify + restore
             try:
@@ -320,10 +294,7 @@ class SnapshotManager:
                 raise RestoreFailed(
                     RestoreReason.CANARY, f"restored replica {replica_id} answered the canary with {differs}"
                 )
-        except BaseException:
-            if sandbox is not None:
-                await sandbox.stop(2.0)
-            raise
+            undo.pop_all()
         self.store.touch_used(snapshot)
         timings["total"] = time.monotonic() - started
         self.restore_timings[replica_id] = timings
@@ -376,16 +347,58 @@ class SnapshotManager:
             return False
         return existing is not None and not self.identity.gate(existing.identity)
 
+    async def _restored_and_healthy(
+        self,
+        image_dir: Path,
+        adapter: EngineAdapter,
+        engine_config: EngineConfig,
+        http: httpx.AsyncClient,
+        workdir: Path,
+        replica_id: str,
+    ) -> Sandbox:
+        """The checkpointer's restore, then health, within ``restore_timeout_s``; every failure is a
+        ``RestoreFailed`` with the sandbox stopped."""
+        key, started = self.identity.key, time.monotonic()
+        async with contextlib.AsyncExitStack() as undo:
+            try:
+                sandbox = await asyncio.wait_for(
+                    self._restore_sandbox(image_dir, workdir, replica_id, engine_config),
+                    self.restore_timeout_s,
+                )
+                undo.push_async_callback(sandbox.stop, 2.0)
+                remaining = max(1.0, self.restore_timeout_s - (time.monotonic() - started))
+                await wait_healthy(
+                    sandbox, adapter, http, timeout_s=remaining, poll_s=RESTORE_POLL_S, while_="restoring"
+                )
+            except TimeoutError as exc:
+                raise RestoreFailed(
+                    RestoreReason.TIMEOUT,
+                    f"restore of {key} did not finish in {self.restore_timeout_s:.0f} s",
+                ) from exc
+            except BootTimeout as exc:
+                raise RestoreFailed(
+                    RestoreReason.TIMEOUT, f"restored replica {replica_id} never became healthy: {exc}"
+                ) from exc
+            except EngineExited as exc:
+                raise RestoreFailed(
+                    RestoreReason.CHECKPOINTER, f"restored replica {replica_id} exited: {exc}"
+                ) from exc
+            except RestoreFailed:
+                raise
+            except (ColdstartError, OSError) as exc:
+                raise RestoreFailed(
+                    RestoreReason.CHECKPOINTER, f"{self.info.name} restore of {key} failed: {exc}"
+                ) from exc
+            undo.pop_all()
+        return sandbox
+
     async def _restore_sandbox(
         self, image_dir: Path, workdir: Path, replica_id: str, engine_config: EngineConfig
     ) -> Sandbox:
         """CPU restore, or with the CUDA checkpointer a restore onto the GPU the pool gave this replica
         (``CUDA_VISIBLE_DEVICES`` = its UUID, set by the replica manager from the pool unit)."""
-        restore_onto = getattr(self.checkpointer, "restore_onto", None)
-        target_gpu = engine_config.env.get("CUDA_VISIBLE_DEVICES")
-        if restore_onto is not None and target_gpu:
-            return await restore_onto(image_dir, workdir, replica_id, target_gpu)  # type: ignore[no-any-return]
-        return await self.checkpointer.restore(image_dir, workdir, replica_id)
+        target_gpu = engine_config.env.get("CUDA_VISIBLE_DEVICES") or None
+        return await self.checkpointer.restore_onto(image_dir, workdir, replica_id, target_gpu)
 
     async def _run_canary(self, client: httpx.AsyncClient, base_url: str) -> CanaryAnswer:
         response = await client.post(f"{base_url}{self.canary.path}", json=self.canary.body, timeout=300.0)

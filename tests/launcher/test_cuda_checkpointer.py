@@ -24,14 +24,14 @@ from coldstart.launcher.checkpointers.cuda import (
     CudaCheckpointer,
     CudaOptions,
     CudaSnapshotInfo,
-    process_tree,
     refuse_unsupported_engine_args,
     sandbox_host_pids,
 )
-from coldstart.launcher.gpu.driver import CudaCheckpointAPI
-from coldstart.launcher.gpu.fake import CUprocessState, FakeGpuHost
 from coldstart.launcher.errors import CheckpointerUnavailable, RestoreFailed, SnapshotError
+from coldstart.launcher.gpu.driver import CudaCheckpointAPI
 from coldstart.launcher.gpu.errors import CudaCallFailed, CudaStateError, GpuError, GpuRefused, LockTimeout
+from coldstart.launcher.gpu.fake import CUprocessState, FakeGpuHost
+from coldstart.launcher.process import process_tree
 from coldstart.launcher.sandboxes.base import Sandbox
 
 ENGINE, WORKER = 1000, 1001
@@ -220,9 +220,92 @@ def test_resume_failure_after_saving_says_replace_the_replica(
     host: FakeGpuHost, cpu: RecordingCpu, tmp_path: Path
 ) -> None:
     host.fail("restore", "CUDA_ERROR_OUT_OF_MEMORY", pid=ENGINE)
-    with pytest.raises(GpuError, match="snapshot saved but the engine did not resume.*replace the replica"):
-        run(make(host, cpu).checkpoint(engine(host, cpu), tmp_path, leave_running=True))
+    sandbox = engine(host, cpu)
+    with pytest.raises(GpuError, match="snapshot saved but the engine did not resume.*stopped: replace"):
+        run(make(host, cpu).checkpoint(sandbox, tmp_path, leave_running=True))
     assert (tmp_path / CUDA_INFO_FILE).exists()
+    assert sandbox.stopped  # not left CHECKPOINTED/LOCKED, where its requests would hang
+
+
+def test_abort_that_cannot_resume_stops_the_engine(
+    host: FakeGpuHost, cpu: RecordingCpu, tmp_path: Path
+) -> None:
+    cpu.fail_checkpoint = True
+    host.fail("unlock", "CUDA_ERROR_UNKNOWN", pid=ENGINE)
+    sandbox = engine(host, cpu)
+    with pytest.raises(SnapshotError, match="criu dump failed"):
+        run(make(host, cpu).checkpoint(sandbox, tmp_path, leave_running=True))
+    assert host.transitions(ENGINE) == ["lock", "checkpoint", "restore", "unlock"]
+    assert sandbox.stopped and ENGINE not in host.processes
+
+
+def test_device_files_still_held_refuse_the_dump_and_resume(
+    host: FakeGpuHost, cpu: RecordingCpu, tmp_path: Path
+) -> None:
+    """NVML in the engine keeps /dev/nvidiactl open after the CUDA checkpoint: named, no dump, resumed.
+    A real process holds a file open and mapped under a stand-in prefix (this host has no /dev/nvidia*)."""
+    devdir = tmp_path / "dev"
+    devdir.mkdir()
+    ctl = devdir / "nvidiactl"
+    ctl.write_bytes(b"\0" * 4096)
+    script = (
+        "import mmap, sys; f = open(sys.argv[1], 'r+b'); m = mmap.mmap(f.fileno(), 4096); "
+        "print(f.fileno(), flush=True); sys.stdin.read()"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script, str(ctl)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None
+        fd = int(holder.stdout.readline())
+        sandbox = engine(host, cpu, ENGINE, holder.pid)
+        image = tmp_path / "image"
+        image.mkdir()
+        checkpointer = make(host, cpu, device_prefix=str(devdir))
+        with pytest.raises(GpuRefused, match="still holds GPU device files") as info:
+            run(checkpointer.checkpoint(sandbox, image, leave_running=True))
+        text = str(info.value)
+        assert f"pid {holder.pid} fd {fd} {ctl}" in text and f"pid {holder.pid} maps {ctl}" in text
+        assert "\n" not in text
+        assert cpu.events == []  # no dump
+        assert host.transitions(ENGINE) == ["lock", "checkpoint", "restore", "unlock"]
+        assert host.state(ENGINE) == "running" and not sandbox.stopped
+    finally:
+        holder.kill()
+        holder.wait()
+        for stream in (holder.stdin, holder.stdout):
+            if stream is not None:
+                stream.close()
+
+
+def test_criu_runs_without_its_own_cuda_plugin(
+    host: FakeGpuHost, cpu: RecordingCpu, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CRIU's cuda_plugin.so would restore + unlock the process itself: every CRIU we run gets an empty
+    plugin folder (CRIU_LIBS_DIR), for the dump and for the restore."""
+    import coldstart.launcher.checkpointers.cuda as cuda_mod
+
+    empty = tmp_path / "no-plugins"
+    monkeypatch.setattr(cuda_mod, "NO_PLUGINS_DIR", empty)
+    monkeypatch.setenv("CRIU_LIBS_DIR", "/usr/lib/criu")
+    seen: list[str | None] = []
+    checkpoint, restore = cpu.checkpoint, cpu.restore
+
+    async def spy_checkpoint(*args: object, **kwargs: object) -> None:
+        seen.append(os.environ.get("CRIU_LIBS_DIR"))
+        await checkpoint(*args, **kwargs)  # type: ignore[arg-type]
+
+    async def spy_restore(*args: object) -> Sandbox:
+        seen.append(os.environ.get("CRIU_LIBS_DIR"))
+        return await restore(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cpu, "checkpoint", spy_checkpoint)
+    monkeypatch.setattr(cpu, "restore", spy_restore)
+    checkpointer = make(host, cpu)
+    run(checkpointer.checkpoint(engine(host, cpu), tmp_path, leave_running=False))
+    run(checkpointer.restore(tmp_path, tmp_path, "r2"))
+    assert seen == [str(empty), str(empty)]
+    assert empty.is_dir() and list(empty.iterdir()) == []
 
 
 def test_refuses_an_engine_on_two_gpus(host: FakeGpuHost, cpu: RecordingCpu, tmp_path: Path) -> None:
@@ -440,10 +523,11 @@ def test_process_tree_of_a_real_process_group() -> None:
         child = int(parent.stdout.readline())
         assert process_tree(parent.pid) == [parent.pid, child]
 
-        class WithPid:
-            pid = parent.pid
+        class WithPids:
+            def host_pids(self) -> list[int]:
+                return process_tree(parent.pid)
 
-        assert sandbox_host_pids(WithPid()) == [parent.pid, child]  # type: ignore[arg-type]
+        assert sandbox_host_pids(WithPids()) == [parent.pid, child]  # type: ignore[arg-type]
     finally:
         if child:
             os.kill(child, signal.SIGKILL)
@@ -452,5 +536,9 @@ def test_process_tree_of_a_real_process_group() -> None:
 
 
 def test_sandbox_without_pids_is_refused() -> None:
-    with pytest.raises(GpuError, match="does not expose its host PIDs"):
-        sandbox_host_pids(object())  # type: ignore[arg-type]
+    class NoHostProcesses:  # a stopped sandbox, or gVisor's: no host PIDs of the engine
+        def host_pids(self) -> list[int]:
+            return []
+
+    with pytest.raises(GpuError, match="has no host processes to checkpoint"):
+        sandbox_host_pids(NoHostProcesses())  # type: ignore[arg-type]
