@@ -256,9 +256,9 @@ async def bench(args: argparse.Namespace) -> list[dict[str, object]]:
                     sandbox = await m.restore(adapter, config, http, work / f"{n}-r{i}", f"r{i}")
                     try:
                         await first_token(http, sandbox.base_url, model)
-                        phases[n].append(dict(m.last_timings))
+                        phases[n].append(dict(m.restore_timings[f"r{i}"]))
                         print(
-                            f"    phases: { {k: round(v, 3) for k, v in m.last_timings.items()} }",
+                            f"    phases: { {k: round(v, 3) for k, v in m.restore_timings[f'r{i}'].items()} }",
                             file=sys.stderr,
                         )
                         return time.monotonic() - started
