@@ -28,3 +28,9 @@ def serve(tmp_path: Path) -> Iterator[object]:
     yield start
     for served in started:
         served.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Fast tests first, engine-booting (``slow``) ones after, so a broken unit shows in seconds. The sort
+    is stable: within each group, files keep their order (module fixtures boot once)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
