@@ -1,0 +1,72 @@
+"""``settings.py`` and ``server.make_snapshots``: ServeConfig reaches the engine, autoscaler and snapshots."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from coldstart.engine_adapters.registry import get_adapter
+from coldstart.launcher.checkpointers import registry
+from coldstart.launcher.checkpointers.criu import CriuCheckpointer
+from coldstart.launcher.checkpointers.cuda import CudaCheckpointer, CudaOptions
+from coldstart.launcher.config import Canary, ServeConfig, WarmupRequest
+from coldstart.launcher.errors import GpuRefused, UsageError
+from coldstart.launcher.gpu.driver import CudaCheckpointAPI
+from coldstart.launcher.gpu.fake import FakeGpuHost
+from coldstart.launcher.metrics import Metrics
+from coldstart.launcher.server import make_snapshots
+from coldstart.launcher.settings import engine_config, scaling_policy, snapshot_settings
+
+TP2 = ("--tensor-parallel-size", "2")
+
+
+def test_engine_config_carries_env_and_warmups() -> None:
+    config = ServeConfig(
+        engine="custom",
+        model="m",
+        engine_env={"A": "1"},
+        warmup=(WarmupRequest("/v1/completions", {"prompt": "hi"}),),
+    )
+    econf = engine_config(config)
+    assert dict(econf.env) == {"A": "1"} and econf.warmup == (("/v1/completions", {"prompt": "hi"}),)
+
+
+def test_scaling_policy_refuses_inconsistent_bounds() -> None:
+    with pytest.raises(UsageError, match="--max-replicas"):
+        scaling_policy(ServeConfig(min_replicas=3, max_replicas=2))
+
+
+def test_snapshot_settings(tmp_path: Path) -> None:
+    assert snapshot_settings(ServeConfig(snapshot="off")) is None
+    settings = snapshot_settings(ServeConfig(snapshot_dir=tmp_path, canary=Canary("hi", 3)))
+    assert settings is not None and settings.store_dir == tmp_path and settings.canary == Canary("hi", 3)
+
+
+def test_cache_paths_follow_xdg_when_the_config_is_made(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert ServeConfig().snapshot_dir == tmp_path / "coldstart" / "snapshots"
+
+
+def _fake_cuda() -> CudaCheckpointer:
+    host = FakeGpuHost()
+    return CudaCheckpointer(CriuCheckpointer(), CudaCheckpointAPI(host.driver), host.nvml, CudaOptions())  # type: ignore[arg-type]
+
+
+def test_auto_picking_cuda_refuses_tensor_parallel(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The NCCL refusal used to run only for --snapshot cuda; auto picks cuda on GPU hosts."""
+    monkeypatch.setattr(registry, "best_available", _fake_cuda)
+    adapter = get_adapter("vllm")
+    auto = ServeConfig(engine="vllm", model="m", engine_args=TP2, snapshot="auto")
+    with caplog.at_level(logging.WARNING, logger="coldstart.serve"):
+        assert make_snapshots(auto, adapter, Metrics()) is None  # auto: snapshots off, said why
+    assert "tensor-parallel-size 2" in caplog.text and "snapshots off" in caplog.text
+    monkeypatch.setattr(registry, "CHECKPOINTERS", {**registry.CHECKPOINTERS, "cuda": _fake_cuda})
+    named = ServeConfig(engine="vllm", model="m", engine_args=TP2, snapshot="cuda")
+    with pytest.raises(GpuRefused, match="tensor-parallel-size 2"):
+        make_snapshots(named, adapter, Metrics())
