@@ -159,7 +159,7 @@ def _simulate(args: argparse.Namespace) -> int:
         if args.burst_lead_s > 0:
             types += (InstanceType("burst", args.burst_price, args.burst_lead_s, supply_cap=args.burst_cap),)
     svc = ServiceModel(args.concurrency, args.keep_warm_s, args.price, args.slo_s, args.failure_rate)
-    policies = [FixedPeak(), *(Reactive(c) for c in colds)]
+    policies: list[FixedPeak | Reactive | BufferRestore] = [FixedPeak(), *(Reactive(c) for c in colds)]
     policies.append(
         BufferRestore(args.restore_s, types, args.buffer, args.confidence, spikes_per_day=args.spikes_per_day,
                       spike_height=args.spike_height)

@@ -47,6 +47,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from statistics import NormalDist
+from typing import Any
 
 from coldstart.pool.catalog import InstanceType
 from coldstart.pool.errors import ConfigError, InfeasibleSizingError, SolverError
@@ -168,7 +169,7 @@ class SizingPlan:
         return sum(d.order for d in self.decisions if d.type_name == type_name)
 
 
-def _solver():  # type: ignore[no-untyped-def]
+def _solver() -> Any:
     from ortools.linear_solver import pywraplp
 
     solver = pywraplp.Solver.CreateSolver("GLOP")
