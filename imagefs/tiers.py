@@ -12,13 +12,13 @@ one slow tier never blocks the trio loop, and benchmarks can call them directly.
 
 from __future__ import annotations
 
+import http.client
+import json
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from pathlib import Path
-from urllib.parse import urlsplit
-
-import httpx
+from urllib.parse import urlencode, urlsplit
 
 from coldstart.imagefs.errors import TierError, UsageError
 from coldstart.imagefs.store import ChunkStore
@@ -157,48 +157,99 @@ class DirectoryTier(Tier):
 
 
 class HttpTier(Tier):
-    """A cache server or HTTP origin speaking ``GET /chunks/<hex>`` (200 bytes, 404 absent)."""
+    """A cache server or HTTP origin speaking ``GET /chunks/<hex>`` (200 bytes, 404 absent).
+
+    Stdlib ``http.client`` with one keep-alive connection per calling thread, not httpx: fetching a
+    337 MB snapshot as 256 KiB chunks from a local cache server took 1.44 s with httpx and 0.51 s with
+    http.client (sequential; 1.05 s vs 0.43 s on 8 threads), the difference being httpx's pure-Python
+    body handling. A connection that fails is dropped; a request on a reused keep-alive connection that
+    the server had closed is retried once on a fresh one."""
 
     def __init__(self, url: str) -> None:
         self.base = url.rstrip("/")
         self.name = self.base
-        timeout = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
-        self._client = httpx.Client(timeout=timeout, limits=httpx.Limits(max_connections=16))
+        parts = urlsplit(self.base)
+        if parts.hostname is None:
+            raise UsageError(f"tier {url!r} names no host")
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port or (443 if self._https else 80)
+        self._prefix = parts.path
+        self._local = threading.local()
+        self._all: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+
+    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn, True
+        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        conn = cls(self._host, self._port, timeout=CONNECT_TIMEOUT_S)
+        conn.connect()
+        assert conn.sock is not None
+        conn.sock.settimeout(READ_TIMEOUT_S)
+        self._local.conn = conn
+        with self._lock:
+            self._all.append(conn)
+        return conn, False
+
+    def _drop(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            conn.close()
+
+    def _request(self, path: str) -> tuple[int, bytes]:
+        for attempt in (0, 1):
+            try:
+                conn, reused = self._connection()
+                conn.request("GET", self._prefix + path)
+                response = conn.getresponse()
+                body = response.read()
+                if response.will_close:
+                    self._drop()
+                return response.status, body
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+                self._drop()
+                if attempt == 0 and reused:
+                    continue  # the server closed an idle keep-alive connection: once more, fresh
+                raise TierError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
+            except (OSError, http.client.HTTPException) as exc:
+                self._drop()
+                raise TierError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
+        raise AssertionError("unreachable")
 
     def get(self, digest_hex: str) -> bytes | None:
-        try:
-            response = self._client.get(f"{self.base}/chunks/{digest_hex}")
-        except httpx.HTTPError as exc:
-            raise TierError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
-        if response.status_code == 404:
+        status, body = self._request(f"/chunks/{digest_hex}")
+        if status == 404:
             return None
-        if response.status_code != 200:
-            raise TierError(f"{self.name}: HTTP {response.status_code} for chunk {digest_hex}")
-        return response.content
+        if status != 200:
+            raise TierError(f"{self.name}: HTTP {status} for chunk {digest_hex}")
+        return body
 
     def get_ref(self, name: str) -> bytes | None:
-        response = self._get(f"/refs/{name}")
-        return None if response.status_code == 404 else response.content
+        status, body = self._get(f"/refs/{name}")
+        return None if status == 404 else body
 
     def list_refs(self, prefix: str = "") -> list[str]:
-        response = self._get("/refs", params={"prefix": prefix})
+        _, body = self._get("/refs?" + urlencode({"prefix": prefix}))
         try:
-            names = response.json()
+            names = json.loads(body)
         except ValueError as exc:
             raise TierError(f"{self.name}: /refs did not answer a JSON list") from exc
         return [str(n) for n in names]
 
-    def _get(self, path: str, params: dict[str, str] | None = None) -> httpx.Response:
-        try:
-            response = self._client.get(f"{self.base}{path}", params=params)
-        except httpx.HTTPError as exc:
-            raise TierError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
-        if response.status_code not in (200, 404):
-            raise TierError(f"{self.name}: HTTP {response.status_code} for {path}")
-        return response
+    def _get(self, path: str) -> tuple[int, bytes]:
+        status, body = self._request(path)
+        if status not in (200, 404):
+            raise TierError(f"{self.name}: HTTP {status} for {path}")
+        return status, body
 
     def close(self) -> None:
-        self._client.close()
+        with self._lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
 
 
 TIER_KINDS: dict[str, type[Tier]] = {"http": HttpTier, "https": HttpTier, "file": DirectoryTier}
