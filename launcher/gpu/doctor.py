@@ -8,6 +8,8 @@ for the driver that says so, and the other rows are skipped.
 
 from __future__ import annotations
 
+import platform
+import subprocess
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -48,7 +50,15 @@ def gpu_checks(nvml: Any | None = None, driver: Any | None = None) -> list[GpuCh
         _gpus_row(inventory),
         _checkpoint_row(inventory, driver),
         _persistence_row(inventory),
+        _kernel_row(),
     ]
+
+
+def _kernel_row(release: str | None = None, dmesg: str | None = None) -> GpuCheck:
+    reason = gvisor_reason(release, dmesg)
+    if reason:
+        return GpuCheck("kernel", "fail", reason)
+    return GpuCheck("kernel", "ok", f"{platform.release() if release is None else release} (not gVisor)")
 
 
 def _gpus_row(inventory: GpuInventory) -> GpuCheck:
@@ -99,3 +109,34 @@ def _persistence_row(inventory: GpuInventory) -> GpuCheck:
         f"off on GPU {', '.join(off)}: restore still works (coldstart calls cuInit first) but each first "
         "CUDA call re-initialises the GPU; enable with nvidia-smi -pm 1",
     )
+
+
+def gvisor_reason(release: str | None = None, dmesg: str | None = None) -> str | None:
+    """One line saying this host runs under gVisor, or None.
+
+    gVisor reports kernel ``4.4.0`` (some builds ``4.19.0-gvisor``) and its ``dmesg`` starts with
+    ``Starting gVisor...``. CRIU cannot work there (no real kernel below), so CPU and CUDA snapshots
+    through CRIU are impossible; seen on the device tool's ``nvidia-h200`` kind.
+    """
+    release = platform.release() if release is None else release
+    if dmesg is None:
+        dmesg = _dmesg_head()
+    markers = []
+    if release == "4.4.0" or "gvisor" in release.lower():
+        markers.append(f"kernel {release}")
+    if "Starting gVisor" in dmesg:
+        markers.append("dmesg 'Starting gVisor...'")
+    if not markers:
+        return None
+    return (
+        f"this host runs under gVisor ({', '.join(markers)}): CRIU cannot checkpoint here, so CRIU and CUDA "
+        "snapshots are off; use a VM or bare-metal GPU host (a real kernel, criu check passing)"
+    )
+
+
+def _dmesg_head() -> str:
+    try:
+        done = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=5)  # noqa: S607
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout[:4096]

@@ -188,6 +188,14 @@ class FakeGpuHost:
         return None
 
 
+# Aliases for annotations inside FakeDriver, whose class attributes of the same names (the driver module's
+# interface) would shadow the types for a type checker.
+_Result = CUresult
+_State = CUprocessState
+_LockArgs = CUcheckpointLockArgs
+_RestoreArgs = CUcheckpointRestoreArgs
+
+
 class FakeDriver:
     """The subset of ``cuda.bindings.driver`` the launcher uses, over a ``FakeGpuHost``."""
 
@@ -204,7 +212,7 @@ class FakeDriver:
             for name in [n for n in dir(type(self)) if n.startswith("cuCheckpointProcess")]:
                 setattr(self, name, None)
 
-    def _enter(self, call: str, pid: int | None) -> tuple[CUresult | None, FakeProcess | None]:
+    def _enter(self, call: str, pid: int | None) -> tuple[_Result | None, FakeProcess | None]:
         if not self._host.driver_installed:  # what cuda.bindings raises on its first call
             raise RuntimeError('"cuda" is an NVIDIA driver library and can only be found via system search.')
         self._host.calls.append((call, pid))
@@ -218,27 +226,27 @@ class FakeDriver:
         proc = self._host.processes.get(pid)
         return (None, proc) if proc is not None else (CUresult.CUDA_ERROR_NOT_FOUND, None)
 
-    def cuInit(self, flags: int) -> tuple[CUresult]:
+    def cuInit(self, flags: int) -> tuple[_Result]:
         err, _ = self._enter("Init", None)
         return (err or CUresult.CUDA_SUCCESS,)
 
-    def cuDriverGetVersion(self) -> tuple[CUresult, int]:
+    def cuDriverGetVersion(self) -> tuple[_Result, int]:
         err, _ = self._enter("DriverGetVersion", None)
         return (err or CUresult.CUDA_SUCCESS, self._host.cuda_version)
 
-    def cuCheckpointProcessGetState(self, pid: int) -> tuple[CUresult, CUprocessState | None]:
+    def cuCheckpointProcessGetState(self, pid: int) -> tuple[_Result, _State | None]:
         err, proc = self._enter("GetState", pid)
         if err is not None or proc is None:
             return (err or CUresult.CUDA_ERROR_NOT_FOUND, None)
         return (CUresult.CUDA_SUCCESS, proc.state)
 
-    def cuCheckpointProcessGetRestoreThreadId(self, pid: int) -> tuple[CUresult, int]:
+    def cuCheckpointProcessGetRestoreThreadId(self, pid: int) -> tuple[_Result, int]:
         err, proc = self._enter("GetRestoreThreadId", pid)
         if err is not None or proc is None:
             return (err or CUresult.CUDA_ERROR_NOT_FOUND, 0)
         return (CUresult.CUDA_SUCCESS, pid + 1)
 
-    def cuCheckpointProcessLock(self, pid: int, args: CUcheckpointLockArgs | None) -> tuple[CUresult]:
+    def cuCheckpointProcessLock(self, pid: int, args: _LockArgs | None) -> tuple[_Result]:
         err, proc = self._enter("lock", pid)
         if err is not None or proc is None:
             return (err or CUresult.CUDA_ERROR_NOT_FOUND,)
@@ -249,7 +257,7 @@ class FakeDriver:
         proc.state = CUprocessState.CU_PROCESS_STATE_LOCKED
         return (CUresult.CUDA_SUCCESS,)
 
-    def cuCheckpointProcessCheckpoint(self, pid: int, args: Any) -> tuple[CUresult]:
+    def cuCheckpointProcessCheckpoint(self, pid: int, args: Any) -> tuple[_Result]:
         err, proc = self._enter("checkpoint", pid)
         if err is not None or proc is None:
             return (err or CUresult.CUDA_ERROR_NOT_FOUND,)
@@ -258,7 +266,7 @@ class FakeDriver:
         proc.host_bytes, proc.state = proc.device_bytes, CUprocessState.CU_PROCESS_STATE_CHECKPOINTED
         return (CUresult.CUDA_SUCCESS,)
 
-    def cuCheckpointProcessRestore(self, pid: int, args: CUcheckpointRestoreArgs | None) -> tuple[CUresult]:
+    def cuCheckpointProcessRestore(self, pid: int, args: _RestoreArgs | None) -> tuple[_Result]:
         err, proc = self._enter("restore", pid)
         if err is not None or proc is None:
             return (err or CUresult.CUDA_ERROR_NOT_FOUND,)
@@ -280,7 +288,7 @@ class FakeDriver:
         proc.gpus, proc.state = target, CUprocessState.CU_PROCESS_STATE_LOCKED
         return (CUresult.CUDA_SUCCESS,)
 
-    def cuCheckpointProcessUnlock(self, pid: int, args: Any) -> tuple[CUresult]:
+    def cuCheckpointProcessUnlock(self, pid: int, args: Any) -> tuple[_Result]:
         err, proc = self._enter("unlock", pid)
         if err is not None or proc is None:
             return (err or CUresult.CUDA_ERROR_NOT_FOUND,)

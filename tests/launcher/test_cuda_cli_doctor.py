@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from coldstart.launcher.cli import cuda_checkpoint as cli
-from coldstart.launcher.gpu.doctor import gpu_checks
+from coldstart.launcher.gpu.doctor import _kernel_row, gpu_checks, gvisor_reason
 from coldstart.launcher.gpu.driver import CudaCheckpointAPI
 from coldstart.launcher.gpu.errors import GpuNotFound, NoNvidiaDriver
 from coldstart.launcher.gpu.fake import CUprocessState, FakeGpuHost
@@ -223,3 +223,38 @@ def test_doctor_without_driver_here() -> None:
     ]
     assert checks[0].detail.startswith("no NVIDIA driver on this host")
     assert all("\n" not in c.detail for c in checks)
+
+
+@pytest.mark.parametrize(
+    ("release", "dmesg", "found"),
+    [
+        ("4.4.0", "", "kernel 4.4.0"),
+        ("4.19.0-gvisor", "", "kernel 4.19.0-gvisor"),
+        ("6.18.44-fc-v310-gpu", "[    0.000000] Starting gVisor...\n", "dmesg 'Starting gVisor...'"),
+        (
+            "4.4.0",
+            "[    0.000000] Starting gVisor...\n[    0.1] Daemonizing children...",
+            "kernel 4.4.0, dmesg",
+        ),
+    ],
+)
+def test_gvisor_is_named_in_one_line(release: str, dmesg: str, found: str) -> None:
+    reason = gvisor_reason(release, dmesg)
+    assert reason is not None and found in reason and "CRIU cannot checkpoint here" in reason
+    assert "\n" not in reason
+    assert _kernel_row(release, dmesg).status == "fail"
+
+
+@pytest.mark.parametrize("release", ["6.18.44-fc-v310-gpu", "6.1.0-27-amd64", "4.4.0-210-generic"])
+def test_real_kernels_are_not_gvisor(release: str) -> None:
+    assert gvisor_reason(release, "[    0.000000] Linux version 6.1.0\n") is None
+    assert _kernel_row(release, "").status == "ok"
+
+
+def test_this_host_is_not_gvisor() -> None:
+    """This dev box and CI run a real kernel (CRIU works here): the probe must not cry wolf."""
+    assert gvisor_reason() is None
+
+
+def test_doctor_has_a_kernel_row(host: FakeGpuHost) -> None:
+    assert rows(host)["kernel"][0] == "ok"
