@@ -9,7 +9,6 @@ from typing import Any
 from coldstart.pool.errors import UnknownProviderError
 from coldstart.pool.providers.base import Device, Provider
 
-
 # name -> "module:class", imported only when asked for: the CPU provider must not need what the others
 # import (numpy for ``simulated``, nvidia-ml-py for ``local``), so a CPU-only install serves.
 _PROVIDERS = {
