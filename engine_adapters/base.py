@@ -68,10 +68,17 @@ class EngineAdapter(abc.ABC):
     # Readiness probe: 200 here means the engine serves requests.
     health_path: ClassVar[str] = "/health"
     health_timeout_s: ClassVar[float] = 2.0
+    # True where the engine runs from an environment of its own (``discovery``), found by the adapter or
+    # named with ``--engine-python``; such adapters take ``engine_python`` in their constructor.
+    own_environment: ClassVar[bool] = False
 
     @abc.abstractmethod
     def check_installed(self) -> None:
         """Raise ``EngineNotInstalled`` (naming the extra to install) when the engine is missing."""
+
+    def check_engine_args(self, engine_args: tuple[str, ...]) -> None:
+        """Raise ``EngineArgsRefused`` for an engine argument the launcher owns or the engine cannot honour
+        here (checked before anything starts)."""
 
     @abc.abstractmethod
     def version(self) -> str:
@@ -130,6 +137,43 @@ class EngineAdapter(abc.ABC):
             "model": config.model,
             "engine_args": list(config.engine_args),
         }
+
+
+@dataclass(frozen=True)
+class EngineEnvironment:
+    """An engine installed in an environment of its own (vLLM pins its own torch and transformers, so it
+    never shares coldstart's venv): the interpreter that runs it and what that environment reported."""
+
+    python: str
+    distribution: str
+    version: str
+    device: str  # "cuda", "cpu", ...: decides how the engine is brought to a checkpointable state
+    sleep_mode: bool  # the platform has the engine's sleep mode (CUDA); else it is paused instead
+    found_by: str = ""  # how it was found (an option, PATH, the set-up's location): for error messages
+
+
+def interpreter_of(path: str) -> str | None:
+    """The Python interpreter behind ``path``: a venv folder (its ``bin/python``), an interpreter itself,
+    or a console script (its ``#!`` line). None when ``path`` is none of these."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        candidate = p / "bin" / "python"
+        return str(candidate) if os.access(candidate, os.X_OK) else None
+    if not (p.is_file() and os.access(p, os.X_OK)):
+        return None
+    if p.name.startswith("python"):
+        return str(p)
+    try:
+        with open(p, "rb") as f:
+            first = f.readline(512)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    words = first[2:].decode(errors="replace").split()
+    if words and Path(words[0]).name == "env" and len(words) > 1:
+        return shutil.which(words[1])
+    return words[0] if words and os.access(words[0], os.X_OK) else None
 
 
 def console_script(name: str) -> str | None:

@@ -4,6 +4,8 @@ AdapterError              base; ``exit_code`` 1 unless a usage error
 ├── UnknownEngine         engine name not registered (lists valid names; exit 2)
 ├── ModelNotFound         a local model path that does not exist (exit 2)
 ├── EngineNotInstalled    the engine's Python package is missing (names the pip extra)
+├── EngineArgsRefused     an engine argument the launcher owns or this platform cannot honour (exit 2)
+├── EngineUnsupported     the engine cannot run here as coldstart needs it (says what was not proven)
 └── EngineCallFailed      a before-checkpoint / after-restore call the engine refused or failed
 """
 
@@ -23,6 +25,14 @@ class ModelNotFound(AdapterError):
 
 
 class EngineNotInstalled(AdapterError):
+    pass
+
+
+class EngineArgsRefused(AdapterError):
+    exit_code = 2
+
+
+class EngineUnsupported(AdapterError):
     pass
 
 

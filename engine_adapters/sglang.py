@@ -1,7 +1,12 @@
-"""SGLang (``python -m sglang.launch_server``) with the memory saver.
+"""SGLang (``python -m sglang.launch_server``) with the memory saver, run from its own environment.
 
-SGLang cannot run on this project's CPU machines, so this adapter is tested against a recorded contract of
-the routes below (tests/engine_adapters/test_sglang_contract.py), from SGLang's documentation and source:
+Found like vLLM (``discovery``: ``--engine-python``, ``sglang`` on PATH, ``/opt/coldstart/engines/sglang``)
+and asked there for its version and device. **GPU only, refused elsewhere**: on a CPU host SGLang 0.5.x
+installs (4.3 GB) and imports, but its kernels (``sgl-kernel``) are CUDA builds and it was not seen serving
+here, and its memory saver (what the checkpoint relies on) is a CUDA allocator. Rather than pretend, the
+adapter refuses a CPU environment with that reason (``EngineUnsupported``); use ``vllm`` or
+``transformers`` there. The GPU path below is tested against a recorded contract of the routes
+(tests/engine_adapters/test_vllm_sglang_contract.py), from SGLang's documentation and source:
 - start with ``--enable-memory-saver --enable-weights-cpu-backup`` (without the CPU backup the weights are
   garbage after resume and must be reloaded from disk);
 - readiness: ``GET /health_generate`` (a one-token generation) rather than ``/health`` (200 while loading);
@@ -12,19 +17,16 @@ the routes below (tests/engine_adapters/test_sglang_contract.py), from SGLang's 
 
 from __future__ import annotations
 
-import sys
+from pathlib import Path
 from typing import ClassVar
 
 import httpx
 
-from coldstart.engine_adapters.base import (
-    EngineAdapter,
-    EngineConfig,
-    LaunchSpec,
-    package_version,
-    post_ok,
-    require_package,
-)
+from coldstart.engine_adapters.base import EngineAdapter, EngineConfig, EngineEnvironment, LaunchSpec, post_ok
+from coldstart.engine_adapters.discovery import engines_root, find_environment
+from coldstart.engine_adapters.errors import EngineUnsupported
+
+ENTRY = Path(__file__).with_name("sglang_entry.py")
 
 CONTROL_PATHS = frozenset(
     {
@@ -56,14 +58,38 @@ class SglangAdapter(EngineAdapter):
     health_path: ClassVar[str] = "/health_generate"
     health_timeout_s: ClassVar[float] = 30.0
 
+    own_environment: ClassVar[bool] = True
+
+    def __init__(
+        self, engine_python: str | None = None, environment: EngineEnvironment | None = None
+    ) -> None:
+        self.engine_python = engine_python
+        self._environment = environment
+
+    @property
+    def environment(self) -> EngineEnvironment:
+        if self._environment is None:
+            hint = (
+                f"install it on a GPU host into a venv of its own ({engines_root() / 'sglang'}, or any venv "
+                "passed with --engine-python V)"
+            )
+            self._environment = find_environment("sglang", "sglang", ENTRY, self.engine_python, hint)
+        return self._environment
+
     def check_installed(self) -> None:
-        require_package("sglang", self.name, self.extra)
+        env = self.environment
+        if env.device != "cuda":
+            raise EngineUnsupported(
+                f"sglang {env.version} on {env.device} ({env.found_by}): not supported by coldstart -- its "
+                "kernels (sgl-kernel) and memory saver are CUDA-only and it was not seen serving on a CPU "
+                "host; serve with 'vllm' or 'transformers' here, or run SGLang on a GPU host"
+            )
 
     def version(self) -> str:
-        return f"sglang-{package_version('sglang')}"
+        return f"sglang-{self.environment.version}"
 
     def launch_spec(self, config: EngineConfig) -> LaunchSpec:
-        argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", config.model]
+        argv = [self.environment.python, "-m", "sglang.launch_server", "--model-path", config.model]
         argv += ["--host", config.host, "--port", str(config.port)]
         for flag in ("--enable-memory-saver", "--enable-weights-cpu-backup"):
             if flag not in config.engine_args:

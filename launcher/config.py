@@ -65,6 +65,11 @@ class ServeConfig:
     host: str = opt("127.0.0.1", "address the OpenAI proxy listens on")
     port: int = opt(8000, "port the OpenAI proxy listens on")
     served_model_name: str | None = opt(None, "model name clients send (default: MODEL as given)")
+    engine_python: str | None = opt(
+        None,
+        "the engine's own environment (vllm, sglang): a venv folder, its python or its console script "
+        "(default: the engine's command on PATH, then the set-up's /opt/coldstart/engines/ENGINE)",
+    )
     api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' on /v1 routes, as vLLM does")
     recipe: str | None = opt(None, "recipe name or TOML path (see 'coldstart recipes ls'); flags override it")
 

@@ -41,8 +41,9 @@ def validate(config: ServeConfig) -> EngineAdapter:
     is checked once the image is mounted (``check_model``)."""
     if not config.model:
         raise UsageError("MODEL is required: coldstart-serve ENGINE MODEL (see --help)")
-    adapter = get_adapter(config.engine)
+    adapter = get_adapter(config.engine, engine_python=config.engine_python)
     adapter.check_installed()
+    adapter.check_engine_args(tuple(config.engine_args))
     if config.snapshot == "cuda":  # asked for by name: refuse before anything starts (auto: make_snapshots)
         from coldstart.launcher.checkpointers.cuda import refuse_unsupported_engine_args
 

@@ -5,6 +5,14 @@ Two sizes: ``tiny`` (a few MB, boots in seconds) and ``qwen3-0.6b`` (the real Qw
 weights, ~1.2 GB: a realistic CPU cold boot). The tokenizer is byte-level BPE (a word-level tokenizer breaks
 ``stop`` in ``transformers serve``) with a ChatML chat template, as Qwen3 uses.
 
+Shapes every engine accepts (one local model serves them all):
+- ``head_dim`` >= 32: vLLM's CPU attention refuses 16 at the first request ("Unsupported CPU attention
+  configuration"); 32, 64, 80, 128 work.
+- the tokenizer has exactly ``vocab_size`` ids: a random model emits any id, and an id past the tokenizer
+  decodes to nothing (streams stall on empty deltas, vLLM's detokenizer may fail). The trained BPE vocab is
+  padded with plain printable filler tokens up to the model's vocabulary.
+A model folder records the shape it was made with (``coldstart-model.json``); an older shape is remade.
+
 Writes atomically: the model is saved under a temporary name and renamed, so an interrupted run never leaves
 a half-written model that a later run would serve.
 """
@@ -12,6 +20,7 @@ a half-written model that a later run would serve.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -29,12 +38,12 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Hyper-parameters by size name. "qwen3-0.6b" is Qwen/Qwen3-0.6B's config.json shape.
 SIZES: dict[str, dict[str, object]] = {
     "tiny": dict(
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=128,
+        intermediate_size=256,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
+        head_dim=32,
         vocab_size=1024,
         max_position_embeddings=2048,
     ),
@@ -58,6 +67,32 @@ _CORPUS = (
 )
 
 
+MARKER = "coldstart-model.json"
+# Bumped whenever a size's shape or the tokenizer changes: cached models of an older shape are remade.
+SHAPE_VERSION = 2
+
+
+def _pad_vocab(tok, vocab_size: int):  # (Tokenizer, int) -> Tokenizer
+    """``tok`` with plain filler tokens appended until it has ``vocab_size`` ids (each decodes to itself:
+    printable ASCII maps to itself in the byte-level alphabet)."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    data = json.loads(tok.to_str())
+    vocab: dict[str, int] = data["model"]["vocab"]
+    taken = set(vocab) | {t["content"] for t in data.get("added_tokens", [])}
+    next_id = max([*vocab.values(), *(t["id"] for t in data.get("added_tokens", []))]) + 1
+    i = 0
+    while next_id < vocab_size:
+        token = f"~{i:x}~"
+        i += 1
+        if token not in taken:
+            vocab[token] = next_id
+            next_id += 1
+    return Tokenizer.from_str(json.dumps(data))
+
+
 def _train_tokenizer(vocab_size: int):  # -> PreTrainedTokenizerFast
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -74,6 +109,7 @@ def _train_tokenizer(vocab_size: int):  # -> PreTrainedTokenizerFast
         show_progress=False,
     )
     tok.train_from_iterator([_CORPUS] * 50, trainer=trainer)
+    tok = _pad_vocab(tok, vocab_size)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
     )
@@ -86,15 +122,21 @@ def make_model(out: Path, size: str = "tiny", seed: int = 0, dtype: str = "bfloa
     if size not in SIZES:
         raise ValueError(f"unknown model size {size!r}; valid: {', '.join(SIZES)}")
     out = Path(out).absolute()
+    marker = {"size": size, "seed": seed, "dtype": dtype, "shape_version": SHAPE_VERSION}
     if (out / "config.json").exists():
-        return out
+        try:
+            if json.loads((out / MARKER).read_text()) == marker:
+                return out
+        except (OSError, ValueError):
+            pass
+        if not (out / MARKER).exists() and not (out / "tokenizer.json").exists():
+            return out  # not one of ours: leave it alone
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tokenizer = _train_tokenizer(int(SIZES[size]["vocab_size"]))  # type: ignore[arg-type]
     shape = dict(SIZES[size])
-    if size == "tiny":  # every id decodes to text; the real shape keeps Qwen3's 151936 rows
-        shape["vocab_size"] = len(tokenizer)
+    shape["vocab_size"] = len(tokenizer)  # == SIZES' vocab_size: every id the model can emit decodes
     config = Qwen3Config(
         **shape,  # type: ignore[arg-type]
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
@@ -112,6 +154,11 @@ def make_model(out: Path, size: str = "tiny", seed: int = 0, dtype: str = "bfloa
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps(marker))
+        if out.exists():  # an older shape of ours: move it aside, then swap in the new one
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, old / out.name)
+            shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -64,12 +64,16 @@ ENGINE_PORT = NetnsSandbox.ENGINE_PORT  # fixed inside every replica's own netwo
 RESTORE_LOCK = Path("/run/coldstart/criu-restore.lock")
 SIDECAR = "coldstart-criu.json"  # which pipes the engine's fds 1/2 were, for --inherit-fd at restore
 CRIU_CANDIDATES = ("/usr/local/sbin/criu", "/opt/coldstart/bin/criu")
-# --tcp-close: connections open at dump time come back closed. --link-remap: files the engine holds open
-# but has unlinked are linked back for the dump. --ext-unix-sk / --file-locks: multi-process engines
-# (vLLM) hold unix sockets and flocks. --root /: the dumped mount namespace is a private copy of the
-# host's, restored on the host's root (without it CRIU 4.2 hits "BUG at criu/mount.c:48").
-DUMP_FLAGS = ("--tcp-close", "--link-remap", "--ext-unix-sk", "--file-locks")
-RESTORE_FLAGS = ("--tcp-close", "--ext-unix-sk", "--file-locks", "--root", "/")
+# --tcp-established: loopback connections inside the replica's netns come back connected. vLLM's engine
+# core holds torch.distributed (gloo) connections to itself; closed (--tcp-close) it dies at the first
+# request ("EngineCore encountered an issue"). Connections to the launcher cannot come back (the restored
+# netns has another address): the launcher keeps none open across a checkpoint (no keep-alive on its
+# control and boot clients, as runsc requires too). --link-remap: files the engine holds open but has
+# unlinked are linked back for the dump. --ext-unix-sk / --file-locks: multi-process engines hold unix
+# sockets and flocks. --root /: the dumped mount namespace is a private copy of the host's, restored on
+# the host's root (without it CRIU 4.2 hits "BUG at criu/mount.c:48").
+DUMP_FLAGS = ("--tcp-established", "--link-remap", "--ext-unix-sk", "--file-locks")
+RESTORE_FLAGS = ("--tcp-established", "--ext-unix-sk", "--file-locks", "--root", "/")
 
 
 def find_criu() -> str | None:
@@ -149,6 +153,7 @@ class CriuSandbox(NetnsSandbox):
         if self._proc is not None:
             raise ReplicaStateError(f"replica {self.replica_id}: sandbox already started")
         self.workdir.mkdir(parents=True, exist_ok=True)
+        Path(criu_init.PRIVATE_TMPDIR).mkdir(parents=True, exist_ok=True)
         self.netns = await create_netns()
         self._pipe = OwnedPipe(f"engine {self.replica_id}")
         argv = [
@@ -166,6 +171,7 @@ class CriuSandbox(NetnsSandbox):
 
     async def restore_from(self, image_dir: Path) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        Path(criu_init.PRIVATE_TMPDIR).mkdir(parents=True, exist_ok=True)  # the restored tmpfs mounts here
         sidecar = json.loads((image_dir / SIDECAR).read_text())
         self.netns = await create_netns()
         self._pipe = OwnedPipe(f"engine {self.replica_id}")

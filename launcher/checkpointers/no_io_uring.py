@@ -5,9 +5,17 @@ io_uring support in CRIU 4.2). uvicorn picks uvloop when it is installed, and uv
 io_uring on the first request even with ``UV_USE_IO_URING=0``; vLLM calls uvloop directly. Every library
 we know falls back to epoll/threads when the syscall answers ENOSYS, as on kernels without io_uring.
 
-How: a two-instruction seccomp filter (io_uring_setup is syscall 425 on every architecture since the
-numbers were unified), installed here and inherited by the engine through ``exec``; CRIU saves and restores
-seccomp filters with the process. No host-wide setting is touched (``kernel.io_uring_disabled`` would be).
+How: a small seccomp filter (io_uring_setup is syscall 425 on every architecture since the numbers were
+unified), installed here and inherited by the engine through ``exec``; CRIU saves and restores seccomp
+filters with the process. No host-wide setting is touched (``kernel.io_uring_disabled`` would be).
+
+The same filter also refuses (EPERM) the request for Intel AMX tile state, ``arch_prctl(
+ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`` (x86-64 only). Why: that permission is per process and CRIU 4.2
+does not restore it, so a restored engine that used AMX before the dump dies with SIGILL at its first
+AMX instruction (seen: vLLM's CPU worker, "died unexpectedly (exit code: -4)", at the first request after
+restore; torch/oneDNN and vLLM's CPU attention pick AMX for bf16 where the CPU has it). Refused, they
+fall back to AVX-512 (torch ``_is_amx_tile_supported()`` is then false), and the image never holds AMX
+state.
 """
 
 from __future__ import annotations
@@ -19,6 +27,9 @@ import struct
 import sys
 
 _IO_URING_SETUP = 425
+_ARCH_PRCTL_X86_64 = 158
+_ARCH_REQ_XCOMP_PERM = 0x1023
+_AUDIT_ARCH_X86_64 = 0xC000003E
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_SECCOMP = 22
 _SECCOMP_MODE_FILTER = 2
@@ -29,11 +40,18 @@ _LD_W_ABS, _JEQ_K, _RET_K = 0x20, 0x15, 0x06
 
 def deny_io_uring() -> None:
     """Install the filter on this process (and everything it execs or forks from now on)."""
+    # (code, jump if true, jump if false, k); a jump skips that many instructions after the next one.
     program = [
-        (_LD_W_ABS, 0, 0, 0),  # A = seccomp_data.nr
-        (_JEQ_K, 0, 1, _IO_URING_SETUP),  # io_uring_setup? next : skip one
-        (_RET_K, 0, 0, _RET_ERRNO | errno.ENOSYS),
-        (_RET_K, 0, 0, _RET_ALLOW),
+        (_LD_W_ABS, 0, 0, 0),  # 0: A = seccomp_data.nr
+        (_JEQ_K, 7, 0, _IO_URING_SETUP),  # 1: io_uring_setup -> 9 (ENOSYS)
+        (_JEQ_K, 0, 5, _ARCH_PRCTL_X86_64),  # 2: arch_prctl? else -> 8 (allow)
+        (_LD_W_ABS, 0, 0, 4),  # 3: A = seccomp_data.arch
+        (_JEQ_K, 0, 3, _AUDIT_ARCH_X86_64),  # 4: x86-64? else -> 8 (allow)
+        (_LD_W_ABS, 0, 0, 16),  # 5: A = low word of args[0]
+        (_JEQ_K, 0, 1, _ARCH_REQ_XCOMP_PERM),  # 6: AMX permission request? else -> 8 (allow)
+        (_RET_K, 0, 0, _RET_ERRNO | errno.EPERM),  # 7
+        (_RET_K, 0, 0, _RET_ALLOW),  # 8
+        (_RET_K, 0, 0, _RET_ERRNO | errno.ENOSYS),  # 9
     ]
     raw = b"".join(struct.pack("HBBI", *ins) for ins in program)
     filters = ctypes.create_string_buffer(raw, len(raw))

@@ -1,8 +1,12 @@
 """``coldstart-serve ENGINE MODEL [options] [-- engine args]``: a thin layer over ``server.run``.
 
-Options are generated from ``ServeConfig`` (written once); arguments after ``--`` go to the engine
-unchanged, as with ``vllm serve``. Parses, validates, builds one config, calls ``run``, maps errors to
-exit codes (0 ok, 1 failure, 2 usage) and one-line messages.
+Options are generated from ``ServeConfig`` (written once). A drop-in for ``vllm serve``: every flag
+coldstart does not own goes to the engine unchanged, in order (``coldstart-serve vllm MODEL
+--max-model-len 4096 --dtype bfloat16``); ``--port``, ``--host``, ``--api-key`` and ``--served-model-name``
+are the proxy's, as a ``vllm serve`` user expects. Everything after ``--`` goes to the engine too (also
+flags coldstart owns). Flags are never abbreviated: an engine flag that is a prefix of one of ours
+(``--max`` of ``--max-replicas``) must reach the engine. Parses, validates, builds one config, calls
+``run``, maps errors to exit codes (0 ok, 1 failure, 2 usage) and one-line messages.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from a checkpoint instead of booting them.
 
 examples:
   coldstart-serve transformers ./tiny-model
-  coldstart-serve vllm Qwen/Qwen3-0.6B --snapshot auto -- --max-model-len 4096
+  coldstart-serve vllm Qwen/Qwen3-0.6B --max-model-len 4096 --dtype bfloat16
+  coldstart-serve vllm ./model --snapshot criu -- --max-model-len 512
   coldstart-serve --recipe vllm-qwen3-0.6b
   coldstart-serve custom ./model -- python my_server.py --port {port}
 """
@@ -43,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="coldstart-serve",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Arguments after '--' are passed to the engine unchanged.",
+        epilog="Flags not listed here, and everything after '--', are passed to the engine unchanged "
+        "(give them after MODEL).",
+        allow_abbrev=False,
     )
     for f in dataclasses.fields(ServeConfig):
         if f.name == "engine_args" or f.metadata.get("cli") is False:
@@ -75,10 +82,10 @@ def parse(argv: list[str]) -> ServeConfig:
     if "--" in argv:
         cut = argv.index("--")
         argv, engine_args = argv[:cut], argv[cut + 1 :]
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None}
-    if engine_args:
-        given["engine_args"] = tuple(engine_args)
+    if unknown or engine_args:
+        given["engine_args"] = (*unknown, *engine_args)
     base = ServeConfig()
     if "recipe" in given:
         from coldstart.launcher.recipes import apply_recipe

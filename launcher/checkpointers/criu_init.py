@@ -1,0 +1,94 @@
+"""First process of a CRIU sandbox: ``python -m ...criu_init -- ENGINE ARGV...`` (then ``exec`` ENGINE).
+
+Started by ``CriuSandbox`` as ``unshare --pid --mount --fork --propagation private``, so it runs as PID 1
+of a fresh PID namespace in a private copy of the host's mounts. Before it becomes the engine it:
+
+1. mounts a private tmpfs on ``/dev/shm`` and on ``PRIVATE_TMPDIR``, and points ``TMPDIR`` there.
+   Multi-process engines keep state in both that must travel in the snapshot and must never be shared
+   between replicas restored from one image: vLLM's ``psm_*`` shared-memory rings and ``sem.*`` semaphores
+   (``/dev/shm``), its ZMQ IPC sockets and ``vllm_dist_*`` file store (``tempfile.gettempdir()``). CRIU
+   dumps a tmpfs of a dumped mount namespace with its contents, so each restored replica gets its own
+   copy; two restores sharing the host's ``/dev/shm`` corrupted each other and killed an engine, and two
+   restored engines would bind the same IPC socket path. When the namespace ends, both tmpfs go with it:
+   nothing is left on the host after a replica stops (vLLM leaks a 160 MB ``psm_*`` file on SIGTERM and
+   its sockets and file store in /tmp otherwise). ``/tmp`` itself stays the host's: models and files
+   under it must stay visible to the engine.
+2. unmounts what CRIU cannot dump in a mount namespace: namespace files (``nsfs``, e.g. under
+   ``/run/netns``) and FUSE mounts (other replicas' image mounts).
+3. reopens stdin on ``/dev/null`` inside the namespace (a descriptor inherited from the host's mount
+   namespace fails the dump: "Can't lookup mount=N for fd=0 path=/dev/null");
+4. leads its own session (CRIU refuses a tree whose session leader lives outside its PID namespace) and
+   denies io_uring (``no_io_uring``), then execs the engine, which thus stays PID 1.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from coldstart.launcher.checkpointers.no_io_uring import deny_io_uring
+
+PRIVATE_TMPDIR = "/run/coldstart/replica-tmp"  # an empty folder on the host; each replica mounts over it
+PRIVATE_TMPFS = ("/dev/shm", PRIVATE_TMPDIR)
+UNDUMPABLE_FSTYPES = ("nsfs", "fuse", "fuseblk", "fusectl")
+
+
+def _mounts() -> list[tuple[str, str]]:
+    """(mount point, fs type) of this mount namespace, in mount order."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            out.append((fields[4].replace("\\040", " "), fields[sep + 1]))
+    return out
+
+
+def _undumpable(fstype: str) -> bool:
+    return fstype.split(".")[0] in UNDUMPABLE_FSTYPES
+
+
+def prepare_mounts() -> None:
+    for target, fstype in reversed(_mounts()):  # deepest first
+        if _undumpable(fstype) or target == "/run/netns":
+            subprocess.run(["umount", "-l", target], check=False, capture_output=True)
+    for target in PRIVATE_TMPFS:
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "mode=1777,nosuid,nodev", "coldstart-replica", target],
+            check=True,
+            capture_output=True,
+        )
+
+
+def argv_prefix() -> list[str]:
+    return [sys.executable, "-m", "coldstart.launcher.checkpointers.criu_init", "--"]
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if not argv:
+        print(
+            "usage: python -m coldstart.launcher.checkpointers.criu_init -- COMMAND [ARGS...]",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        prepare_mounts()
+    except subprocess.CalledProcessError as exc:
+        print(f"criu_init: {exc}: {exc.stderr.decode(errors='replace').strip()}", file=sys.stderr)
+        return 1
+    os.environ["TMPDIR"] = PRIVATE_TMPDIR
+    null = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    if os.getsid(0) != os.getpid():
+        os.setsid()
+    deny_io_uring()
+    os.execvp(argv[0], argv)
+    return 1  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
