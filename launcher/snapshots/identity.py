@@ -23,7 +23,7 @@ from coldstart.launcher.checkpointers.base import CheckpointerInfo
 from coldstart.launcher.snapshots.fingerprint import HostFingerprint, host_fingerprint, incompatibilities
 
 # Bump when the sandboxes change what a restored process expects (ports, namespaces, env, fd layout).
-SANDBOX_LAYOUT_VERSION = 1
+SANDBOX_LAYOUT_VERSION = 2  # 2: CRIU replicas in their own mount namespace (private /dev/shm, TMPDIR)
 
 
 def hooks_version() -> str:
