@@ -768,8 +768,9 @@ async def _launcher_path(run: Run, args: argparse.Namespace, model: Path, workdi
         config = EngineConfig(model=str(model), engine_args=engine_args, served_model_name="tiny")
     else:
         adapter = get_adapter("transformers")
-        extra = () if FAKE else ("--device", "cuda", "--dtype", "bfloat16")
-        config = EngineConfig(model=str(model), engine_args=extra)
+        # No --device/--dtype: their defaults (auto) put the model on the GPU in the bf16 it was saved in,
+        # and a flag the image's transformers release lacks would fail the boot.
+        config = EngineConfig(model=str(model))
     name = config.public_model_name if engine == "tiny_engine" else adapter.upstream_model_name(config)
     ids = engine == "tiny_engine"  # transformers serve refuses unknown fields (422): text there
     manager = SnapshotManager(checkpointer, SnapshotStore(workdir / f"{engine}-store"), adapter, config)
@@ -1079,7 +1080,7 @@ def report(results: Results) -> str:
         rs = rec.get("restores", [])
         # Against the same engine's cold boot in the same sandbox (the tiny_engine host boot otherwise).
         row(
-            f"coldstart {engine}: restore (--snapshot cuda), page cache warm",
+            f"coldstart {engine}: restore, page cache warm",
             [r["restore_to_first_token_s"] for r in rs if r.get("page_cache") == "warm"],
             base=rec.get("cold_first_token_s"),
         )
@@ -1214,7 +1215,11 @@ def main(argv: list[str] | None = None) -> int:
         "--criu", default="auto", help="criu >= 4.2: auto (.carry/criu/criu, then PATH) | none | PATH"
     )
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
-    p.add_argument("--engines", default="tiny_engine,transformers", help="engines of the launcher phase")
+    p.add_argument(
+        "--engines",
+        default=None,
+        help="launcher phase engines (tiny_engine,transformers; --fake-gpu: tiny_engine)",
+    )
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     p.add_argument("--fake-gpu", action="store_true", help="plumbing check without a GPU: tiny model on CPU")
     args = p.parse_args(argv)
@@ -1316,7 +1321,8 @@ def run_all(run: Run, args: argparse.Namespace, phases: list[str], workdir: Path
         why = gvisor or "no criu (none carried in .carry/criu, none on PATH)"
         res.not_measured.append(f"launcher and bare CRIU paths: {why}")
     if "launcher" in phases and criu_ok:
-        engines = ["tiny_engine"] if FAKE else [e for e in args.engines.split(",") if e]
+        default = "tiny_engine" if FAKE else "tiny_engine,transformers"
+        engines = [e for e in (args.engines or default).split(",") if e]
         for engine in engines:
             if run.fits(90, f"launcher path {engine}"):
                 with run.phase(f"launcher {engine}"):
