@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import ctypes
 import importlib
@@ -89,6 +90,7 @@ def bootstrap() -> dict[str, str]:
     except ImportError:
         pass
     shim = Path(tempfile.mkdtemp(prefix="coldstart-shim-", dir=SCRATCH))
+    atexit.register(shutil.rmtree, shim, True)
     pkg = shim / "coldstart"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
