@@ -76,8 +76,8 @@ ENGINE_SCRIPT = REPO / "recipes" / "examples" / "tiny_engine.py"
 CANARY_PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "Say hello in five words."}]
 FAKE: dict[str, Any] = {}  # --fake-gpu: {"host": FakeGpuHost}
-# Not /tmp: the CRIU sandbox mounts a private tmpfs there, so a model or the import shim under /tmp would
-# not exist for an engine in the sandbox.
+# Not /tmp: the CRIU sandbox gives each replica private tmpfs folders (criu_init.PRIVATE_TMPFS; /tmp was one
+# of them once), and a model or import shim there would not exist for the engine. /var/tmp is never one.
 SCRATCH = "/var/tmp" if os.path.isdir("/var/tmp") else None
 
 

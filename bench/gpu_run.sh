@@ -5,9 +5,9 @@
 # 360 s leaves room in a 15-minute lease for one rerun on the warm machine; the bench stops starting work
 # at its own deadline (DEADLINE_S, default 280 s) and always writes what it has to $OUT.
 #
-# Why a copy under /var/tmp: the CRIU sandbox gives each engine a private tmpfs on /tmp, so nothing the
-# engine reads (repo, model, carried packages) may live under /tmp, where the device may have put the
-# working tree. Why unzip and not pip: the image's pip has no index and is not needed to place wheels.
+# Why a copy under /var/tmp: the CRIU sandbox gives each engine private tmpfs folders (criu_init.py;
+# /tmp was one once), so what the engine reads (repo, model, carried packages) stays out of /tmp, where
+# the device may have put the working tree. Why unzip and not pip: the image's pip has no index and is not needed to place wheels.
 set -u
 OUT=${OUT:-$PWD/bench-out}
 mkdir -p "$OUT"
