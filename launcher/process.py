@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
 import logging
 import os
 import random
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("coldstart.engine")
@@ -52,6 +54,25 @@ class OutputTail:
             await self._task
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_launcher() -> Callable[[], None]:
+    """A ``preexec_fn``: the child is SIGKILLed when the launcher dies, even by SIGKILL (``prctl
+    PR_SET_PDEATHSIG``, kept across exec). Engines must not outlive the launcher that owns them: nothing
+    else would stop them, and they would keep their GPU. Children that re-parent further pass it on
+    (``unshare --kill-child``; a CRIU-restored engine gets back the death signal it had at dump time)."""
+    parent = os.getpid()
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the launcher died before prctl: nobody would send the signal
+            os._exit(1)
+
+    return preexec
+
+
 async def spawn(
     argv: list[str], env: dict[str, str] | None, cwd: str | None, name: str
 ) -> tuple[asyncio.subprocess.Process, OutputTail]:
@@ -64,6 +85,7 @@ async def spawn(
         env=env,
         cwd=cwd,
         start_new_session=True,
+        preexec_fn=die_with_launcher(),
         limit=1 << 20,
     )
     assert proc.stdout is not None  # guaranteed by stdout=PIPE

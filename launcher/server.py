@@ -30,6 +30,7 @@ from coldstart.launcher.metrics import Metrics
 from coldstart.launcher.proxy import Proxy
 from coldstart.launcher.replica import ReplicaState
 from coldstart.launcher.replicas import ReplicaManager, Snapshots
+from coldstart.launcher.sandboxes.leftovers import log_cleanup
 from coldstart.launcher.settings import engine_config, scaling_policy, snapshot_settings
 from coldstart.pool import pool_for_host
 
@@ -114,6 +115,8 @@ async def serve(config: ServeConfig, *, ready: asyncio.Event | None = None) -> N
     async with contextlib.AsyncExitStack() as undo:
         sock = undo.enter_context(bind_proxy_socket(config.host, config.port))
         undo.callback(log.info, "stopped", extra={"event": "stopped"})  # runs last but one
+        # What a killed launcher left (engines, namespaces, veths, containers, dead mounts), each said.
+        await asyncio.to_thread(log_cleanup, Path(config.work_dir))
         mount = await undo.enter_async_context(image_mounted(config))
         if mount is not None:
             config = with_mountpoint(config, mount.mountpoint)

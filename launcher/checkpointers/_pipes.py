@@ -10,7 +10,7 @@ import signal
 from collections.abc import Sequence
 from pathlib import Path
 
-from coldstart.launcher.process import OutputTail
+from coldstart.launcher.process import OutputTail, die_with_launcher
 
 
 class OwnedPipe:
@@ -70,6 +70,7 @@ async def exec_into(
         env=env,
         cwd=cwd,
         start_new_session=True,
+        preexec_fn=die_with_launcher(),  # engines (and criu restore parents) die with the launcher
     )
 
 

@@ -90,19 +90,16 @@ def system_rows() -> list[Row]:
         Row("root", "ok" if os.geteuid() == 0 else "fail", "uid 0" if os.geteuid() == 0 else "run as root")
     ]
     try:
-        from coldstart.launcher.sandboxes.netns import NetNamespace, cleanup_stale
+        from coldstart.launcher.sandboxes.leftovers import cleanup_left_by_dead_launchers
+        from coldstart.launcher.sandboxes.netns import NetNamespace
 
-        stale = cleanup_stale()
-        if shutil.which("runsc"):
-            from coldstart.launcher.checkpointers.runsc import cleanup_stale_containers
-
-            stale += cleanup_stale_containers()
+        stale = cleanup_left_by_dead_launchers()
         ns = NetNamespace.create()
         ns.delete()
-        detail = "veth pair + /30 in 10.88.0.0/16"
-        rows.append(
-            Row("network namespaces", "ok", detail + (f"; removed {len(stale)} stale" if stale else ""))
-        )
+        detail = "veth pair + /30 in 10.88.0.0/16, only root may connect"
+        rows.append(Row("network namespaces", "ok", detail))
+        # Say what was removed: engines killed, namespaces, veths, firewall rules, containers.
+        rows += [Row("removed (dead launcher)", "warn", line) for line in stale]
     except (ColdstartError, OSError) as exc:
         rows.append(Row("network namespaces", "fail", str(exc)))
     fuse_ok = os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
