@@ -22,6 +22,7 @@ import json
 import os
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -68,6 +69,24 @@ class PendingSnapshot:
     @property
     def image_dir(self) -> Path:
         return self.path / IMAGE
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def _sync_then_unstamp(snapshot: Snapshot, stamp: Path) -> None:
+    try:
+        for rel in snapshot.manifest["files"]:
+            with open(snapshot.path / rel, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(snapshot.image_dir)
+    except OSError:
+        return  # removed meanwhile, or the disk failed: the stamp stays, the next boot re-hashes
+    stamp.unlink(missing_ok=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -158,15 +177,24 @@ class SnapshotStore:
 
     def commit_verified(self, pending: PendingSnapshot, manifest: dict[str, Any]) -> Snapshot:
         """Install a snapshot pulled from another host (``remote.py``) whose files were already checked
-        against ``manifest`` (sizes and SHA-256, hashed as they were written): fsync, keep the manifest
-        as published, rename into place."""
+        against ``manifest`` (sizes and SHA-256, hashed as they were written), keeping the manifest as
+        published.
+
+        Its image files are fsynced after the rename, by a background thread, not before: fsync of a
+        337 MB image took 0.26 s of a 1.2 s pull, on the restore's path. Until they are synced, a stamp
+        holds this boot's id; a snapshot whose stamp names another boot (the machine crashed in between)
+        is re-hashed in full by ``verify`` before it is trusted. The rename itself is as atomic as ever."""
         if manifest.get("format") != FORMAT or manifest.get("key") != pending.key:
             raise SnapshotCorrupt(f"snapshot {pending.key}: pulled manifest has another format or key")
-        for rel in manifest["files"]:
-            with open(pending.path / rel, "rb") as f:
-                os.fsync(f.fileno())
         write_text_atomic(pending.path / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
-        return self._install(pending, manifest, self._verified_cache(pending.key))
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        stamp = self.state_dir / f"{pending.key}.unsynced"
+        write_text_atomic(stamp, _boot_id())
+        snapshot = self._install(pending, manifest, self._verified_cache(pending.key))
+        threading.Thread(
+            target=_sync_then_unstamp, args=(snapshot, stamp), name=f"fsync-{pending.key}", daemon=True
+        ).start()
+        return snapshot
 
     def _install(self, pending: PendingSnapshot, manifest: dict[str, Any], cache: DigestCache) -> Snapshot:
         files: dict[str, dict[str, Any]] = manifest["files"]
@@ -199,6 +227,11 @@ class SnapshotStore:
         files = snapshot.manifest.get("files") or {}
         if not files:
             raise SnapshotCorrupt(f"snapshot {snapshot.key}: manifest lists no files")
+        stamp = self.state_dir / f"{snapshot.key}.unsynced"
+        crashed = False
+        with contextlib.suppress(FileNotFoundError):
+            crashed = stamp.read_text() != _boot_id()  # pulled, then a reboot before its fsync
+        full = full or crashed
         for rel, meta in files.items():
             path = snapshot.path / rel
             try:
@@ -215,6 +248,8 @@ class SnapshotStore:
                     f"snapshot {snapshot.key}: {rel} sha256 {digest[:12]}... "
                     f"!= manifest {meta['sha256'][:12]}..."
                 )
+        if crashed:  # every byte read back and matching: what is on disk now is the snapshot
+            stamp.unlink(missing_ok=True)
         cache.save()
 
     # -- housekeeping -----------------------------------------------------------------------------
@@ -241,7 +276,7 @@ class SnapshotStore:
         trash = self.root / f".trash-{key}-{secrets.token_hex(3)}"
         os.rename(path, trash)  # atomic disappearance, then the slow delete
         shutil.rmtree(trash, ignore_errors=True)
-        for suffix in (".digests.json", ".used"):
+        for suffix in (".digests.json", ".used", ".unsynced"):
             (self.state_dir / f"{key}{suffix}").unlink(missing_ok=True)
 
     def gc(self, *, older_than_s: float | None = None, now: float | None = None) -> list[str]:

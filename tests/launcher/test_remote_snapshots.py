@@ -447,3 +447,26 @@ def test_no_tier_left_mid_pull_cold_boots_never_a_broken_replica(host_a, tiny_mo
         assert leftovers == []
     finally:
         server.stop()
+
+
+def test_pulled_snapshot_is_rehashed_after_a_crash_before_its_fsync(
+    tmp_path: Path, published, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    from coldstart.launcher.snapshots import file_digests
+
+    _, origin, _ = published
+    b = SnapshotStore(tmp_path / "b-snapshots")
+    snap, _ = SnapshotTiers([str(origin)]).pull(KEY, b)
+    stamp = b.state_dir / f"{KEY}.unsynced"
+    deadline = time.monotonic() + 30
+    while stamp.exists() and time.monotonic() < deadline:  # the background fsync removes it
+        time.sleep(0.01)
+    assert not stamp.exists()
+    hashed: list[str] = []
+    real = file_digests.sha256_file
+    monkeypatch.setattr(file_digests, "sha256_file", lambda p: hashed.append(str(p)) or real(p))
+    b.verify(snap)
+    assert hashed == []  # synced: the digests remembered at pull time are trusted
+    stamp.write_text("another-boot")  # as if the machine went down before the fsync finished
+    b.verify(snap)
+    assert len(hashed) == len(snap.manifest["files"]) and not stamp.exists()
