@@ -3,7 +3,9 @@
 Standalone (imports nothing else of coldstart). Modules: ``index`` (format), ``store`` (chunk store,
 chunking choice), ``build`` (directory / OCI layout / docker-save), ``tiers`` + ``fetcher`` (memory -> disk
 -> HTTP caches -> origin, verified), ``fs`` (pyfuse3 operations), ``daemon`` (one mount's process),
-``mount`` (library API), ``profile`` (boot profiles), ``server`` (HTTP cache server/origin), ``cli``.
+``mount`` (library API), ``profile`` (boot profiles), ``server`` (HTTP cache server/origin), ``refs``
+(named published trees -- the launcher's snapshots across hosts: publish, find through tiers,
+materialize in parallel, gc), ``cli``.
 
 Library API (what the launcher calls for ``coldstart-serve ... --image INDEX``)::
 

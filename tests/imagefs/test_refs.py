@@ -1,0 +1,95 @@
+"""Refs: named, published trees in a chunk store, found through tiers and the cache server, materialized,
+collected. Real files, real ``coldstart image serve`` processes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from coldstart.imagefs.build import build
+from coldstart.imagefs.errors import UsageError
+from coldstart.imagefs.fetcher import Fetcher
+from coldstart.imagefs.index import ImageIndex
+from coldstart.imagefs.refs import (
+    Ref,
+    find_ref,
+    gc,
+    list_local_refs,
+    materialize,
+    publish,
+    read_local_ref,
+    remove_ref,
+)
+from coldstart.imagefs.tiers import DirectoryTier, HttpTier, MemoryTier
+
+CHUNK = 64 * 1024
+
+
+def tree(root: Path) -> Path:
+    (root / "sub").mkdir(parents=True)
+    (root / "small.img").write_bytes(b"inventory")
+    (root / "sub" / "pages.img").write_bytes(os.urandom(7 * CHUNK + 11))
+    (root / "empty.img").write_bytes(b"")
+    return root
+
+
+def test_publish_writes_chunks_then_the_ref(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    done = publish(
+        tree(tmp_path / "src"), store, "snapshot.k1", {"manifest": b'{"key": "k1"}'}, chunk_size=CHUNK
+    )
+    ref = read_local_ref(store, "snapshot.k1")
+    assert ref == done.ref and ref.bytes == 7 * CHUNK + 11 + len(b"inventory")
+    for digest in (ref.index, ref.blobs["manifest"]):
+        assert hashlib.sha256((store / "chunks" / digest[:2] / digest).read_bytes()).hexdigest() == digest
+    assert list_local_refs(store, "snapshot.") == ["snapshot.k1"] and list_local_refs(store, "image.") == []
+    assert not list(store.glob(".publish-*"))  # the temporary index is gone
+    with pytest.raises(UsageError):
+        publish(tmp_path / "src", store, "../escape")
+
+
+def test_find_materialize_through_a_cache_server(tmp_path: Path, chunk_server) -> None:  # type: ignore[no-untyped-def]
+    src = tree(tmp_path / "src")
+    origin = tmp_path / "origin"
+    publish(src, origin, "snapshot.k1", {"manifest": b"m"}, chunk_size=CHUNK)
+    upstream = chunk_server(origin)
+    cache = chunk_server(tmp_path / "az", upstream=upstream.url)
+    http = HttpTier(cache.url)
+    assert http.list_refs("snapshot.") == ["snapshot.k1"]
+    found = find_ref([http], "snapshot.k1")
+    assert found is not None and found[1] == cache.url
+    ref = found[0]
+    fetcher = Fetcher(MemoryTier(1 << 20), None, [http, DirectoryTier(origin)])
+    index = ImageIndex.from_bytes(fetcher.get(ref.index))
+    out = tmp_path / "out"
+    out.mkdir()
+    files = materialize(index, fetcher.get, out, workers=4, window=3)
+    fetcher.close()
+    for rel in ("small.img", "sub/pages.img", "empty.img"):
+        data = (src / rel).read_bytes()
+        assert (out / rel).read_bytes() == data
+        assert files[rel].sha256 == hashlib.sha256(data).hexdigest() and files[rel].size == len(data)
+    # The cache server keeps a copy of the ref and answers from it while its upstream is down.
+    upstream.stop()
+    assert Ref.parse(HttpTier(cache.url).get_ref("snapshot.k1") or b"", "t") == ref
+    assert HttpTier(cache.url).list_refs() == ["snapshot.k1"]
+    assert find_ref([HttpTier(cache.url)], "snapshot.nope") is None
+
+
+def test_gc_keeps_what_refs_and_images_name(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    image = build(tree(tmp_path / "img"), store, chunk_size=CHUNK)  # STORE/images/img.cidx
+    publish(tree(tmp_path / "snap"), store, "snapshot.k1", {"manifest": b"m"}, chunk_size=CHUNK)
+    before = {p.name for p in (store / "chunks").rglob("*") if p.is_file()}
+    assert gc(store, min_age_s=0).removed_chunks == 0
+    assert remove_ref(store, "snapshot.k1") and not remove_ref(store, "snapshot.k1")
+    young = gc(store, min_age_s=3600)  # a publish in flight writes chunks before its ref: kept
+    assert young.removed_chunks == 0
+    result = gc(store, min_age_s=0, now=time.time() + 1)
+    after = {p.name for p in (store / "chunks").rglob("*") if p.is_file()}
+    image_chunks = {d.hex() for d in ImageIndex.open(image.index_path).all_digests()}
+    assert image_chunks <= after and result.removed_chunks == len(before - after) > 0
