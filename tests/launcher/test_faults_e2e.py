@@ -1,0 +1,180 @@
+"""Faults against a real ``coldstart-serve`` and a real engine (``transformers serve``, tiny model): bad
+requests never kill a healthy replica, a hung engine (SIGSTOP) is found and replaced, engines die with a
+SIGKILLed launcher (cold-booted and CRIU-restored ones) and the next launcher removes what it left."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from support import Served
+
+pytestmark = pytest.mark.slow
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (by parent PID, read from /proc)."""
+    parents: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(ppid, []).append(int(proc.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def engine_pid(served: Served) -> int:
+    """The engine itself: the deepest process running ``transformers_entry`` (its ``unshare`` parent's
+    command line names it too)."""
+    found = [
+        pid
+        for pid in descendants(served.proc.pid)
+        if Path(f"/proc/{pid}/cmdline").exists()
+        and Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith((b"python", b"python3"))
+        and b"transformers_entry" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert found, "no engine process found"
+    return found[-1]
+
+
+def until(condition, what: str, timeout: float = 30.0) -> float:  # type: ignore[no-untyped-def]
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def openai_error(response: httpx.Response) -> dict:  # type: ignore[type-arg]
+    error = response.json()["error"]
+    assert {"message", "type", "code"} <= set(error), response.text
+    return error  # type: ignore[no-any-return]
+
+
+def test_bad_requests_get_openai_errors_and_never_kill_the_replica(
+    serve, tiny_model: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    served = serve(
+        ["transformers", str(tiny_model), "--work-dir", str(tmp_path), "--max-body-size", "1048576"]
+    )
+    served.wait_ready()
+    model = str(tiny_model)
+    chat = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    bad = [
+        json.dumps({**chat, "max_tokens": -1}).encode(),  # the engine rejects it
+        json.dumps({**chat, "no_such_field": 1}).encode(),  # FastAPI 422 {"detail": ...}
+        json.dumps({"model": model}).encode(),  # no messages: the engine's plain 500
+        b"abc",
+        b"\xff\xfe not utf-8",
+        b"[" * 100_000 + b"]" * 100_000,
+        json.dumps({**chat, "pad": "x" * (2 << 20)}).encode(),  # over --max-body-size
+    ]
+    url = f"{served.url}/v1/chat/completions"
+    with httpx.Client(timeout=60) as client:
+        for body in bad * 2:
+            answer = client.post(url, content=body, headers={"content-type": "application/json"})
+            assert 400 <= answer.status_code < 600, answer.text
+            openai_error(answer)
+            good = client.post(url, json=chat)
+            assert good.status_code == 200, good.text
+            assert len(good.headers.get_list("date")) == 1 and len(good.headers.get_list("server")) == 1
+    assert not [t for t in served.lifecycle() if t[2] == "failed"], served.log()
+    assert {t[0] for t in served.lifecycle()} == {"r1"}
+
+
+def _criu_args(tiny_model: Path, tmp_path: Path) -> list[str]:
+    return [
+        "transformers",
+        str(tiny_model),
+        "--snapshot",
+        "criu",
+        "--snapshot-dir",
+        str(tmp_path / "snapshots"),
+        "--work-dir",
+        str(tmp_path / "run"),
+    ]
+
+
+def test_hung_engine_is_detected_within_10s_and_replaced(
+    serve, tiny_model: Path, tmp_path: Path, working_checkpointer
+) -> None:  # type: ignore[no-untyped-def]
+    working_checkpointer("criu")
+    served = serve(_criu_args(tiny_model, tmp_path))
+    served.wait_ready(240)
+    model = str(tiny_model)
+    answers: list[httpx.Response] = []
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4000}
+    long = threading.Thread(
+        target=lambda: answers.append(httpx.post(f"{served.url}/v1/chat/completions", json=body, timeout=120))
+    )
+    long.start()
+    served.wait_for(lambda h: h["replicas"][0]["in_flight"] == 1, 30, "a request in flight")
+    engine = engine_pid(served)
+    os.kill(engine, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    served.wait_for(
+        lambda h: all(r["id"] != "r1" or r["state"] != "ready" for r in h["replicas"]), 30, "r1 out"
+    )
+    detected = time.monotonic() - stopped_at
+    long.join(30)
+    assert answers and answers[0].status_code == 502, answers
+    assert openai_error(answers[0])["code"] == "upstream_lost"
+    again = httpx.post(f"{served.url}/v1/chat/completions", json={**body, "max_tokens": 2}, timeout=120)
+    assert again.status_code == 200, again.text
+    assert ("r2", "restoring", "ready") in served.lifecycle()
+    until(lambda: not alive(engine), "the hung engine killed")
+    print(f"hung engine detected after {detected:.2f}s")
+    assert detected <= 10.5, served.log()
+
+
+def test_engines_die_with_a_sigkilled_launcher_and_the_next_one_cleans_up(
+    serve, tiny_model: Path, tmp_path: Path, working_checkpointer
+) -> None:  # type: ignore[no-untyped-def]
+    working_checkpointer("criu")
+    first = serve(_criu_args(tiny_model, tmp_path))
+    first.wait_ready(240)  # cold boot + snapshot
+    first_tree = descendants(first.proc.pid)
+    assert any(b"transformers_entry" in Path(f"/proc/{p}/cmdline").read_bytes() for p in first_tree)
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait()
+    until(lambda: not any(alive(p) for p in first_tree), "the cold-booted engine tree gone with its launcher")
+    left = sorted(p.name for p in Path("/run/netns").glob(f"cs-{first.proc.pid}-*"))
+    assert left  # the launcher could not delete it: the next one must
+
+    second = serve(_criu_args(tiny_model, tmp_path))
+    second.wait_ready(120)
+    assert ("r1", "restoring", "ready") in second.lifecycle()
+    for name in left:
+        assert f"network namespace {name}" in second.log()
+        assert not (Path("/run/netns") / name).exists()
+    second_tree = descendants(second.proc.pid)
+    second.proc.send_signal(signal.SIGKILL)
+    second.proc.wait()
+    until(lambda: not any(alive(p) for p in second_tree), "the restored engine tree gone with its launcher")
+
+    third = serve(_criu_args(tiny_model, tmp_path))
+    third.wait_ready(120)
+    assert f"dead launcher {second.proc.pid}" in third.log() or f"cs-{second.proc.pid}-" in third.log()
+    assert third.stop() == 0
+    assert not list(Path("/run/netns").glob(f"cs-{third.proc.pid}-*"))
+    assert not [p for p in descendants(third.proc.pid) if alive(p)]
