@@ -8,11 +8,14 @@ to its answer, so it covers lookup, pull, gate, restore, canary and the first to
 
     local restore on A           the baseline: A's own snapshot, on A's disk
     B, A's cache server, empty   B has nothing: pull through http://A (8 fetch workers), then restore
-    B, 1 fetch worker            the same without fetching ahead in parallel
     B, local copy                B's second restore: the snapshot it pulled before (no network)
     B, chunk cache only          B's snapshot folder removed, its chunk cache kept (no network)
 
-Then: bytes pulled vs the snapshot's bytes, the time to find and load the snapshot's index through the
+Then the pull alone (in this process, through the cache server, into an empty store) with 1 and 8 fetch
+workers: what fetching ahead in parallel buys. A recorded restore profile would add nothing here: CRIU
+and runsc read every byte of the image before the process runs, so the profile is the whole image; the
+pull fetches all of it ahead, in parallel, before the checkpointer starts. Then: bytes pulled vs the
+snapshot's bytes, the time to find and load the snapshot's index through the
 cache server, and the chunk dedup share between two snapshots (a re-snapshot of the same model on a fresh
 host; a snapshot of another model), at 256 KiB chunks (what we publish) and 4 KiB pages (an upper bound
 for any finer or content-defined chunking).
@@ -45,7 +48,7 @@ from coldstart.imagefs.fetcher import Fetcher  # noqa: E402
 from coldstart.imagefs.index import ImageIndex  # noqa: E402
 from coldstart.imagefs.refs import find_ref  # noqa: E402
 from coldstart.imagefs.tiers import HttpTier, MemoryTier  # noqa: E402
-from coldstart.launcher.snapshots.remote import ref_name  # noqa: E402
+from coldstart.launcher.snapshots.remote import SnapshotTiers, ref_name  # noqa: E402
 from coldstart.launcher.snapshots.store import SnapshotStore  # noqa: E402
 from coldstart.launcher.tiny_model import make_model  # noqa: E402
 
@@ -212,6 +215,17 @@ def main() -> int:
                     loads.append(time.monotonic() - t)
                     fetcher.close()
                 index_chunks = index.n_chunks
+                pulls = {}
+                for workers in (1, 8):
+                    times = []
+                    for _ in range(args.repeat):
+                        dest = base / f"pull-{workers}"
+                        shutil.rmtree(dest, ignore_errors=True)
+                        t = time.monotonic()
+                        SnapshotTiers([server.url], workers=workers).pull(key, SnapshotStore(dest))
+                        times.append(time.monotonic() - t)
+                        shutil.rmtree(dest, ignore_errors=True)
+                    pulls[workers] = statistics.median(times)
             finally:
                 server.stop()
             pulled_log = logs["B, A's cache server, empty cache"]
@@ -256,6 +270,9 @@ def main() -> int:
         f"index: ref+manifest+index via HTTP {statistics.median(loads) * 1000:8.1f} ms "
         f"(parse {statistics.median(parses) * 1000:.2f} ms, {index_chunks} chunks)"
     )
+    mb = snap_bytes / 1e6
+    for workers, secs in pulls.items():
+        print(f"pull only, {workers} fetch worker(s)        {secs:8.2f} s  {mb / secs:6.0f} MB/s")
     print(f"{'dedup share vs first snapshot':34s} {'256 KiB':>8s} {'4 KiB':>9s}")
     for label, (big, page) in dedup.items():
         if big is None or page is None:

@@ -35,6 +35,10 @@ from coldstart.launcher.snapshots.file_digests import DigestCache, sha256_file
 from coldstart.launcher.snapshots.identity import SnapshotIdentity
 
 MANIFEST = "manifest.json"
+# A pulled snapshot is fsynced this long after its rename: the restore that pulled it reads it from the page
+# cache meanwhile, and writeback started at once competed with that restore (restore + canary 0.70 s on the
+# host that pulled vs 0.54 s on the one that took it, tiny model, bench/snapshot_hosts.py).
+PULLED_SYNC_DELAY_S = 10.0
 IMAGE = "image"
 FORMAT = 1
 
@@ -79,6 +83,7 @@ def _boot_id() -> str:
 
 
 def _sync_then_unstamp(snapshot: Snapshot, stamp: Path) -> None:
+    time.sleep(PULLED_SYNC_DELAY_S)
     try:
         for rel in snapshot.manifest["files"]:
             with open(snapshot.path / rel, "rb") as f:
@@ -181,9 +186,10 @@ class SnapshotStore:
         published.
 
         Its image files are fsynced after the rename, by a background thread, not before: fsync of a
-        337 MB image took 0.26 s of a 1.2 s pull, on the restore's path. Until they are synced, a stamp
-        holds this boot's id; a snapshot whose stamp names another boot (the machine crashed in between)
-        is re-hashed in full by ``verify`` before it is trusted. The rename itself is as atomic as ever."""
+        337 MB image took 0.26 s of a 1.2 s pull, on the restore's path (``PULLED_SYNC_DELAY_S``). Until
+        they are synced, a stamp holds this boot's id; a snapshot whose stamp names another boot (the
+        machine crashed in between) is re-hashed in full by ``verify`` before it is trusted. The rename
+        itself is as atomic as ever."""
         if manifest.get("format") != FORMAT or manifest.get("key") != pending.key:
             raise SnapshotCorrupt(f"snapshot {pending.key}: pulled manifest has another format or key")
         write_text_atomic(pending.path / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))

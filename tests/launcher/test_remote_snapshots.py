@@ -456,6 +456,7 @@ def test_pulled_snapshot_is_rehashed_after_a_crash_before_its_fsync(
 
     _, origin, _ = published
     b = SnapshotStore(tmp_path / "b-snapshots")
+    monkeypatch.setattr("coldstart.launcher.snapshots.store.PULLED_SYNC_DELAY_S", 0.0)
     snap, _ = SnapshotTiers([str(origin)]).pull(KEY, b)
     stamp = b.state_dir / f"{KEY}.unsynced"
     deadline = time.monotonic() + 30
