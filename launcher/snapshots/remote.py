@@ -114,6 +114,11 @@ class SnapshotTiers:
         if not tiers and publish_to is None:
             raise UsageError("remote snapshots need --snapshot-tiers or --snapshot-publish")
         self.tiers = list(tiers)
+        for url in self.tiers:  # a typo is a usage error at launch, not a failed restore later
+            try:
+                open_tier(url).close()
+            except ImageError as exc:
+                raise UsageError(f"--snapshot-tiers: {exc}") from exc
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.publish_to = Path(publish_to) if publish_to else None
         self.workers = workers
@@ -241,14 +246,20 @@ class SnapshotTiers:
         t0 = time.monotonic()
         with _pull_lock(store, key):
             waited = time.monotonic() - t0
-            local = store.lookup(key)
+            try:
+                local = store.lookup(key)
+            except SnapshotError as exc:
+                raise RemoteSnapshotError("digest", str(exc)) from exc
             if local is not None:  # another puller (or a snapshot taken here) got there first
                 report = PullReport(key, local.total_bytes, already_local=True, phases={"lock": waited})
                 return local, report
-            with self._fetcher() as fetcher:
-                snapshot, report = self._pull(fetcher, key, store, gate, progress)
-                report.phases["lock"] = waited
-                t = time.monotonic()
+            try:
+                with self._fetcher() as fetcher:
+                    snapshot, report = self._pull(fetcher, key, store, gate, progress)
+                    report.phases["lock"] = waited
+                    t = time.monotonic()
+            except OSError as exc:  # this host's disk (full, read-only): the replica cold-boots
+                raise RemoteSnapshotError("fetch", f"snapshot {key}: cannot write it here: {exc}") from exc
             report.phases["cache_flush"] = time.monotonic() - t  # close() writes what the cache still lacks
             return snapshot, report
 

@@ -471,3 +471,12 @@ def test_pulled_snapshot_is_rehashed_after_a_crash_before_its_fsync(
     stamp.write_text("another-boot")  # as if the machine went down before the fsync finished
     b.verify(snap)
     assert len(hashed) == len(snap.manifest["files"]) and not stamp.exists()
+
+
+def test_a_bad_tier_is_a_usage_error_at_launch(tmp_path: Path) -> None:
+    from coldstart.launcher.errors import UsageError
+
+    with pytest.raises(UsageError, match="not a directory"):
+        SnapshotTiers([str(tmp_path / "no-such-store")])
+    with pytest.raises(UsageError, match="unknown scheme"):
+        SnapshotTiers(["ftp://origin/snapshots"])
