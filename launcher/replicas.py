@@ -198,6 +198,11 @@ class ReplicaManager:
         """A READY replica with room (or the least busy), other than ``avoid`` where there is one; waits
         (bounded) while none. Call ``release`` after."""
         replica = self._pick(avoid)
+        if replica is not None and replica.in_flight >= self.policy.target_concurrency:
+            # Every ready replica is at its target: this request is demand for another one, and it
+            # waits for that one rather than queue inside a busy engine (while max_replicas allows).
+            self._ensure_capacity(extra=1)
+            replica = self._pick(avoid)
         if replica is None:
             if self._waiting >= self.policy.max_queue:
                 raise QueueFull(f"{self._waiting} requests already waiting for a replica; retry later")
@@ -307,12 +312,13 @@ class ReplicaManager:
         still being stopped included). ``max_replicas`` bounds this."""
         return [r for r in self.replicas.values() if r.state is not ReplicaState.STOPPED]
 
-    def _ensure_capacity(self) -> None:
-        """Start replicas until there are enough for the demand (in flight + waiting), within bounds."""
+    def _ensure_capacity(self, extra: int = 0) -> None:
+        """Start replicas until there are enough for the demand (in flight + waiting + ``extra`` about to
+        arrive), within bounds."""
         if self._closing or time.monotonic() < self._retry_at:
             return
         active = self._active()
-        demand = self._waiting + sum(r.in_flight for r in active)
+        demand = self._waiting + extra + sum(r.in_flight for r in active)
         want = -(-demand // max(1, self.policy.target_concurrency))  # ceil
         want = min(max(want, self.policy.min_replicas), self.policy.max_replicas)
         room = self.policy.max_replicas - len(self._live())

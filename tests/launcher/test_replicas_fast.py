@@ -208,6 +208,18 @@ async def test_a_replica_still_stopping_counts_against_max_replicas() -> None:
 
 
 @run
+async def test_a_request_above_target_waits_for_a_new_replica_not_a_busy_one() -> None:
+    async with launched(restore_s=[0.0, 0.3], max_replicas=2, target_concurrency=1) as h:
+        await h.ready()
+        first = asyncio.create_task(h.chat(sleep=5))
+        await h.until(lambda: h.sandbox("r1").engine.in_flight == 1, "first request in r1")
+        second = await h.chat()
+        assert second.status_code == 200
+        assert second.json()["port"] == h.sandbox("r2").engine.port  # not queued behind r1's request
+        first.cancel()
+
+
+@run
 async def test_close_waits_for_a_stop_already_running() -> None:
     async with launched(stop_s=0.5) as h:
         await h.ready()
