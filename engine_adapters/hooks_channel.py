@@ -14,6 +14,8 @@ means the replica must be discarded and a cold boot started instead.
 
 from __future__ import annotations
 
+import time
+
 import httpx
 
 from coldstart import snapshot_hooks
@@ -24,10 +26,15 @@ from coldstart.snapshot_hooks.errors import ControlError
 
 # Hooks enforce their own timeouts inside the engine; this only bounds a wedged engine.
 PHASE_TIMEOUT_S = 900.0
+# How long an engine may answer /health without its control channel before that is an error.
+MISSING_CHANNEL_S = 5.0
 
 
 class HooksChannel(EngineAdapter):
     """Adds the control channel to an adapter: its env, its health and the two snapshot phases."""
+
+    def __init__(self) -> None:
+        self._no_channel_since: dict[str, float] = {}  # base_url -> first /health 200 without a channel
 
     def hooks_env(self, config: EngineConfig) -> dict[str, str]:
         return {
@@ -39,13 +46,26 @@ class HooksChannel(EngineAdapter):
         }
 
     async def is_healthy(self, client: httpx.AsyncClient, base_url: str) -> bool:
-        """The engine answers ``/health`` and its control channel is up and not broken."""
+        """The engine answers ``/health`` and its control channel is up and not broken.
+
+        An engine that answers ``/health`` but has no control channel for ``MISSING_CHANNEL_S`` never
+        will (the channel starts before the engine's own server): ``EngineCallFailed`` says so at once,
+        instead of a silent wait until ``--boot-timeout``."""
         if not await super().is_healthy(client, base_url):
             return False
+        control = hooks_client.control_url_for(base_url)
         try:
-            state = await hooks_client.get_state(hooks_client.control_url_for(base_url), timeout_s=2.0)
-        except ControlError:
+            state = await hooks_client.get_state(control, timeout_s=2.0)
+        except ControlError as exc:
+            first = self._no_channel_since.setdefault(base_url, time.monotonic())
+            if time.monotonic() - first >= MISSING_CHANNEL_S:
+                raise EngineCallFailed(
+                    f"{self.name} engine answers {self.health_path} at {base_url} but not the snapshot_hooks "
+                    f"control channel at {control} ({exc}): call coldstart.snapshot_hooks.serve() in the "
+                    "server before it starts serving (it reads COLDSTART_CONTROL_HOST/PORT)"
+                ) from exc
             return False
+        self._no_channel_since.pop(base_url, None)
         return state["state"] != snapshot_hooks.EngineState.BROKEN.value
 
     async def before_checkpoint(self, client: httpx.AsyncClient, base_url: str) -> None:

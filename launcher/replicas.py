@@ -298,6 +298,8 @@ class ReplicaManager:
             healthy = await asyncio.wait_for(self.adapter.is_healthy(self.http, sandbox.base_url), timeout)
         except TimeoutError:
             return f"health probe got no answer within {timeout:.0f} s (engine hung?)"
+        except Exception as exc:  # an adapter's probe that raises says why it is not alive
+            return f"health probe failed: {exc}"
         if (code := sandbox.exit_code()) is not None:
             return f"engine exited with status {code}"
         return None if healthy else "health probe failed"

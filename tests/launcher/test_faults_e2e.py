@@ -178,3 +178,28 @@ def test_engines_die_with_a_sigkilled_launcher_and_the_next_one_cleans_up(
     assert third.stop() == 0
     assert not list(Path("/run/netns").glob(f"cs-{third.proc.pid}-*"))
     assert not [p for p in descendants(third.proc.pid) if alive(p)]
+
+
+NO_HOOKS_SERVER = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+http.server.HTTPServer((sys.argv[1], int(sys.argv[2])), H).serve_forever()
+"""
+
+
+def test_custom_engine_without_the_hooks_channel_is_told_within_seconds(serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    script = tmp_path / "server.py"
+    script.write_text(NO_HOOKS_SERVER)
+    started = time.monotonic()
+    served = serve(
+        ["custom", "m", "--work-dir", str(tmp_path), "--", "python3", str(script), "{host}", "{port}"]
+    )
+    assert served.proc.wait(60) == 1
+    took = time.monotonic() - started
+    assert "coldstart.snapshot_hooks.serve()" in served.log(), served.log()
+    assert took < 30, took  # not --boot-timeout (15 minutes)
