@@ -116,7 +116,10 @@ class VllmAdapter(EngineAdapter):
 
     # -- starting it ------------------------------------------------------------------------------
     def upstream_model_name(self, config: EngineConfig) -> str:
-        return local_model_path(config.model)
+        # vLLM serves the model under the name clients use (--served-model-name below), so its answers
+        # carry that name in their "model" field without the proxy rewriting them.
+        local_model_path(config.model)  # a missing local model is a usage error before anything starts
+        return config.public_model_name
 
     def check_engine_args(self, engine_args: tuple[str, ...]) -> None:
         for arg in engine_args:
@@ -136,6 +139,7 @@ class VllmAdapter(EngineAdapter):
         env_ = self.environment
         model = local_model_path(config.model)
         argv = [env_.python, str(ENTRY), "serve", model, "--host", config.host, "--port", str(config.port)]
+        argv += ["--served-model-name", config.public_model_name]
         if env_.sleep_mode and "--enable-sleep-mode" not in config.engine_args:
             argv.append("--enable-sleep-mode")
         bin_dir = str(Path(env_.python).parent)
@@ -157,7 +161,12 @@ class VllmAdapter(EngineAdapter):
 
     def identity(self, config: EngineConfig) -> dict[str, Any]:
         env_ = self.environment
-        return {**super().identity(config), "device": env_.device, "control": self.control}
+        return {
+            **super().identity(config),
+            "served_model_name": config.public_model_name,
+            "device": env_.device,
+            "control": self.control,
+        }
 
     # -- checkpoint and restore -------------------------------------------------------------------
     async def before_checkpoint(self, client: httpx.AsyncClient, base_url: str) -> None:
