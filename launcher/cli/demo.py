@@ -1,10 +1,12 @@
 """``coldstart demo``: the README's first command, end to end on a CPU machine with no model hub.
 
 Makes a tiny random Qwen3-architecture model (local tokenizer with a chat template), serves it with
-``coldstart-serve transformers MODEL`` (the real CLI, in a child process), asks one chat question through
-the proxy with the ``openai`` client and prints the answer and the boot time. Then it waits for the proxy
-to scale to zero and asks again: with a working checkpointer the new replica is restored from the snapshot
-the first one left, and the demo prints how long that took. Everything is stopped at the end.
+``coldstart-serve vllm MODEL`` -- the real vLLM, from the venv ``.ci/setup`` installs (CPU build, lean
+configuration for small machines) -- through the real CLI in a child process, asks one chat question
+through the proxy with the ``openai`` client and prints the answer and the boot time. Then it waits for
+the proxy to scale to zero and asks again: with a working checkpointer the new replica is restored from
+the snapshot the first one left, and the demo prints how long that took. Everything is stopped at the end.
+Where no vLLM is installed, it says so and serves with ``transformers`` instead (``--engine`` picks).
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ from pathlib import Path
 import httpx
 
 from coldstart.launcher.process import free_port
+
+VLLM_LEAN_ARGS = [
+    "--max-model-len", "512", "--distributed-executor-backend", "uni", "--kv-cache-memory-bytes", "67108864",
+]  # fmt: skip
+VLLM_LEAN_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
 def _default_model_dir() -> Path:
@@ -60,11 +67,35 @@ def main(argv: list[str]) -> int:
         choices=["auto", "criu", "runsc", "off"],
         help="passed to coldstart-serve (default: auto)",
     )
+    parser.add_argument(
+        "--engine",
+        default="auto",
+        choices=["auto", "vllm", "transformers"],
+        help="auto: vLLM where it is installed (bash .ci/setup), else transformers",
+    )
     args = parser.parse_args(argv)
 
     from openai import OpenAI
 
     from coldstart.launcher.tiny_model import make_model
+
+    engine = args.engine
+    if engine != "transformers":
+        from coldstart.engine_adapters.errors import EngineNotInstalled
+        from coldstart.engine_adapters.registry import get_adapter
+
+        try:
+            get_adapter("vllm").check_installed()
+            engine = "vllm"
+        except EngineNotInstalled as exc:
+            if engine == "vllm":
+                print(f"coldstart demo: {exc}", file=sys.stderr)
+                return 1
+            print(f"0/4 vLLM is not installed ({exc}); serving with transformers instead")
+            engine = "transformers"
+    # vLLM on a small CPU machine: engine core in one process beside the API server, a 64 MB KV cache.
+    engine_args = VLLM_LEAN_ARGS if engine == "vllm" else []
+    env = {**os.environ, **VLLM_LEAN_ENV} if engine == "vllm" else None
 
     print(f"1/4 making a tiny Qwen3-architecture model in {args.model_dir} (random weights, local tokenizer)")
     model = make_model(args.model_dir, "tiny")
@@ -75,7 +106,7 @@ def main(argv: list[str]) -> int:
         sys.executable,
         "-m",
         "coldstart.launcher.cli.serve",
-        "transformers",
+        engine,
         str(model),
         "--port",
         str(port),
@@ -85,10 +116,12 @@ def main(argv: list[str]) -> int:
         args.snapshot,
         "--idle-timeout",
         "2",
+        *engine_args,
     ]
-    print(f"2/4 {' '.join(['coldstart-serve', *command[3:]])}")
+    lean = " ".join(f"{k}={v}" for k, v in VLLM_LEAN_ENV.items()) + " " if engine == "vllm" else ""
+    print(f"2/4 {lean}{' '.join(['coldstart-serve', *command[3:]])}")
     started = time.monotonic()
-    serve = subprocess.Popen(command)
+    serve = subprocess.Popen(command, env=env)
     client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
 
     def ask() -> str:
@@ -101,7 +134,7 @@ def main(argv: list[str]) -> int:
         return reply.choices[0].message.content or ""
 
     try:
-        _wait(serve, url, lambda h: h.get("ready"), "a ready replica")
+        _wait(serve, url, lambda h: h.get("ready"), "a ready replica", timeout=900)
         boot_s = time.monotonic() - started
         how = [r["how"] for r in _health(url)["replicas"]]
         answer = ask()
