@@ -124,6 +124,7 @@ class ReplicaManager:
         self._tasks: set[asyncio.Task[None]] = set()  # bring-ups and probes: cancelled by close()
         self._stops: dict[str, asyncio.Task[None]] = {}  # one stop per replica; awaited, never cancelled
         self._probe_now: dict[str, asyncio.Event] = {}
+        self._halting: set[str] = set()  # replicas whose engine is being stopped on purpose
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
         self.last_boot_exception: BaseException | None = None  # why the latest bring-up failed
@@ -262,11 +263,11 @@ class ReplicaManager:
         poke = self._probe_now.setdefault(replica.id, asyncio.Event())
         failures = 0
         try:
-            while replica.state in _SERVING and replica.sandbox is not None:
+            while self._watched(replica):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(poke.wait(), self.policy.health_interval)
                 poke.clear()
-                if replica.state not in _SERVING:
+                if not self._watched(replica):
                     return
                 why = await self._probe(replica)
                 if why is None:
@@ -274,6 +275,8 @@ class ReplicaManager:
                     continue
                 failures += 1
                 exited = replica.sandbox.exit_code() is not None
+                if not self._watched(replica):
+                    return  # its stop began while the probe ran
                 if exited or failures >= HEALTH_FAILURES:
                     log.warning(
                         "replica %s is not alive: %s",
@@ -285,6 +288,10 @@ class ReplicaManager:
                     return
         finally:
             self._probe_now.pop(replica.id, None)
+
+    def _watched(self, replica: Replica) -> bool:
+        """Serving and not being stopped on purpose (an engine told to exit fails its probe: no news)."""
+        return replica.state in _SERVING and replica.sandbox is not None and replica.id not in self._halting
 
     async def _probe(self, replica: Replica) -> str | None:
         """None when alive, else why not."""
@@ -505,6 +512,7 @@ class ReplicaManager:
                 replica.in_flight and replica.state is ReplicaState.DRAINING and time.monotonic() < deadline
             ):
                 await asyncio.sleep(0.05)
+        self._halting.add(replica.id)
         if replica.sandbox is not None:
             grace = FAILED_STOP_GRACE_S if replica.state is ReplicaState.FAILED else 10.0
             await replica.sandbox.stop(grace)
@@ -513,6 +521,7 @@ class ReplicaManager:
                 replica.transition(ReplicaState.FAILED, reason="cancelled")
             replica.transition(ReplicaState.STOPPED)
         self.replicas.pop(replica.id, None)
+        self._halting.discard(replica.id)
         if replica.unit is not None and self.pool is not None:
             unit, replica.unit = replica.unit, None
             with contextlib.suppress(Exception):  # a closed pool on shutdown: nothing to hand back

@@ -177,8 +177,8 @@ class FakeSandbox(Sandbox):
 
     async def stop(self, grace_s: float = 10.0) -> None:
         self.stops += 1
+        await self.engine.close()  # SIGTERM: it stops answering at once, and takes stop_s to exit
         await asyncio.sleep(self.stop_s)
-        await self.engine.close()
         if self.code is None:
             self.code = -15
         self.stopped.set()

@@ -220,6 +220,17 @@ async def test_a_request_above_target_waits_for_a_new_replica_not_a_busy_one() -
 
 
 @run
+async def test_a_replica_scaled_down_is_not_failed_by_its_probe_while_it_stops() -> None:
+    async with launched(stop_s=1.0, idle_timeout=0.2, health_interval=0.05, health_timeout=0.1) as h:
+        await h.ready()
+        seen = set()
+        while "r1" in h.states():
+            seen.add(h.states()["r1"])
+            await asyncio.sleep(0.005)
+        assert ReplicaState.DRAINING in seen and ReplicaState.FAILED not in seen, seen
+
+
+@run
 async def test_close_waits_for_a_stop_already_running() -> None:
     async with launched(stop_s=0.5) as h:
         await h.ready()
