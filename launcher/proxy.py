@@ -62,6 +62,7 @@ FORWARDED = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/em
 RETRY_AFTER_S = 5
 MAX_BODY_BYTES = 32 * 1024 * 1024  # a request body above this is refused (413) before it is read whole
 READ_TIMEOUT_S = 600.0  # longest silence from an engine within one answer (hung engines: replicas.py)
+HEADER_TIMEOUT_S = 10.0  # a client must send a request's head within this (slowloris: hold no socket forever)
 POOL_IDLE_S = 3.0  # below uvicorn's keep-alive (5 s): never reuse a connection the engine is closing
 _ENGINE_ERROR_BYTES = 64 * 1024  # an engine's error body is read up to this to reshape it
 # Hop-by-hop headers (RFC 9110 7.6.1), those the proxy recomputes, and those its own server sets
@@ -138,6 +139,7 @@ class Proxy:
         *,
         max_body_bytes: int = MAX_BODY_BYTES,
         read_timeout: float = READ_TIMEOUT_S,
+        header_timeout: float = HEADER_TIMEOUT_S,
     ) -> None:
         self.manager = manager
         self.metrics = metrics
@@ -146,6 +148,7 @@ class Proxy:
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.read_timeout = read_timeout
+        self.header_timeout = header_timeout
         self.created = int(time.time())
         self._session: aiohttp.ClientSession | None = None
 
@@ -162,6 +165,10 @@ class Proxy:
                 response_class=_NoReuseAfterError,
             )
         return self._session
+
+    def http_protocol(self) -> type[asyncio.Protocol]:
+        """uvicorn's HTTP protocol with a header timeout (``uvicorn.Config(http=...)``)."""
+        return _with_header_timeout(self.header_timeout)
 
     def app(self) -> Starlette:
         routes = [Route(path, self.forward, methods=["POST"]) for path in FORWARDED]
@@ -451,3 +458,46 @@ class _Finish:
             self._response.close()
         else:
             self._response.release()
+
+
+def _with_header_timeout(timeout_s: float) -> type[asyncio.Protocol]:
+    """A subclass of uvicorn's httptools protocol that closes a connection whose request head (request line
+    and headers) has not arrived in full within ``timeout_s`` of the connection or of the request's first
+    byte. uvicorn has none (its keep-alive timer stops at the first byte), so 100 slow-header connections
+    stayed open forever. A response in progress is never cut."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class HeaderTimeoutProtocol(HttpToolsProtocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(timeout_s, self._head_too_slow)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_too_slow(self) -> None:
+            self._head_timer = None
+            if self.cycle is None or self.cycle.response_complete:
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutProtocol

@@ -166,6 +166,7 @@ async def _serve_proxy(
             proxy.app(),
             host=config.host,
             port=config.port,
+            http=proxy.http_protocol(),  # with a header timeout
             log_level="warning",
             access_log=False,
             lifespan="off",

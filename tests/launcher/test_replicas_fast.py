@@ -90,7 +90,9 @@ async def launched(
     proxy = Proxy(manager, metrics, "fake", "fake", **(proxy_kw or {}))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = _Server(uvicorn.Config(proxy.app(), log_level="warning", lifespan="off"))
+    server = _Server(
+        uvicorn.Config(proxy.app(), log_level="warning", lifespan="off", http=proxy.http_protocol())
+    )
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         await asyncio.sleep(0.01)
@@ -317,3 +319,21 @@ async def test_health_means_the_proxy_is_up_and_ready_means_a_replica_is() -> No
         assert h.snapshots.restores == 0  # probes start nothing
         assert (await h.chat()).status_code == 200  # a request does
         assert (await h.client.get("/ready")).status_code == 200
+
+
+@run
+async def test_a_client_slow_to_send_its_headers_is_disconnected() -> None:
+    async with launched(proxy_kw={"header_timeout": 0.5}) as h:
+        await h.ready()
+        host, port = str(h.client.base_url.host), int(h.client.base_url.port or 0)
+        slow = []
+        for _ in range(20):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # never finishes the head
+            slow.append((reader, writer))
+        idle_reader, idle_writer = await asyncio.open_connection(host, port)  # sends nothing at all
+        assert (await h.chat()).status_code == 200  # others are served meanwhile
+        for reader, _ in [*slow, (idle_reader, idle_writer)]:
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the proxy
+        for _, writer in [*slow, (idle_reader, idle_writer)]:
+            writer.close()
