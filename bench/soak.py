@@ -22,6 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -94,9 +95,10 @@ class Launcher:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    async def health(self, client: httpx.AsyncClient) -> dict | None:  # type: ignore[type-arg]
+    async def health(self, client: httpx.AsyncClient) -> dict[str, Any] | None:
         try:
-            return (await client.get(f"{self.url}/health", timeout=5)).json()  # type: ignore[no-any-return]
+            answer: dict[str, Any] = (await client.get(f"{self.url}/health", timeout=5)).json()
+            return answer
         except (httpx.HTTPError, ValueError):
             return None
 
@@ -126,7 +128,7 @@ class Soak:
         self.stop = asyncio.Event()
 
     # ------------------------------------------------------------------ requests
-    def _chat(self, **extra: object) -> dict:  # type: ignore[type-arg]
+    def _chat(self, **extra: object) -> dict[str, object]:
         return {
             "model": self.model,
             "messages": [{"role": "user", "content": "hi"}],

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coldstart.engine_adapters.base import LaunchSpec
+from coldstart.launcher.checkpointers.base import Checkpointer
 from coldstart.launcher.errors import CheckpointerUnavailable, ColdstartError
 
 
@@ -59,7 +60,7 @@ def checkpointer_rows(deep: bool) -> tuple[list[Row], list[str]]:
     return rows, working
 
 
-async def _round_trip(checkpointer) -> float:  # type: ignore[no-untyped-def]
+async def _round_trip(checkpointer: Checkpointer) -> float:
     import time
 
     with tempfile.TemporaryDirectory(prefix="coldstart-doctor-") as tmp:

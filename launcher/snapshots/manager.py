@@ -29,9 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import logging
+import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -156,11 +159,14 @@ class SnapshotManager:
         """Snapshot a healthy, warmed-up replica and leave it serving. Never takes the replica down for a
         failed snapshot: logs why, and raises only when the engine no longer answers."""
         timings: dict[str, float] = {}
-        if self._usable_snapshot_exists():  # another replica booted at the same time got there first
-            log.info("snapshot %s already taken; not taking another", self.identity.key)
-            return
         try:
-            await self._take(sandbox, adapter, engine_config, http, timings)
+            # One dump of an identity at a time on this store, across launchers: a second one waits for
+            # the first and uses its snapshot instead of failing half-way through its own dump.
+            async with _dump_lock(self.store.state_dir / f"dump-{self.identity.key}.lock"):
+                if self._usable_snapshot_exists():  # another replica (or launcher) got there first
+                    log.info("snapshot %s already taken; not taking another", self.identity.key)
+                    return
+                await self._take(sandbox, adapter, engine_config, http, timings)
         except (ColdstartError, AdapterError, OSError, httpx.HTTPError) as exc:
             log.warning(
                 "snapshot of %s failed: %s", self.identity.key, exc, extra={"event": "snapshot_failed"}
@@ -465,3 +471,15 @@ def snapshots_for(
         canary=settings.canary,
         remote=remote_for(settings.tiers, settings.chunk_cache, settings.publish_to),
     )
+
+
+@contextlib.asynccontextmanager
+async def _dump_lock(path: Path) -> AsyncIterator[None]:
+    """A host-wide exclusive lock (flock) on ``path``, waited for in a thread; released on close."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

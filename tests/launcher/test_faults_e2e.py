@@ -9,7 +9,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -57,7 +59,7 @@ def engine_pid(served: Served) -> int:
     return found[-1]
 
 
-def until(condition, what: str, timeout: float = 30.0) -> float:  # type: ignore[no-untyped-def]
+def until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> float:
     started = time.monotonic()
     while not condition():
         assert time.monotonic() - started < timeout, f"timed out waiting for {what}"
@@ -65,15 +67,15 @@ def until(condition, what: str, timeout: float = 30.0) -> float:  # type: ignore
     return time.monotonic() - started
 
 
-def openai_error(response: httpx.Response) -> dict:  # type: ignore[type-arg]
-    error = response.json()["error"]
+def openai_error(response: httpx.Response) -> dict[str, Any]:
+    error: dict[str, Any] = response.json()["error"]
     assert {"message", "type", "code"} <= set(error), response.text
-    return error  # type: ignore[no-any-return]
+    return error
 
 
 def test_bad_requests_get_openai_errors_and_never_kill_the_replica(
     serve, tiny_model: Path, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     served = serve(
         ["transformers", str(tiny_model), "--work-dir", str(tmp_path), "--max-body-size", "1048576"]
     )
@@ -117,7 +119,7 @@ def _criu_args(tiny_model: Path, tmp_path: Path) -> list[str]:
 
 def test_hung_engine_is_detected_within_10s_and_replaced(
     serve, tiny_model: Path, tmp_path: Path, working_checkpointer
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     working_checkpointer("criu")
     served = serve(_criu_args(tiny_model, tmp_path))
     served.wait_ready(240)
@@ -149,7 +151,7 @@ def test_hung_engine_is_detected_within_10s_and_replaced(
 
 def test_engines_die_with_a_sigkilled_launcher_and_the_next_one_cleans_up(
     serve, tiny_model: Path, tmp_path: Path, working_checkpointer
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     working_checkpointer("criu")
     first = serve(_criu_args(tiny_model, tmp_path))
     first.wait_ready(240)  # cold boot + snapshot
@@ -192,7 +194,9 @@ http.server.HTTPServer((sys.argv[1], int(sys.argv[2])), H).serve_forever()
 """
 
 
-def test_custom_engine_without_the_hooks_channel_is_told_within_seconds(serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_custom_engine_without_the_hooks_channel_is_told_within_seconds(
+    serve: Callable[..., Served], tmp_path: Path
+) -> None:
     script = tmp_path / "server.py"
     script.write_text(NO_HOOKS_SERVER)
     started = time.monotonic()
@@ -203,3 +207,18 @@ def test_custom_engine_without_the_hooks_channel_is_told_within_seconds(serve, t
     took = time.monotonic() - started
     assert "coldstart.snapshot_hooks.serve()" in served.log(), served.log()
     assert took < 30, took  # not --boot-timeout (15 minutes)
+
+
+def test_two_launchers_taking_the_same_snapshot_wait_for_each_other(
+    serve, tiny_model: Path, tmp_path: Path, working_checkpointer
+) -> None:
+    working_checkpointer("criu")
+    args = _criu_args(tiny_model, tmp_path)
+    both = [serve([*args[:-1], str(tmp_path / f"run{i}")]) for i in range(2)]  # one store, own work dirs
+    for served in both:
+        served.wait_ready(240)
+    logs = [served.log() for served in both]
+    assert not any("snapshot of" in log and "failed" in log for log in logs), logs
+    taken = sum("taken:" in log for log in logs)
+    waited = sum("already taken; not taking another" in log for log in logs)
+    assert (taken, waited) == (1, 1), logs

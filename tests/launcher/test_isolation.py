@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ def connects(host: str, port: int, user: str | None = None) -> bool:
     return subprocess.run(argv, capture_output=True, timeout=30).returncode == 0
 
 
-def until(condition, what: str, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+def until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
