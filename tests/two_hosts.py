@@ -137,6 +137,10 @@ class Launcher(Proc):
         super().__init__(host, argv, self.dir / "serve.log")
         self.url = f"http://{host.ip}:{PROXY_PORT}"
 
+    def wait_listening(self, timeout: float = 60.0) -> None:
+        """The proxy answers (with or without a replica)."""
+        wait_until(lambda: _ok(f"{self.url}/health", any_status=True), timeout, "the proxy to listen", self)
+
     def wait_ready(self, timeout: float = 300.0) -> None:
         def ready() -> bool:
             with contextlib.suppress(httpx.HTTPError, ValueError):
@@ -166,6 +170,7 @@ class Launcher(Proc):
             "temperature": 0,
             "logprobs": True,
         }
+        self.wait_listening()
         response = httpx.post(f"{self.url}/v1/chat/completions", json=body, timeout=300, trust_env=False)
         response.raise_for_status()
         data = response.json()
@@ -182,9 +187,10 @@ class Launcher(Proc):
         return str(self.proc.args[self.proc.args.index("transformers") + 1])  # type: ignore[union-attr]
 
 
-def _ok(url: str) -> bool:
+def _ok(url: str, any_status: bool = False) -> bool:
     with contextlib.suppress(httpx.HTTPError):
-        return httpx.get(url, timeout=1, trust_env=False).status_code == 200
+        status = httpx.get(url, timeout=1, trust_env=False).status_code
+        return any_status or status == 200
     return False
 
 
