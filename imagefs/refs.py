@@ -232,7 +232,7 @@ def gc(store_root: str | Path, *, min_age_s: float = 3600.0, now: float | None =
 @dataclass
 class FileDigest:
     size: int
-    sha256: str
+    sha256: str | None  # None when materialize was asked not to hash
 
 
 Getter = Callable[[str], bytes]  # verified chunk by sha256 hex (a Fetcher's get)
@@ -254,11 +254,14 @@ def materialize(
     workers: int = 8,
     window: int = 64,
     progress: Callable[[int], None] | None = None,
+    hash_files: bool = True,
 ) -> dict[str, FileDigest]:
     """Write every directory and regular file of ``index`` under ``dest`` (which must exist).
 
     Chunks are fetched by ``workers`` threads up to ``window`` chunks ahead of the writer, in file order;
-    returns each file's size and SHA-256 (computed as it is written). Symlinks and special files are not
+    returns each file's size and SHA-256 (computed as it is written; skipped with ``hash_files=False``
+    when the caller trusts the publisher's binding of index and file digests: every chunk is still
+    verified by the getter). Symlinks and special files are not
     materialized (a snapshot holds none); on any error the caller removes ``dest``."""
     dest = Path(dest)
     files = list(order) if order is not None else regular_files(index)
@@ -281,14 +284,15 @@ def materialize(
         try:
             for path, inode in files:
                 size = index.size[inode]
-                hasher = hashlib.sha256()
+                hasher = hashlib.sha256() if hash_files else None
                 target = dest / path
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with open(target, "wb", buffering=0) as f:
                     for _ in range(index.chunk_count(inode)):
                         top_up()
                         data = pending.popleft().result()
-                        hasher.update(data)
+                        if hasher is not None:
+                            hasher.update(data)
                         view = memoryview(data)
                         while view:
                             view = view[f.write(view) :]
@@ -297,7 +301,7 @@ def materialize(
                     if f.tell() != size:
                         raise IndexFormatError(f"{path}: wrote {f.tell()} bytes, index says {size}")
                 os.chmod(target, index.mode[inode] & 0o7777)
-                out[path] = FileDigest(size, hasher.hexdigest())
+                out[path] = FileDigest(size, hasher.hexdigest() if hasher is not None else None)
         finally:
             for fut in pending:
                 fut.cancel()

@@ -480,3 +480,19 @@ def test_a_bad_tier_is_a_usage_error_at_launch(tmp_path: Path) -> None:
         SnapshotTiers([str(tmp_path / "no-such-store")])
     with pytest.raises(UsageError, match="unknown scheme"):
         SnapshotTiers(["ftp://origin/snapshots"])
+
+
+def test_publish_rehashes_first_and_refuses_a_damaged_snapshot(tmp_path: Path) -> None:
+    from coldstart.launcher.errors import SnapshotCorrupt
+
+    a = fake_snapshot(tmp_path / "a", pages_mb=1)
+    snap = a.lookup(KEY)
+    pages = snap.image_dir / "pages-1.img"
+    data = bytearray(pages.read_bytes())
+    data[7] ^= 1
+    st = pages.stat()
+    pages.write_bytes(bytes(data))
+    os.utime(pages, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime: only a re-hash sees it
+    with pytest.raises(SnapshotCorrupt, match="pages-1.img sha256"):
+        SnapshotTiers([], publish_to=tmp_path / "origin").publish(snap)
+    assert not (tmp_path / "origin" / "refs" / ref_name(KEY)).exists()
