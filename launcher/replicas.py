@@ -339,7 +339,7 @@ class ReplicaManager:
             await asyncio.sleep(TICK_S)
             for replica in list(self.replicas.values()):  # an exited engine is seen within a tick
                 sandbox = replica.sandbox
-                if replica.state in _SERVING and sandbox and (code := sandbox.exit_code()) is not None:
+                if self._watched(replica) and sandbox and (code := sandbox.exit_code()) is not None:
                     self.fail(replica, f"engine exited with status {code}")
             self._ensure_capacity()
             self._scale_down(time.monotonic())

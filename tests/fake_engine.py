@@ -177,10 +177,10 @@ class FakeSandbox(Sandbox):
 
     async def stop(self, grace_s: float = 10.0) -> None:
         self.stops += 1
-        await self.engine.close()  # SIGTERM: it stops answering at once, and takes stop_s to exit
-        await asyncio.sleep(self.stop_s)
-        if self.code is None:
+        await self.engine.close()  # SIGTERM: it stops answering at once, its process exits, and the
+        if self.code is None:  # rest of the teardown (namespaces, mounts) takes stop_s
             self.code = -15
+        await asyncio.sleep(self.stop_s)
         self.stopped.set()
 
 
