@@ -201,6 +201,7 @@ class HttpTier(Tier):
 
     def _request(self, path: str) -> tuple[int, bytes]:
         for attempt in (0, 1):
+            reused = False
             try:
                 conn, reused = self._connection()
                 conn.request("GET", self._prefix + path)

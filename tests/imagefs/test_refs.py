@@ -93,3 +93,17 @@ def test_gc_keeps_what_refs_and_images_name(tmp_path: Path) -> None:
     after = {p.name for p in (store / "chunks").rglob("*") if p.is_file()}
     image_chunks = {d.hex() for d in ImageIndex.open(image.index_path).all_digests()}
     assert image_chunks <= after and result.removed_chunks == len(before - after) > 0
+
+
+def test_http_tier_errors_are_tier_errors(tmp_path: Path, chunk_server) -> None:  # type: ignore[no-untyped-def]
+    from coldstart.imagefs.errors import TierError
+
+    server = chunk_server(tmp_path / "store")
+    tier = HttpTier(server.url)
+    assert tier.get("0" * 64) is None  # a kept-alive connection now exists
+    server.stop()
+    for _ in range(2):  # the dead keep-alive connection, then a refused connect: TierError both times
+        with pytest.raises(TierError):
+            tier.get("0" * 64)
+    with pytest.raises(TierError):
+        HttpTier("http://127.0.0.1:9").get_ref("snapshot.x")
