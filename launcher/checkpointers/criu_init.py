@@ -15,9 +15,12 @@ of a fresh PID namespace in a private copy of the host's mounts. Before it becom
    under it must stay visible to the engine.
 2. unmounts what CRIU cannot dump in a mount namespace: namespace files (``nsfs``, e.g. under
    ``/run/netns``) and FUSE mounts (other replicas' image mounts).
-3. reopens stdin on ``/dev/null`` inside the namespace (a descriptor inherited from the host's mount
+3. mounts a /proc of its own PID namespace: on the host's /proc, ``/proc/<os.getpid()>`` is another
+   process or none (vLLM's engine core reads ``/proc/<its pid>/status`` and died at boot, now and then,
+   with "No such file or directory"); ``/proc/self`` hid the problem for single-process engines.
+4. reopens stdin on ``/dev/null`` inside the namespace (a descriptor inherited from the host's mount
    namespace fails the dump: "Can't lookup mount=N for fd=0 path=/dev/null");
-4. leads its own session (CRIU refuses a tree whose session leader lives outside its PID namespace) and
+5. leads its own session (CRIU refuses a tree whose session leader lives outside its PID namespace) and
    denies io_uring (``no_io_uring``), then execs the engine, which thus stays PID 1.
 """
 
@@ -59,6 +62,9 @@ def prepare_mounts() -> None:
             check=True,
             capture_output=True,
         )
+    subprocess.run(
+        ["mount", "-t", "proc", "-o", "nosuid,nodev,noexec", "proc", "/proc"], check=True, capture_output=True
+    )
 
 
 def argv_prefix() -> list[str]:

@@ -111,10 +111,15 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     )
     served.snapshot_dir = work / "snapshots"  # type: ignore[attr-defined]
     served.leftovers_before = before  # type: ignore[attr-defined]
+    pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
+        # A request sent while the first replica boots, warms up and is checkpointed: held, not failed.
+        served.wait_for(lambda h: not h["ready"], timeout=60, what="the proxy (before any replica is ready)")
+        served.early = pool.submit(greedy_ids, served)  # type: ignore[attr-defined]
         served.wait_ready(timeout=600)
         yield served
     finally:
+        pool.shutdown(wait=False, cancel_futures=True)
         served.stop()
 
 
@@ -144,6 +149,14 @@ def snapshot_manifest(served: Served) -> dict:  # type: ignore[type-arg]
     manifests = list(served.snapshot_dir.glob("*/manifest.json"))  # type: ignore[attr-defined]
     assert len(manifests) == 1, f"expected one snapshot, found {manifests}"
     return json.loads(manifests[0].read_text())  # type: ignore[no-any-return]
+
+
+def test_request_sent_during_boot_and_checkpoint_is_held_then_answered(served: Served) -> None:
+    ids, _ = served.early.result(timeout=300)  # type: ignore[attr-defined]
+    assert ids
+    log = served.log()
+    taken = re.search(r"snapshot \w+ taken", log)
+    assert taken and taken.start() < log.index("-> ready after"), "the replica served before its snapshot"
 
 
 def test_openai_client_chat_completion_and_streaming(served: Served) -> None:
