@@ -20,7 +20,7 @@ cache server, and the chunk dedup share between two snapshots (a re-snapshot of 
 host; a snapshot of another model), at 256 KiB chunks (what we publish) and 4 KiB pages (an upper bound
 for any finer or content-defined chunking).
 
-    sudo .venv/bin/python bench/snapshot_hosts.py [--size tiny|qwen3-0.6b] [--checkpointer runsc|criu]
+    sudo .venv/bin/python bench/snapshot_hosts.py [--size tiny|qwen3-0.6b] [--checkpointer criu|runsc]
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def image_files(store: Path) -> list[Path]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="tiny", choices=("tiny", "qwen3-0.6b"))
-    parser.add_argument("--checkpointer", default="runsc", choices=("runsc", "criu"))
+    parser.add_argument("--checkpointer", default="criu", choices=("criu", "runsc"))
     parser.add_argument("--repeat", type=int, default=2, help="runs of each timed row (median reported)")
     args = parser.parse_args()
     ck = args.checkpointer

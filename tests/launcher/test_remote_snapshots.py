@@ -32,10 +32,9 @@ from coldstart.launcher.snapshots.remote import RemoteSnapshotError, SnapshotTie
 from coldstart.launcher.snapshots.store import SnapshotStore
 
 CHUNK = 256 * 1024
-# The two-host tests run the engine under runsc by default: CRIU restores of ``transformers serve`` die on
-# their first request on this machine today (the restored main thread is killed inside the engine's
-# seccomp filter against io_uring); COLDSTART_TWO_HOSTS_CHECKPOINTER=criu runs them under CRIU.
-CHECKPOINTER = os.environ.get("COLDSTART_TWO_HOSTS_CHECKPOINTER", "runsc")
+# The two-host tests run the engine under CRIU; COLDSTART_TWO_HOSTS_CHECKPOINTER=runsc runs them under gVisor
+# (both pass here).
+CHECKPOINTER = os.environ.get("COLDSTART_TWO_HOSTS_CHECKPOINTER", "criu")
 KEY = "0123456789abcdef01234567"
 
 
