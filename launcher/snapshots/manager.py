@@ -33,8 +33,9 @@ import fcntl
 import hashlib
 import logging
 import os
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -315,13 +316,9 @@ class SnapshotManager:
         return sandbox
 
     # -- snapshots across hosts (remote.py) -------------------------------------------------------
-    async def _pull(self, adapter: EngineAdapter, engine_config: EngineConfig) -> Snapshot:
-        """This identity's snapshot through the tiers into the local store; the gate (checkpointer,
-        host, model files) runs on the manifest before a byte of the image is fetched."""
-        from coldstart.launcher.snapshots.remote import RemoteSnapshotError
-
-        assert self.remote is not None
-
+    def _gate(
+        self, adapter: EngineAdapter, engine_config: EngineConfig
+    ) -> Callable[[dict[str, Any]], list[str]]:
         def gate(manifest: dict[str, Any]) -> list[str]:
             try:
                 problems = self.identity.gate(SnapshotIdentity.from_json(manifest["identity"]))
@@ -330,6 +327,36 @@ class SnapshotManager:
             changed = self._model_changes(adapter, engine_config, manifest)
             return problems + ([f"model files differ: {changed}"] if changed else [])
 
+        return gate
+
+    def prefetch(self, adapter: EngineAdapter, engine_config: EngineConfig) -> threading.Thread | None:
+        """Pull this identity's snapshot now, in a background thread, when this host has none: a launcher
+        on a buffer host is up long before its first request, which then restores from a local copy.
+        A restore that comes meanwhile waits for this pull (one puller per key) and finds the copy; a
+        failure here is logged, and met again, with its reason, by that restore."""
+        if self.remote is None or not self.remote.tiers or self.store.has(self.identity.key):
+            return None
+        from coldstart.launcher.snapshots.remote import RemoteSnapshotError
+
+        remote, key, gate = self.remote, self.identity.key, self._gate(adapter, engine_config)
+
+        def run() -> None:
+            try:
+                remote.pull(key, self.store, gate)
+            except (RemoteSnapshotError, SnapshotError, OSError) as exc:
+                log.info("snapshot %s not pulled ahead: %s", key, exc)
+
+        thread = threading.Thread(target=run, name=f"prefetch-{key}", daemon=True)
+        thread.start()
+        return thread
+
+    async def _pull(self, adapter: EngineAdapter, engine_config: EngineConfig) -> Snapshot:
+        """This identity's snapshot through the tiers into the local store; the gate (checkpointer,
+        host, model files) runs on the manifest before a byte of the image is fetched."""
+        from coldstart.launcher.snapshots.remote import RemoteSnapshotError
+
+        assert self.remote is not None
+        gate = self._gate(adapter, engine_config)
         try:
             snapshot, self.last_pull = await asyncio.to_thread(
                 self.remote.pull, self.identity.key, self.store, gate
@@ -461,7 +488,7 @@ def snapshots_for(
 
     checkpointer = get_checkpointer(settings.checkpointer)
     checkpointer.check_engine_args(engine_config.engine_args)
-    return SnapshotManager(
+    manager = SnapshotManager(
         checkpointer,
         SnapshotStore(settings.store_dir),
         adapter,
@@ -471,6 +498,8 @@ def snapshots_for(
         canary=settings.canary,
         remote=remote_for(settings.tiers, settings.chunk_cache, settings.publish_to),
     )
+    manager.prefetch(adapter, engine_config)  # with --snapshot-tiers and no local snapshot
+    return manager
 
 
 @contextlib.asynccontextmanager

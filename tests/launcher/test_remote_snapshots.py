@@ -495,3 +495,26 @@ def test_publish_rehashes_first_and_refuses_a_damaged_snapshot(tmp_path: Path) -
     with pytest.raises(SnapshotCorrupt, match="pages-1.img sha256"):
         SnapshotTiers([], publish_to=tmp_path / "origin").publish(snap)
     assert not (tmp_path / "origin" / "refs" / ref_name(KEY)).exists()
+
+
+@pytest.mark.slow
+def test_host_b_pulls_ahead_at_launch_and_restores_locally(host_a, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    from two_hosts import CacheServer, Launcher
+
+    hosts, origin, answer, key = host_a
+    server = CacheServer(hosts.a, origin, hosts.a.root / "cache-4.log")
+    try:
+        b = Launcher(
+            hosts.b, tiny_model, "b4", "--snapshot-tiers", server.url, initial=0, checkpointer=CHECKPOINTER
+        )
+        try:
+            b.wait_log(rf"snapshot {key} pulled from")  # before any request: a buffer host pulls ahead
+            server.stop()  # what follows needs no network
+            assert b.complete() == answer
+        finally:
+            b.stop()
+        log = _events(b.log())
+        assert log.index("pulled from") < log.index("new -> restoring"), log
+        assert f"restored from {key}" in log and "cold boot" not in log, log
+    finally:
+        server.stop()
