@@ -8,6 +8,8 @@ to its answer, so it covers lookup, pull, gate, restore, canary and the first to
 
     local restore on A           the baseline: A's own snapshot, on A's disk
     B, A's cache server, empty   B has nothing: pull through http://A (8 fetch workers), then restore
+    B, pulled at launch          the same, but the request comes after the launcher's pull-ahead at start
+                                 (a buffer host is up before its traffic)
     B, local copy                B's second restore: the snapshot it pulled before (no network)
     B, chunk cache only          B's snapshot folder removed, its chunk cache kept (no network)
 
@@ -93,9 +95,13 @@ def how(log: str) -> str:
     return ", ".join(parts) or "?"
 
 
-def run_row(host, model: Path, name: str, *extra: str, checkpointer: str) -> tuple[float, str, str]:  # type: ignore[no-untyped-def]
+def run_row(
+    host, model: Path, name: str, *extra: str, checkpointer: str, ahead: bool = False
+) -> tuple[float, str, str]:  # type: ignore[no-untyped-def]
     launcher = Launcher(host, model, name, *extra, initial=0, checkpointer=checkpointer)
     try:
+        if ahead:  # the launcher pulls at start; the request comes once that is done
+            launcher.wait_log(r"pulled from", 300)
         seconds = first_token_s(launcher)
     finally:
         launcher.stop()
@@ -159,47 +165,59 @@ def main() -> int:
             snap_bytes = SnapshotStore(snap_store).lookup(key).total_bytes  # type: ignore[union-attr]
             server = CacheServer(a, origin, a.root / "cache.log")
             try:
-
-                def timed(label: str, run, reset=None) -> None:  # type: ignore[no-untyped-def]
-                    results = []
-                    for i in range(args.repeat):
-                        if reset is not None:
-                            reset(i)
-                        results.append(run(i))
-                    secs = statistics.median(r[0] for r in results)
-                    rows.append((label, secs, results[-1][1]))
-                    logs[label] = results[-1][2]
-                    print(f"{label:34s} {secs:6.2f}s  {results[-1][1]}", flush=True)
-
-                timed("local restore on A (baseline)", lambda i: run_row(a, model, "a1", checkpointer=ck))
                 tiers = f"{server.url},{origin}"
-
-                def empty_b(name: str):  # type: ignore[no-untyped-def]
-                    return lambda i: shutil.rmtree(b.root / name, ignore_errors=True)
-
-                timed(
-                    "B, A's cache server, empty cache",
-                    lambda i: run_row(b, model, "b1", "--snapshot-tiers", tiers, checkpointer=ck),
-                    empty_b("b1"),
-                )
-                timed(
-                    "B, local copy (second restore)",
-                    lambda i: run_row(b, model, "b1", "--snapshot-tiers", tiers, checkpointer=ck),
-                )
                 cache = str(b.root / "b2-chunks")
                 shutil.rmtree(cache, ignore_errors=True)
-                run_row(b, model, "b2", "--snapshot-tiers", tiers, "--snapshot-cache", cache, checkpointer=ck)
+                # Fill B's chunk cache once (b2's pulls keep their chunks there).
+                cached = ("--snapshot-tiers", tiers, "--snapshot-cache", cache)
+                run_row(b, model, "b2", *cached, checkpointer=ck)
 
-                def drop_copy(i: int) -> None:
+                def reset_b1() -> None:
+                    shutil.rmtree(b.root / "b1", ignore_errors=True)
+
+                def reset_b3() -> None:
+                    shutil.rmtree(b.root / "b3", ignore_errors=True)
+
+                def drop_b2_copy() -> None:
                     shutil.rmtree(b.root / "b2" / "snapshots", ignore_errors=True)
 
-                timed(
-                    "B, chunk cache only (no network)",
-                    lambda i: run_row(
-                        b, model, "b2", "--snapshot-tiers", tiers, "--snapshot-cache", cache, checkpointer=ck
+                # (label, run, reset before it); rows take turns, so load swings hit every row alike.
+                plan = [
+                    ("local restore on A (baseline)", lambda: run_row(a, model, "a1", checkpointer=ck), None),
+                    (
+                        "B, A's cache server, empty cache",
+                        lambda: run_row(b, model, "b1", "--snapshot-tiers", tiers, checkpointer=ck),
+                        reset_b1,
                     ),
-                    drop_copy,
-                )
+                    (
+                        "B, empty cache, pulled at launch",
+                        lambda: run_row(
+                            b, model, "b3", "--snapshot-tiers", tiers, checkpointer=ck, ahead=True
+                        ),
+                        reset_b3,
+                    ),
+                    (
+                        "B, local copy (second restore)",
+                        lambda: run_row(b, model, "b1", "--snapshot-tiers", tiers, checkpointer=ck),
+                        None,
+                    ),
+                    (
+                        "B, chunk cache only (no network)",
+                        lambda: run_row(b, model, "b2", *cached, checkpointer=ck),
+                        drop_b2_copy,
+                    ),
+                ]
+                results: dict[str, list[tuple[float, str, str]]] = {label: [] for label, _, _ in plan}
+                for i in range(args.repeat):
+                    for label, run, reset in plan:
+                        if reset is not None:
+                            reset()
+                        results[label].append(run())
+                        print(f"run {i + 1}: {label:34s} {results[label][-1][0]:6.2f}s", flush=True)
+                for label, _, _ in plan:
+                    secs = statistics.median(r[0] for r in results[label])
+                    rows.append((label, secs, results[label][-1][1]))
+                    logs[label] = results[label][-1][2]
                 # Index load through the cache server: ref -> manifest -> index, then parse.
                 loads, parses = [], []
                 for _ in range(5):
