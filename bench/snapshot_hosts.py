@@ -80,7 +80,7 @@ def first_token_s(launcher: Launcher) -> float:
     return time.monotonic() - started
 
 
-def how(log: str) -> str:
+def how(log: str, ahead: bool = False) -> str:
     if "how=cold boot" in log:
         return "COLD BOOT"
     pulled = re.search(r"pulled from \S+: [\d.]+ MB \(([\d.]+) MB over the network\) in ([\d.]+)s", log)
@@ -89,9 +89,8 @@ def how(log: str) -> str:
     if pulled:
         parts.append(f"pull {float(pulled.group(2)):.2f}s ({pulled.group(1)} MB net)")
     if restored:
-        parts.append(
-            f"restore+canary {float(restored.group(1)) - (float(pulled.group(2)) if pulled else 0):.2f}s"
-        )
+        pull_s = float(pulled.group(2)) if pulled and not ahead else 0.0  # ahead: not in the restore
+        parts.append(f"restore+canary {float(restored.group(1)) - pull_s:.2f}s")
     return ", ".join(parts) or "?"
 
 
@@ -106,7 +105,7 @@ def run_row(
     finally:
         launcher.stop()
     log = launcher.log()
-    return seconds, how(log), log
+    return seconds, how(log, ahead), log
 
 
 def chunk_set(paths: list[Path], size: int) -> dict[bytes, int]:
