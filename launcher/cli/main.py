@@ -12,7 +12,7 @@ import sys
 # name -> (module, one-line help). Modules own their own argparse and ``--help``.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("coldstart.launcher.cli.demo", "make a tiny local model, serve it, ask it one question"),
-    "snapshot": ("coldstart.launcher.cli.snapshot", "list, inspect, remove and garbage-collect snapshots"),
+    "snapshot": ("coldstart.launcher.cli.snapshot", "list, inspect, remove, gc, push, pull snapshots"),
     "image": ("coldstart.imagefs.cli", "build, mount and serve lazy content-addressed images"),
     "pool": ("coldstart.pool.cli", "GPU buffer pool: inventory, LP sizing, simulator"),
     "recipes": ("coldstart.launcher.cli.recipes", "list and show serving recipes"),
