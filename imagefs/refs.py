@@ -62,7 +62,7 @@ class Ref:
     name: str
     index: str  # sha256 hex of the index bytes
     blobs: dict[str, str]  # small named blobs (a snapshot's manifest), sha256 hex each
-    bytes: int
+    size: int  # bytes of the tree's files ("bytes" in the JSON)
     chunks: int
     chunk_size: int
     extra: dict[str, Any] = field(default_factory=dict)
@@ -73,7 +73,7 @@ class Ref:
             "name": self.name,
             "index": self.index,
             "blobs": self.blobs,
-            "bytes": self.bytes,
+            "bytes": self.size,
             "chunks": self.chunks,
             "chunk_size": self.chunk_size,
             "extra": self.extra,
@@ -88,7 +88,7 @@ class Ref:
                 name=str(body["name"]),
                 index=str(body["index"]),
                 blobs={str(k): str(v) for k, v in dict(body.get("blobs") or {}).items()},
-                bytes=int(body["bytes"]),
+                size=int(body["bytes"]),
                 chunks=int(body["chunks"]),
                 chunk_size=int(body["chunk_size"]),
                 extra=dict(body.get("extra") or {}),
@@ -143,7 +143,7 @@ def publish(
         name=name,
         index=index_digest.hex(),
         blobs=blob_digests,
-        bytes=result.bytes,
+        size=result.bytes,
         chunks=result.chunks,
         chunk_size=chunk_size,
         extra=extra or {},
@@ -241,7 +241,7 @@ Getter = Callable[[str], bytes]  # verified chunk by sha256 hex (a Fetcher's get
 def regular_files(index: ImageIndex) -> list[tuple[str, int]]:
     """(relative path, inode) of every regular file; small files first (manifests of the tree, metadata
     a consumer opens first), the big page images last, in order of size."""
-    files = [(path, inode) for path, inode in index.walk() if index.is_reg(inode)]
+    files: list[tuple[str, int]] = [(path, inode) for path, inode in index.walk() if index.is_reg(inode)]
     return sorted(files, key=lambda item: (index.size[item[1]], item[0]))
 
 
@@ -264,10 +264,10 @@ def materialize(
     verified by the getter). Symlinks and special files are not
     materialized (a snapshot holds none); on any error the caller removes ``dest``."""
     dest = Path(dest)
-    files = list(order) if order is not None else regular_files(index)
-    for path, inode in index.walk():
-        if path and index.is_dir(inode):
-            (dest / path).mkdir(parents=True, exist_ok=True)
+    files: list[tuple[str, int]] = list(order) if order is not None else regular_files(index)
+    for rel, node in index.walk():
+        if rel and index.is_dir(node):
+            (dest / rel).mkdir(parents=True, exist_ok=True)
     plan = [(path, inode, k) for path, inode in files for k in range(index.chunk_count(inode))]
     out: dict[str, FileDigest] = {}
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imagefs-pull") as pool:

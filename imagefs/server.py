@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,7 @@ def create_app(config: ServerConfig) -> Starlette:
     state: dict[str, httpx.AsyncClient] = {}
 
     @asynccontextmanager
-    async def lifespan(app: Starlette):  # type: ignore[no-untyped-def]
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if config.upstream:
             timeout = httpx.Timeout(15.0, connect=2.0)
             async with httpx.AsyncClient(base_url=config.upstream.rstrip("/"), timeout=timeout) as client:

@@ -20,7 +20,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from coldstart.launcher.config import ServeConfig
 from coldstart.launcher.errors import USER_ERRORS, CheckpointerUnavailable, ColdstartError, UsageError
@@ -92,7 +92,7 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s ago"
 
 
-def _row(key: str, manifest: dict, size: int, used: str, where: str) -> tuple[str, ...]:  # type: ignore[type-arg]
+def _row(key: str, manifest: dict[str, Any], size: int, used: str, where: str) -> tuple[str, ...]:
     ident = manifest["identity"]
     return (
         key[:12],
@@ -107,7 +107,9 @@ def _row(key: str, manifest: dict, size: int, used: str, where: str) -> tuple[st
 
 
 def _ls(store: SnapshotStore, remote: SnapshotTiers | None) -> int:
-    rows = [("KEY", "ENGINE", "MODEL", "CHECKPOINTER", "SIZE", "CREATED", "LAST USED", "WHERE")]
+    rows: list[tuple[str, ...]] = [
+        ("KEY", "ENGINE", "MODEL", "CHECKPOINTER", "SIZE", "CREATED", "LAST USED", "WHERE")
+    ]
     now = time.time()
     local = store.ls()
     for snap in local:
@@ -189,7 +191,7 @@ def _pull(store: SnapshotStore, remote: SnapshotTiers | None, key: str, force: b
     found = _find_remote(remote, key)
     assert remote is not None
 
-    def gate(manifest: dict) -> list[str]:  # type: ignore[type-arg]
+    def gate(manifest: dict[str, Any]) -> list[str]:
         problems = host_gate(Snapshot(Path(found.tier), manifest))
         if problems and force:
             print("pulling although it does not fit this host: " + "; ".join(problems), file=sys.stderr)
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError("push needs --snapshot-publish DIR (the chunk store to publish into)")
             snap = store.find(args.key)
             done = remote.publish(snap)
-            print(f"pushed {snap.key} to {remote.publish_to}: {done.ref.bytes / 1e6:.1f} MB, "
+            print(f"pushed {snap.key} to {remote.publish_to}: {done.ref.size / 1e6:.1f} MB, "
                   f"{done.new_chunks} new chunks")  # fmt: skip
             return 0
         if args.command == "pull":
@@ -258,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         removed = store.gc(older_than_s=args.older_than * 86400 if args.older_than is not None else None)
         print("\n".join(f"removed {name}" for name in removed) or "nothing to remove")
         return 0
-    except (*USER_ERRORS, OSError) as exc:
+    except (*USER_ERRORS, OSError) as exc:  # type: ignore[misc]  # mypy cannot unpack a tuple here
         print(f"coldstart snapshot: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 1)
 

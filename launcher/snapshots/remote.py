@@ -83,7 +83,7 @@ class RemoteSnapshot:
 
     @property
     def total_bytes(self) -> int:
-        return int(self.manifest.get("bytes", self.ref.bytes))
+        return int(self.manifest.get("bytes", self.ref.size))
 
 
 @dataclass
@@ -165,7 +165,7 @@ class SnapshotTiers:
             ) from exc
         log.info(
             "snapshot %s published to %s: %.1f MB, %d new chunks, %.2fs",
-            snapshot.key, self.publish_to, done.ref.bytes / 1e6, done.new_chunks, done.seconds,
+            snapshot.key, self.publish_to, done.ref.size / 1e6, done.new_chunks, done.seconds,
             extra={"event": "snapshot_published", "key": snapshot.key},
         )  # fmt: skip
         return done

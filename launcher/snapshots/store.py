@@ -127,7 +127,7 @@ class SnapshotStore:
         return Snapshot(path, manifest)
 
     def ls(self) -> list[Snapshot]:
-        out = []
+        out: list[Snapshot] = []
         if not self.root.is_dir():
             return out
         for entry in sorted(self.root.iterdir()):

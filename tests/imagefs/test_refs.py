@@ -43,7 +43,7 @@ def test_publish_writes_chunks_then_the_ref(tmp_path: Path) -> None:
         tree(tmp_path / "src"), store, "snapshot.k1", {"manifest": b'{"key": "k1"}'}, chunk_size=CHUNK
     )
     ref = read_local_ref(store, "snapshot.k1")
-    assert ref == done.ref and ref.bytes == 7 * CHUNK + 11 + len(b"inventory")
+    assert ref == done.ref and ref.size == 7 * CHUNK + 11 + len(b"inventory")
     for digest in (ref.index, ref.blobs["manifest"]):
         assert hashlib.sha256((store / "chunks" / digest[:2] / digest).read_bytes()).hexdigest() == digest
     assert list_local_refs(store, "snapshot.") == ["snapshot.k1"] and list_local_refs(store, "image.") == []
