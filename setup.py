@@ -1,4 +1,4 @@
-"""Package discovery: every folder with an ``__init__.py`` under the top-level folders becomes ``coldstart.*``.
+"""Package discovery: each folder with an ``__init__.py`` under the top-level folders is ``coldstart.*``.
 
 pyproject.toml holds the metadata; it cannot map several top-level folders under one package prefix with
 discovery, so this file does only that. A new subfolder is installed without editing a list.

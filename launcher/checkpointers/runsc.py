@@ -3,8 +3,8 @@
 Bundle: an OCI ``config.json`` the launcher writes per replica. Root is the host's ``/`` under
 ``--overlay2=root:memory``: the engine sees the host's files (its venv, the model) read-only through the
 gofer and every write lands in sandbox memory (checkpointed with it), never on the host. The network
-namespace is the replica's (``launcher/sandboxes/netns.py``); runsc takes its veth into its own network stack, so the
-engine listens on 0.0.0.0:8000 there and the launcher reaches it at the replica's address.
+namespace is the replica's (``launcher/sandboxes/netns.py``); runsc takes its veth into its own network
+stack, so the engine listens on 0.0.0.0:8000 there and the launcher reaches it at the replica's address.
 
 Commands (global flags must match between run, checkpoint and restore, so they are recorded):
     run:         runsc <globals> run --bundle B ID                (foreground: the launcher owns it)

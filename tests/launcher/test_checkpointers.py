@@ -16,8 +16,8 @@ from coldstart.engine_adapters.base import EngineConfig
 from coldstart.engine_adapters.registry import get_adapter
 from coldstart.launcher.checkpointers.registry import CHECKPOINTERS, SPECIAL, get_checkpointer
 from coldstart.launcher.errors import UsageError
-from coldstart.launcher.snapshots.store import SnapshotStore
 from coldstart.launcher.snapshots.manager import SnapshotManager
+from coldstart.launcher.snapshots.store import SnapshotStore
 
 PROMPT = [{"role": "user", "content": "Name a colour."}]
 
