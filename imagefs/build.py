@@ -13,6 +13,7 @@ scratch space and a second build of the same input writes nothing and produces t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -224,10 +225,10 @@ class _LayeredTree:
                     del parent.children[name]
             return
         if base.startswith(WHITEOUT):
-            target = parts[:-1] + [base[len(WHITEOUT) :]]
+            hidden = parts[:-1] + [base[len(WHITEOUT) :]]
             parent = self._dir(parts[:-1], create=False)
-            if parent is not None and parent.children is not None and tuple(target) not in added:
-                parent.children.pop(target[-1].encode(), None)
+            if parent is not None and parent.children is not None and tuple(hidden) not in added:
+                parent.children.pop(hidden[-1].encode(), None)
             return
         parent = self._dir(parts[:-1], create=True)
         assert parent is not None and parent.children is not None
@@ -314,6 +315,13 @@ def _oci_layers(layout: Path) -> list[Path]:
     return [_oci_blob(layout, layer["digest"]) for layer in doc.get("layers", [])]
 
 
+def _extract_layer(outer: tarfile.TarFile, archive: Path, name: str) -> IO[bytes]:
+    member = outer.extractfile(name)
+    if member is None:
+        raise BuildError(f"{archive}: layer {name} is missing")
+    return member
+
+
 @contextmanager
 def _docker_layers(archive: Path) -> Iterator[list[tuple[str, Callable[[], IO[bytes]]]]]:
     with tarfile.open(archive, "r:") as outer:
@@ -326,17 +334,11 @@ def _docker_layers(archive: Path) -> Iterator[list[tuple[str, Callable[[], IO[by
         manifest = json.loads(manifest_member.read())
         if not manifest:
             raise BuildError(f"{archive}: manifest.json lists no images")
-        layers = []
+        layers: list[tuple[str, Callable[[], IO[bytes]]]] = []
         for name in manifest[0].get("Layers", []):
             _safe_parts(name)
 
-            def opener(name: str = name) -> IO[bytes]:
-                f = outer.extractfile(name)
-                if f is None:
-                    raise BuildError(f"{archive}: layer {name} is missing")
-                return f
-
-            layers.append((name, opener))
+            layers.append((name, functools.partial(_extract_layer, outer, archive, name)))
         yield layers
 
 
@@ -354,8 +356,7 @@ def tree_from_layers(src: Path, kind: str, chunker: _Chunker, progress: Progress
         else:
             with _docker_layers(src) as layers:
                 for name, opener in layers:
-                    f = opener()
-                    tree.apply_layer(f, name)
+                    tree.apply_layer(opener(), name)
         if kind == "docker" and progress:
             progress(src.stat().st_size)
     finally:

@@ -22,7 +22,6 @@ import errno
 import logging
 import os
 from collections.abc import Callable, Sequence
-from typing import NewType
 
 import pyfuse3
 import trio
@@ -35,8 +34,9 @@ from coldstart.imagefs.profile import Recorder
 log = logging.getLogger("coldstart.imagefs")
 
 RAMP_AFTER = 2
-FuseInode = NewType("FuseInode", int)
-FileHandle = NewType("FileHandle", int)
+# pyfuse3's own NewTypes (ints at runtime), so our handlers' signatures are exactly its contract's.
+FuseInode = pyfuse3.InodeT
+FileHandle = pyfuse3.FileHandleT
 CACHE_TIMEOUT_S = 3600.0
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 

@@ -211,8 +211,8 @@ def encode(root: Node, chunk_size: int, compress: bool = True) -> bytes:
     }
     meta_bytes = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
     parts = [struct.pack("<I", len(meta_bytes)), meta_bytes]
-    for name, _ in INODE_COLUMNS:
-        parts.append(_le(cols[name]))
+    for column, _ in INODE_COLUMNS:
+        parts.append(_le(cols[column]))
     parts += [_le(dchild), _le(dname), bytes(names), bytes(strings), bytes(digests)]
     return _seal(b"".join(parts), compress)
 

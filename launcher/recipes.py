@@ -124,7 +124,7 @@ def _convert(value: object, tp: Any, key: str, label: str) -> Any:
                 f"{label}: key {key!r} must be one of {', '.join(map(str, args))}, got {value!r}"
             )
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return tp(**_build(tp, value, key + ".", label))
     if origin is tuple:
         if not isinstance(value, list):

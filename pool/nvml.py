@@ -160,7 +160,8 @@ class XidWatch:
 
     def poll(self, timeout_ms: int = 0) -> list[XidEvent]:
         """Every critical XID queued so far (waits up to ``timeout_ms`` for the first one)."""
-        nv, events = self._nvml.nv, []
+        nv = self._nvml.nv
+        events: list[XidEvent] = []
         while True:
             try:
                 data = self._nvml.nv.nvmlEventSetWait(self._set, timeout_ms)
