@@ -81,7 +81,9 @@ class ServeConfig:
     max_queue: int = opt(256, "requests held while no replica is ready; more get 503")
     queue_timeout: float = opt(600.0, "seconds a request waits for a replica before a 503")
     boot_timeout: float = opt(900.0, "seconds an engine may take to become healthy")
-    drain_timeout: float = opt(30.0, "seconds a stopping replica gets to finish in-flight requests")
+    drain_timeout: float = opt(
+        30.0, "seconds in-flight requests get to finish when a replica stops or the launcher gets SIGTERM"
+    )
     health_interval: float = opt(
         2.0,
         "seconds between liveness probes of each ready replica; a replica whose engine exited, or whose "

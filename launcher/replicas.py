@@ -155,10 +155,13 @@ class ReplicaManager:
         self._closing = True
         tasks = [*self._tasks, *([self._loop_task] if self._loop_task else [])]
         for task in tasks:
-            task.cancel()
-        for task in tasks:
+            # Cancelled until done: Python 3.11's wait_for swallows a cancellation that arrives as its
+            # inner future completes (gh-86296), and a task that goes on must not hang the shutdown.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait([task], timeout=1.0)
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+                task.result()
         for replica in list(self.replicas.values()):
             self._request_stop(replica, drain=False)
         while self._stops:
@@ -291,7 +294,12 @@ class ReplicaManager:
 
     def _watched(self, replica: Replica) -> bool:
         """Serving and not being stopped on purpose (an engine told to exit fails its probe: no news)."""
-        return replica.state in _SERVING and replica.sandbox is not None and replica.id not in self._halting
+        return (
+            not self._closing
+            and replica.state in _SERVING
+            and replica.sandbox is not None
+            and replica.id not in self._halting
+        )
 
     async def _probe(self, replica: Replica) -> str | None:
         """None when alive, else why not."""

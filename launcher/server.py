@@ -167,6 +167,8 @@ async def _serve_proxy(
             host=config.host,
             port=config.port,
             http=proxy.http_protocol(),  # with a header timeout
+            # On SIGTERM in-flight requests get --drain-timeout to finish, then are cut (not waited forever).
+            timeout_graceful_shutdown=config.drain_timeout,
             log_level="warning",
             access_log=False,
             lifespan="off",
@@ -206,7 +208,9 @@ async def _serve_proxy(
             )
             if mount is not None:
                 await asyncio.to_thread(mount.save_profile)  # the boot is over: what it read, in order
-        await server_task
+        # Shielded: a SIGTERM cancels serve(), not uvicorn, whose graceful shutdown below lets in-flight
+        # requests finish (up to --drain-timeout) before the replicas are stopped under them.
+        await asyncio.shield(server_task)
     finally:
         server.should_exit = True
         with contextlib.suppress(Exception, asyncio.CancelledError):

@@ -67,6 +67,16 @@ def until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> fl
     return time.monotonic() - started
 
 
+def _ignore_errors(call: Callable[[], object]) -> Callable[[], None]:
+    def run() -> None:
+        try:
+            call()
+        except httpx.HTTPError:
+            pass
+
+    return run
+
+
 def openai_error(response: httpx.Response) -> dict[str, Any]:
     error: dict[str, Any] = response.json()["error"]
     assert {"message", "type", "code"} <= set(error), response.text
@@ -166,18 +176,31 @@ def test_engines_die_with_a_sigkilled_launcher_and_the_next_one_cleans_up(
     second = serve(_criu_args(tiny_model, tmp_path))
     second.wait_ready(120)
     assert ("r1", "restoring", "ready") in second.lifecycle()
+    # Removed at start (by this launcher, or by another one starting first on this shared host; what is
+    # said about it is tested in test_isolation.py).
     for name in left:
-        assert f"network namespace {name}" in second.log()
         assert not (Path("/run/netns") / name).exists()
     second_tree = descendants(second.proc.pid)
     second.proc.send_signal(signal.SIGKILL)
     second.proc.wait()
     until(lambda: not any(alive(p) for p in second_tree), "the restored engine tree gone with its launcher")
 
-    third = serve(_criu_args(tiny_model, tmp_path))
+    third = serve([*_criu_args(tiny_model, tmp_path), "--drain-timeout", "3"])
     third.wait_ready(120)
-    assert f"dead launcher {second.proc.pid}" in third.log() or f"cs-{second.proc.pid}-" in third.log()
+    assert not list(Path("/run/netns").glob(f"cs-{second.proc.pid}-*"))
+    # SIGTERM with requests in flight (abandoned by the stop): still nothing left behind.
+    body = {"model": str(tiny_model), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4000}
+    url = f"{third.url}/v1/chat/completions"
+    abandoned = [
+        threading.Thread(target=_ignore_errors(lambda: httpx.post(url, json=body, timeout=120)))
+        for _ in range(3)
+    ]
+    for t in abandoned:
+        t.start()
+    third.wait_for(lambda h: sum(r["in_flight"] for r in h["replicas"]) >= 1, 30, "requests in flight")
     assert third.stop() == 0
+    for t in abandoned:
+        t.join(60)
     assert not list(Path("/run/netns").glob(f"cs-{third.proc.pid}-*"))
     assert not [p for p in descendants(third.proc.pid) if alive(p)]
 
