@@ -8,8 +8,8 @@ locally (``coldstart make-model``; a realistic CPU cold boot: importing torch + 
 1.2 GB), or the real vLLM (``--engine vllm``, from the set-up's venv; checkpointer CRIU) in its lean
 configuration (``VLLM_ENABLE_V1_MULTIPROCESSING=0 --distributed-executor-backend uni
 --kv-cache-memory-bytes 64 MiB``: API server + engine core) or its default multiprocess one (API server,
-engine core, worker), both with ``--max-model-len 512``. The table adds the engine tree's memory after
-warm-up (sum of PSS over its processes, and of RSS).
+engine core, worker, shared-memory rings), both with ``--max-model-len 512`` and a 64 MiB KV cache.
+The table adds the engine tree's memory after warm-up (sum of PSS over its processes, and of RSS).
 Every number is the median of ``--runs`` runs in this one process, each on a fresh replica, and is the time
 from "start" to the first non-empty content chunk of a streamed greedy chat completion (time to first
 token: decoding 8 tokens on CPU takes ~1 s and would hide the restore):
@@ -112,7 +112,9 @@ VLLM_CONFIGS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
         ),
         {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
     ),
-    "default": (("--max-model-len", "512"), {}),
+    # vLLM's own process layout (API server, engine core, worker, shared-memory rings); the KV cache is
+    # capped as in lean (vLLM's default, 92% of RAM, refuses to start on a shared host).
+    "default": (("--max-model-len", "512", "--kv-cache-memory-bytes", "67108864"), {}),
 }
 
 

@@ -12,7 +12,10 @@ of a fresh PID namespace in a private copy of the host's mounts. Before it becom
    restored engines would bind the same IPC socket path. When the namespace ends, both tmpfs go with it:
    nothing is left on the host after a replica stops (vLLM leaks a 160 MB ``psm_*`` file on SIGTERM and
    its sockets and file store in /tmp otherwise). ``/tmp`` itself stays the host's: models and files
-   under it must stay visible to the engine.
+   under it must stay visible to the engine. One cache under TMPDIR stays the host's, bind-mounted into
+   the private one: torch's ``torchinductor_<user>`` (its precompiled headers ignore
+   ``TORCHINDUCTOR_CACHE_DIR``): 155 MB that would otherwise be rebuilt at every cold boot and travel,
+   gzipped, in every snapshot (+23 MB image, ~0.5 s of every restore).
 2. unmounts what CRIU cannot dump in a mount namespace: namespace files (``nsfs``, e.g. under
    ``/run/netns``) and FUSE mounts (other replicas' image mounts).
 3. mounts a /proc of its own PID namespace: on the host's /proc, ``/proc/<os.getpid()>`` is another
@@ -26,14 +29,23 @@ of a fresh PID namespace in a private copy of the host's mounts. Before it becom
 
 from __future__ import annotations
 
+import getpass
 import os
 import subprocess
 import sys
+import tempfile
 
 from coldstart.launcher.checkpointers.no_io_uring import deny_io_uring
 
 PRIVATE_TMPDIR = "/run/coldstart/replica-tmp"  # an empty folder on the host; each replica mounts over it
 PRIVATE_TMPFS = ("/dev/shm", PRIVATE_TMPDIR)
+HOST_TMP = tempfile.gettempdir()  # the launcher's, before TMPDIR is pointed at the private one
+
+
+def _host_caches() -> list[str]:
+    return [f"torchinductor_{getpass.getuser()}"]
+
+
 UNDUMPABLE_FSTYPES = ("nsfs", "fuse", "fuseblk", "fusectl")
 
 
@@ -62,6 +74,11 @@ def prepare_mounts() -> None:
             check=True,
             capture_output=True,
         )
+    for name in _host_caches():
+        host, private = os.path.join(HOST_TMP, name), os.path.join(PRIVATE_TMPDIR, name)
+        os.makedirs(host, exist_ok=True)
+        os.makedirs(private, exist_ok=True)
+        subprocess.run(["mount", "--bind", host, private], check=True, capture_output=True)
     subprocess.run(
         ["mount", "-t", "proc", "-o", "nosuid,nodev,noexec", "proc", "/proc"], check=True, capture_output=True
     )
