@@ -323,11 +323,9 @@ async def bench(args: argparse.Namespace) -> list[dict[str, object]]:
                     sandbox = await m.restore(adapter, config, http, work / f"{n}-r{i}", f"r{i}")
                     try:
                         await first_token(http, sandbox.base_url, model)
-                        phases[n].append(dict(m.restore_timings[f"r{i}"]))
-                        print(
-                            f"    phases: { {k: round(v, 3) for k, v in m.restore_timings[f'r{i}'].items()} }",
-                            file=sys.stderr,
-                        )
+                        timing = dict(m.restore_timings[f"r{i}"])
+                        phases[n].append(timing)
+                        print(f"    phases: { {k: round(v, 3) for k, v in timing.items()} }", file=sys.stderr)
                         return time.monotonic() - started
                     finally:
                         await sandbox.stop(5.0)
