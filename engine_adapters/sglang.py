@@ -7,7 +7,8 @@ not seen serving here; its CPU backend (docs.sglang.io, "CPU Servers") is built 
 image (a CPU build of sgl-kernel, ``SGLANG_USE_CPU_ENGINE=1``), not published on PyPI, and is built for
 Intel AMX -- whose per-process permission CRIU does not restore (see ``no_io_uring``). Its memory saver
 (what the checkpoint relies on) is a CUDA allocator. Rather than pretend, the adapter refuses a CPU
-environment with that reason (``EngineUnsupported``); use ``vllm`` or ``transformers`` there. The GPU path below is tested against a recorded contract of the routes
+environment with that reason (``EngineUnsupported``); use ``vllm`` or ``transformers`` there. The GPU
+path below is tested against a recorded contract of the routes
 (tests/engine_adapters/test_vllm_sglang_contract.py), from SGLang's documentation and source:
 - start with ``--enable-memory-saver --enable-weights-cpu-backup`` (without the CPU backup the weights are
   garbage after resume and must be reloaded from disk);
