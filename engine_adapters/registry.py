@@ -23,10 +23,10 @@ def get_adapter(name: str, *, engine_python: str | None = None) -> EngineAdapter
     module_name, class_name = ADAPTERS[name].split(":")
     cls = getattr(importlib.import_module(module_name), class_name)
     if engine_python is None:
-        return cls()  # type: ignore[no-any-return]
+        return cls()
     if not cls.own_environment:
         raise EngineArgsRefused(
             f"--engine-python applies to engines in an environment of their own (vllm, sglang), not "
             f"{name!r}, which runs in coldstart's"
         )
-    return cls(engine_python=engine_python)  # type: ignore[no-any-return]
+    return cls(engine_python=engine_python)

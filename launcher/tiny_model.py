@@ -134,11 +134,11 @@ def make_model(out: Path, size: str = "tiny", seed: int = 0, dtype: str = "bfloa
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    tokenizer = _train_tokenizer(int(SIZES[size]["vocab_size"]))  # type: ignore[arg-type]
+    tokenizer = _train_tokenizer(int(SIZES[size]["vocab_size"]))  # type: ignore[call-overload]
     shape = dict(SIZES[size])
     shape["vocab_size"] = len(tokenizer)  # == SIZES' vocab_size: every id the model can emit decodes
     config = Qwen3Config(
-        **shape,  # type: ignore[arg-type]
+        **shape,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         bos_token_id=None,

@@ -34,14 +34,14 @@ def _default_model_dir() -> Path:
     return cache / "coldstart" / "models" / "tiny"
 
 
-def _health(url: str) -> dict:  # type: ignore[type-arg]
+def _health(url: str) -> dict:
     try:
-        return httpx.get(f"{url}/health", timeout=2).json()  # type: ignore[no-any-return]
+        return httpx.get(f"{url}/health", timeout=2).json()
     except httpx.HTTPError:
         return {}
 
 
-def _wait(serve: subprocess.Popen[bytes], url: str, done, what: str, timeout: float = 300) -> None:  # type: ignore[no-untyped-def]
+def _wait(serve: subprocess.Popen[bytes], url: str, done, what: str, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not done(_health(url)):
         if serve.poll() is not None:

@@ -40,7 +40,7 @@ def _field_type(f: dataclasses.Field[object]) -> type:
     hint = hints[f.name]
     if isinstance(hint, types.UnionType):  # X | None -> X
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint  # type: ignore[no-any-return]
+    return hint
 
 
 def build_parser() -> argparse.ArgumentParser:
