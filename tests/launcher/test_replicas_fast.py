@@ -234,6 +234,20 @@ async def test_a_replica_scaled_down_is_not_failed_by_its_probe_while_it_stops()
 
 
 @run
+async def test_close_finishes_when_a_probe_is_poked_as_it_is_cancelled() -> None:
+    # suspect() completes the watcher's wait_for(poke.wait()) in the same loop turn as close() cancels
+    # it: Python 3.11's wait_for then returns instead of raising, and the watcher used to go on forever.
+    async with launched(health_interval=60) as h:
+        await h.ready()
+        await asyncio.sleep(0.05)  # the watcher waits on its poke
+        h.manager.suspect(h.manager.replicas["r1"], "test")
+        closing = asyncio.create_task(h.manager.close())
+        done, _ = await asyncio.wait([closing], timeout=5)  # not wait_for: its cancel would hide a hang
+        assert done, "close() hangs"
+        assert not h.manager.replicas
+
+
+@run
 async def test_close_waits_for_a_stop_already_running() -> None:
     async with launched(stop_s=0.5) as h:
         await h.ready()
