@@ -99,6 +99,26 @@ def probe() -> int:
     return 0
 
 
+def _own_tmpdir() -> str:
+    """A temporary folder of this engine's own, as TMPDIR of every vLLM process, removed when vLLM returns.
+
+    vLLM leaves its ZMQ IPC sockets and its ``vllm_dist_*`` file store in the temporary folder when it
+    stops (seen: a few files per boot, never removed). torch's inductor cache stays where it was (a link):
+    its precompiled headers (155 MB) ignore TORCHINDUCTOR_CACHE_DIR.
+    """
+    import getpass
+    import tempfile
+
+    parent = tempfile.gettempdir()
+    own = tempfile.mkdtemp(prefix="vllm-engine-", dir=parent)
+    inductor = f"torchinductor_{getpass.getuser()}"
+    os.makedirs(os.path.join(parent, inductor), exist_ok=True)
+    os.symlink(os.path.join(parent, inductor), os.path.join(own, inductor))
+    os.environ["TMPDIR"] = own
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+    return own
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["probe"]:
         return probe()
@@ -106,7 +126,13 @@ def main(argv: list[str]) -> int:
     from vllm.entrypoints.cli.main import main as vllm_main
 
     sys.argv = ["vllm", *argv]
-    vllm_main()
+    own = _own_tmpdir()
+    try:
+        vllm_main()
+    finally:
+        import shutil
+
+        shutil.rmtree(own, ignore_errors=True)
     return 0
 
 
