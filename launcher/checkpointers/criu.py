@@ -1,22 +1,24 @@
-"""CRIU checkpointer: the engine as a plain host process tree in its own PID and network namespace.
+"""CRIU checkpointer: the engine as a host process tree in its own PID, mount and network namespaces.
 
-Start:    nsenter --net=<replica netns> unshare --pid --fork --kill-child -- setsid ENGINE...
-          (ENGINE is prefixed by ``no_io_uring``: CRIU cannot dump an io_uring, see that module.)
-          The engine is PID 1 of a fresh PID namespace and leads its own session (CRIU refuses a tree whose
-          session leader lives outside its PID namespace). Only the network namespace is entered, not a
-          mount namespace (``ip netns exec`` would make one, and CRIU would then have to dump it).
-Dump:     nsenter --net=<same netns> criu dump -t <engine host pid> --tcp-close [--leave-running]
+Start:    nsenter --net=<replica netns> unshare --pid --mount --propagation private --fork --kill-child --
+              python -m ...criu_init -- ENGINE...
+          ``criu_init`` (see that module) gives the replica a private /dev/shm and TMPDIR (tmpfs: they travel
+          in the image, restored replicas never share a file, nothing is left on the host), its own /proc,
+          unmounts what CRIU cannot dump, leads its own session (CRIU refuses a tree whose session leader
+          lives outside its PID namespace), denies io_uring and AMX (``no_io_uring``: neither can be
+          restored) and execs the engine, which is PID 1 of the new PID namespace. The network namespace is
+          entered, not created by unshare: the launcher made it (``sandboxes/netns.py``).
+Dump:     nsenter --net=<same netns> criu dump -t <engine host pid> DUMP_FLAGS [--leave-running]
           CRIU runs inside the engine's network namespace, so the namespace itself is not dumped (only
-          the sockets); the PID namespace is dumped (the target is its init).
-Restore:  nsenter --net=<new replica netns> criu restore --tcp-close --inherit-fd fd[N]:pipe:[INO]
-          CRIU gives the restored tree a new PID namespace (no "File exists" PID clash with the original
-          or with other restored replicas) and our new netns; it stays in the foreground as the restored
-          tree's parent, so the launcher owns it like any child and learns the exit status.
+          the sockets); the PID and mount namespaces are (the target is their init).
+Restore:  nsenter --net=<new replica netns> criu restore RESTORE_FLAGS --inherit-fd fd[N]:pipe:[INO]
+          CRIU gives the restored tree a new PID and mount namespace (no "File exists" PID clash with the
+          original or with other restored replicas) and our new netns; it stays in the foreground as the
+          restored tree's parent, so the launcher owns it like any child and learns the exit status.
 
 Output: the engine's stdout/stderr is a pipe the launcher owns. At restore the old pipe cannot come back,
 so ``--inherit-fd`` hands CRIU a fresh pipe whose read end the launcher holds (a log file would break
-restore as soon as it grew after the dump). ``--tcp-close``: connections open at dump time (keep-alive
-from the launcher's control client) come back closed instead of failing the dump.
+restore as soon as it grew after the dump). Why each CRIU flag: next to DUMP_FLAGS below.
 
 Upstream issues that decide the version: CRIU 3.17 fails on recent kernels (vDSO, checkpoint-restore/criu
 #2532), 4.1 fails at dump on Linux >= 6.16 (socket options, #2705); 4.2 works (.ci/install-checkpointers).
