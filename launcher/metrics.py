@@ -29,6 +29,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.replica_failures = Counter(
+            "coldstart_replica_failures",
+            "Serving replicas taken out of service: engine exited, or unresponsive to its liveness probe",
+            ["kind"],
+            registry=r,
+        )
         self.snapshots_taken = Counter("coldstart_snapshots_taken", "Snapshots written", registry=r)
         self.phase_seconds = Histogram(
             "coldstart_phase_seconds",

@@ -253,9 +253,11 @@ class ReplicaManager:
         if (event := self._probe_now.get(replica.id)) is not None:
             event.set()
 
-    def fail(self, replica: Replica, why: str) -> None:
-        """Take the replica out of service: its engine is stopped (ending its in-flight requests)."""
+    def fail(self, replica: Replica, why: str, *, kind: str = "other") -> None:
+        """Take the replica out of service: its engine is stopped (ending its in-flight requests).
+        ``kind`` labels the failure metric: ``exited``, ``unresponsive`` or ``other``."""
         if replica.state in _SERVING:
+            self.metrics.replica_failures.labels(kind).inc()
             replica.transition(ReplicaState.FAILED, reason=why)
             self._request_stop(replica, drain=False)
             self._wake()  # waiters re-evaluate (and demand may start a replacement)
@@ -287,7 +289,7 @@ class ReplicaManager:
                         why,
                         extra={"event": "replica_dead", "replica": replica.id},
                     )
-                    self.fail(replica, why)
+                    self.fail(replica, why, kind="exited" if exited else "unresponsive")
                     return
         finally:
             self._probe_now.pop(replica.id, None)
@@ -348,7 +350,7 @@ class ReplicaManager:
             for replica in list(self.replicas.values()):  # an exited engine is seen within a tick
                 sandbox = replica.sandbox
                 if self._watched(replica) and sandbox and (code := sandbox.exit_code()) is not None:
-                    self.fail(replica, f"engine exited with status {code}")
+                    self.fail(replica, f"engine exited with status {code}", kind="exited")
             self._ensure_capacity()
             self._scale_down(time.monotonic())
             self.update_gauges()

@@ -168,6 +168,8 @@ async def test_hung_engine_is_detected_its_requests_fail_and_it_is_replaced() ->
         assert took <= interval + HEALTH_FAILURES * (timeout + interval) + 0.5
         answer = await pending
         assert answer.status_code == 502 and _error(answer)["code"] == "upstream_lost"
+        metrics = (await h.client.get("/metrics")).text
+        assert 'coldstart_replica_failures_total{kind="unresponsive"} 1.0' in metrics
         again = await h.chat()
         assert again.status_code == 200
         assert again.json()["port"] == h.sandbox("r2").engine.port
