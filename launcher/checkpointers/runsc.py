@@ -19,6 +19,17 @@ set too, so a straggler is cut instead of failing the snapshot. Host networking 
 
 ``--direct`` (O_DIRECT) is off by default: no gain measured here and O_DIRECT fails on tmpfs.
 The root-netns check quirk of this kernel is worked around in ``runsc_rootns_quirk.py``.
+
+Image root (``--snapshot runsc --image INDEX`` with an image that holds a root filesystem, i.e. a
+top-level ``usr/``): ``root.path`` is the launcher's read-only FUSE mount of the image
+(``launcher/image.py``) instead of the host's ``/``, still under ``--overlay2=root:memory``, so a container
+starts with only the index on the host and its files are fetched as the engine opens them. Paths under the
+mount point in the engine's argv, env and cwd (``{image}/srv/engine.py``) are rewritten to their place in
+the container (``/srv/engine.py``); other paths (``python3``) resolve inside the image, with a fixed PATH
+and no host environment. The image needs ``cat`` (the drain before a checkpoint runs it inside). The gofer
+serves the FUSE mount as root (imagefs mounts with ``allow_other`` and ``default_permissions`` when root;
+nothing else was needed). A checkpoint records which root it ran on; a restore needs the same kind (the
+image digest is in the snapshot identity) and gets this launcher's mount point as root.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from coldstart.engine_adapters.base import LaunchSpec
+from coldstart.launcher import image as launcher_image
 from coldstart.launcher.checkpointers import runsc_rootns_quirk
 from coldstart.launcher.checkpointers._pipes import (
     OwnedPipe,
@@ -70,20 +82,38 @@ def _container_id(replica_id: str) -> str:
     return f"cs-{os.getpid()}-{safe}-{secrets.token_hex(3)}"
 
 
-def oci_spec(spec: LaunchSpec, netns_path: str) -> dict[str, Any]:
-    env = {**os.environ, **spec.env}
+IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def in_root(value: str, root: Path) -> str:
+    """``value`` with the host path of an image root (``/run/x/image/srv/e.py``) as seen inside the
+    container (``/srv/e.py``); anything else unchanged."""
+    where = str(root).rstrip("/")
+    if value == where:
+        return "/"
+    return value.replace(where + "/", "/")
+
+
+def oci_spec(spec: LaunchSpec, netns_path: str, root: Path | None = None) -> dict[str, Any]:
+    if root is None:  # the host's files: its environment makes sense inside
+        env = {**os.environ, **spec.env}
+        argv, cwd = list(spec.argv), spec.cwd or "/"
+    else:  # the image's files only: host variables (venvs, PATH entries) would point at nothing
+        env = {"PATH": IMAGE_PATH, "LANG": "C.UTF-8", **{k: in_root(v, root) for k, v in spec.env.items()}}
+        argv, cwd = [in_root(a, root) for a in spec.argv], in_root(spec.cwd or str(root), root)
     env.setdefault("HOME", "/root")
     return {
         "ociVersion": "1.0.0",
         "process": {
             "user": {"uid": 0, "gid": 0},
-            "args": list(spec.argv),
+            "args": argv,
             "env": [f"{k}={v}" for k, v in env.items()],
-            "cwd": spec.cwd or "/",
+            "cwd": cwd,
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 65536, "soft": 65536}],
         },
-        # The host root, writable only through the in-memory overlay (--overlay2=root:memory).
-        "root": {"path": "/", "readonly": False},
+        # The host root or the image's mount, writable only through the in-memory overlay
+        # (--overlay2=root:memory).
+        "root": {"path": str(root or "/"), "readonly": False},
         "hostname": "coldstart",
         "mounts": [
             {"destination": "/proc", "type": "proc", "source": "proc"},
@@ -107,12 +137,19 @@ def oci_spec(spec: LaunchSpec, netns_path: str) -> dict[str, Any]:
     }
 
 
-def _with_netns(config: dict[str, Any], netns_path: str) -> dict[str, Any]:
+def _with_netns(config: dict[str, Any], netns_path: str, root: Path | None = None) -> dict[str, Any]:
+    """The recorded spec with this replica's namespace and this launcher's root (the image's mount
+    point may differ from the one the checkpoint was taken on; its contents may not)."""
     config = json.loads(json.dumps(config))
     for ns in config["linux"]["namespaces"]:
         if ns["type"] == "network":
             ns["path"] = netns_path
+    config["root"]["path"] = str(root or "/")
     return config
+
+
+def root_kind(root: Path | None) -> str:
+    return "host" if root is None else "image"
 
 
 def tcp_states(proc_net_tcp: str) -> list[str]:
@@ -126,8 +163,11 @@ def tcp_states(proc_net_tcp: str) -> list[str]:
 
 
 class RunscSandbox(NetnsSandbox):
-    def __init__(self, workdir: Path, replica_id: str, runsc: str, global_flags: list[str]) -> None:
+    def __init__(
+        self, workdir: Path, replica_id: str, runsc: str, global_flags: list[str], root: Path | None = None
+    ) -> None:
         self.workdir = Path(workdir)
+        self.root = root  # the image's mount point, or None for the host's /
         self.replica_id = replica_id
         self.runsc = runsc
         self.global_flags = list(global_flags)
@@ -155,7 +195,7 @@ class RunscSandbox(NetnsSandbox):
         self.workdir.mkdir(parents=True, exist_ok=True)
         RUNSC_ROOT.mkdir(parents=True, exist_ok=True)
         self.netns = await create_netns()
-        bundle = self._write_bundle(oci_spec(spec, self.netns.path))
+        bundle = self._write_bundle(oci_spec(spec, self.netns.path, self.root))
         self._pipe = OwnedPipe(f"engine {self.replica_id}")
         self._created = True
         self._proc = await exec_into(
@@ -167,7 +207,7 @@ class RunscSandbox(NetnsSandbox):
         self.workdir.mkdir(parents=True, exist_ok=True)
         RUNSC_ROOT.mkdir(parents=True, exist_ok=True)
         self.netns = await create_netns()
-        bundle = self._write_bundle(_with_netns(sidecar["config"], self.netns.path))
+        bundle = self._write_bundle(_with_netns(sidecar["config"], self.netns.path, self.root))
         self._pipe = OwnedPipe(f"engine {self.replica_id}")
         # `create` hands the container its stdio (our pipe) and exits; `restore` then stays in the
         # foreground until the container exits.
@@ -265,11 +305,23 @@ def cleanup_stale_containers(runsc: str = "runsc") -> list[str]:
 class RunscCheckpointer(Checkpointer):
     name: ClassVar[str] = "runsc"
 
-    def __init__(self, binary: str | None = None, platform: str = "systrap", direct: bool = False) -> None:
+    def __init__(
+        self,
+        binary: str | None = None,
+        platform: str = "systrap",
+        direct: bool = False,
+        root: Path | None = None,
+    ) -> None:
         self._binary = binary
         self.platform = platform
         self.direct = direct
+        self._root = root
         self._info: CheckpointerInfo | None = None
+
+    def root(self) -> Path | None:
+        """The container root: the one given, else the launcher's mounted root-filesystem image (asked at
+        each start: the image is mounted after the checkpointer is made), else None (the host's /)."""
+        return self._root or launcher_image.mounted_rootfs()
 
     @property
     def binary(self) -> str:
@@ -323,7 +375,7 @@ class RunscCheckpointer(Checkpointer):
         return flags
 
     def new_sandbox(self, workdir: Path, replica_id: str) -> Sandbox:
-        return RunscSandbox(workdir, replica_id, self.binary, self.global_flags())
+        return RunscSandbox(workdir, replica_id, self.binary, self.global_flags(), self.root())
 
     async def checkpoint(self, sandbox: Sandbox, image_dir: Path, *, leave_running: bool) -> None:
         if not isinstance(sandbox, RunscSandbox) or sandbox.config is None:
@@ -341,7 +393,11 @@ class RunscCheckpointer(Checkpointer):
             raise SnapshotError(
                 f"runsc checkpoint of replica {sandbox.replica_id} failed ({status}): {out.strip()[-400:]}"
             )
-        sidecar = {"config": sandbox.config, "global_flags": sandbox.global_flags}
+        sidecar = {
+            "config": sandbox.config,
+            "global_flags": sandbox.global_flags,
+            "root": root_kind(sandbox.root),
+        }
         (image_dir / SIDECAR).write_text(json.dumps(sidecar))
 
     async def _drain(self, sandbox: RunscSandbox) -> None:
@@ -383,7 +439,14 @@ class RunscCheckpointer(Checkpointer):
                 RestoreReason.GATE,
                 f"runsc flags differ: image taken with {sidecar.get('global_flags')}, this host uses {flags}",
             )
-        sandbox = RunscSandbox(workdir, replica_id, self.binary, flags)
+        root = self.root()
+        if sidecar.get("root", "host") != root_kind(root):
+            raise RestoreFailed(
+                RestoreReason.GATE,
+                f"runsc image was taken on the {sidecar.get('root', 'host')} root, this launcher runs "
+                f"containers on the {root_kind(root)} root",
+            )
+        sandbox = RunscSandbox(workdir, replica_id, self.binary, flags, root)
         direct = self.direct and "restore-direct" in self.probe().capabilities
         async with contextlib.AsyncExitStack() as undo:
             undo.push_async_callback(sandbox.stop, 1.0)
