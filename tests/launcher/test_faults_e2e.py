@@ -245,3 +245,31 @@ def test_two_launchers_taking_the_same_snapshot_wait_for_each_other(
     taken = sum("taken:" in log for log in logs)
     waited = sum("already taken; not taking another" in log for log in logs)
     assert (taken, waited) == (1, 1), logs
+
+
+def test_non_streaming_clients_that_go_away_close_upstream_and_free_the_replica(
+    serve: Callable[..., Served], tiny_model: Path, tmp_path: Path
+) -> None:
+    served = serve(["transformers", str(tiny_model), "--work-dir", str(tmp_path)])
+    served.wait_ready()
+    body = {"model": str(tiny_model), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3000}
+    gone = threading.Barrier(11)
+
+    def impatient() -> None:
+        try:
+            httpx.post(f"{served.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
+        except httpx.ReadTimeout:
+            pass
+        gone.wait()
+
+    clients = [threading.Thread(target=impatient) for _ in range(10)]
+    for t in clients:
+        t.start()
+    gone.wait()  # all ten have given up and closed their connections
+    served.wait_for(lambda h: sum(r["in_flight"] for r in h["replicas"]) == 0, 15, "in-flight back to 0")
+    for t in clients:
+        t.join()
+    # transformers serve itself finishes abandoned non-streaming generations (it has no abort on disconnect):
+    # the next request is answered, after them.
+    reply = httpx.post(f"{served.url}/v1/chat/completions", json={**body, "max_tokens": 2}, timeout=120)
+    assert reply.status_code == 200
