@@ -1,0 +1,140 @@
+"""``--snapshot runsc --image INDEX``: the gVisor container's root filesystem is the lazily mounted image.
+
+The image (``bench/lazy_root.py: make_rootfs``, cached in .cache/imagefs/runsc-root) is a minimal root
+filesystem: this host's CPython, ``coldstart.snapshot_hooks``, a stdlib engine at ``/srv/engine.py`` and its
+"weights" at ``/models/tiny``; none of them exist on the host's ``/``. Real runsc, real FUSE, real engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import re
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from openai import OpenAI
+from support import REPO, Served
+
+from coldstart.engine_adapters.base import LaunchSpec
+from coldstart.launcher.checkpointers.runsc import SIDECAR, in_root, oci_spec
+from coldstart.launcher.errors import RestoreFailed, RestoreReason
+
+
+def lazy_root() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("lazy_root", REPO / "bench" / "lazy_root.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paths_under_the_image_mount_are_rewritten_to_the_container_root() -> None:
+    root = Path("/run/cs/image")
+    spec = LaunchSpec(
+        argv=["python3", "/run/cs/image/srv/engine.py", "--model=/run/cs/image/models/tiny", "/run/cs/imagex"],
+        env={"COLDSTART_MODEL": "/run/cs/image/models/tiny", "COLDSTART_PORT": "8000"},
+    )
+    config = oci_spec(spec, "/run/netns/x", root)
+    assert config["root"]["path"] == "/run/cs/image"
+    assert config["process"]["args"] == ["python3", "/srv/engine.py", "--model=/models/tiny", "/run/cs/imagex"]
+    env = dict(e.split("=", 1) for e in config["process"]["env"])
+    assert env["COLDSTART_MODEL"] == "/models/tiny" and env["HOME"] == "/root"
+    assert "VIRTUAL_ENV" not in env and env["PATH"].startswith("/usr/local/sbin")  # no host variables
+    assert config["process"]["cwd"] == "/"
+    assert in_root("/run/cs/image", root) == "/"
+    host = oci_spec(spec, "/run/netns/x")  # no image root: the host's / as before
+    assert host["root"]["path"] == "/" and host["process"]["args"] == spec.argv
+
+
+def _runsc_or_skip():  # type: ignore[no-untyped-def]
+    from coldstart.launcher.checkpointers.runsc import RunscCheckpointer
+    from coldstart.launcher.errors import CheckpointerUnavailable
+
+    checkpointer = RunscCheckpointer(root=Path("/nonexistent-root"))
+    try:
+        checkpointer.probe()
+    except CheckpointerUnavailable as exc:
+        pytest.skip(f"runsc unavailable here: {exc}")
+    return checkpointer
+
+
+def test_root_kind_is_gated_at_restore(tmp_path: Path) -> None:
+    checkpointer = _runsc_or_skip()
+    image = tmp_path / "image"
+    image.mkdir()
+    sidecar = {"config": {}, "global_flags": checkpointer.global_flags(), "root": "host"}
+    (image / SIDECAR).write_text(json.dumps(sidecar))
+    with pytest.raises(RestoreFailed) as failed:
+        asyncio.run(checkpointer.restore(image, tmp_path / "work", "r1"))
+    assert failed.value.reason == RestoreReason.GATE
+    assert "taken on the host root" in str(failed.value) and "image root" in str(failed.value)
+
+
+# -- end to end: coldstart-serve, runsc, FUSE ----------------------------------------------------------------
+
+
+def serve_args(index: Path, mnt: Path, tmp: Path, name: str, initial: int) -> list[str]:
+    return [
+        "custom",
+        "{image}/models/tiny",
+        "--image", str(index),
+        "--image-mount", str(mnt),  # the same place for both launchers: the engine file's path is identity
+        "--image-cache", str(tmp / f"{name}-chunks"),  # each launcher starts with an empty chunk cache
+        "--snapshot", "runsc",
+        "--snapshot-dir", str(tmp / "snapshots"),
+        "--work-dir", str(tmp / f"{name}-work"),
+        "--initial-replicas", str(initial),
+        "--served-model-name", "tiny",
+        "--",
+        "python3", "{image}/srv/engine.py", "--model", "{model}", "--host", "{host}", "--port", "{port}",
+    ]  # fmt: skip
+
+
+def ask(served: Served) -> str:
+    served.wait_for(lambda health: True, 60, "the proxy to listen")
+    with OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=180) as client:
+        answer = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0
+        )
+    return answer.choices[0].message.content or ""
+
+
+@pytest.mark.slow
+def test_runsc_replica_on_a_lazy_image_root_boots_snapshots_restores_and_answers(tmp_path: Path) -> None:
+    _runsc_or_skip()
+    if not Path("/dev/fuse").exists():
+        pytest.skip("no /dev/fuse on this host")
+    _src, index = lazy_root().root_image()
+    mnt = tmp_path / "rootfs"
+    assert not Path("/srv/engine.py").exists() and not Path("/models/tiny").exists()  # only in the image
+
+    first = Served(serve_args(index, mnt, tmp_path, "a", initial=1), tmp_path / "a.log")
+    try:
+        first.wait_ready(240)
+        first.wait_for(lambda h: re.search(r"snapshot \w+ taken", first.log()), 240, "the snapshot")
+        log = first.log()
+        assert "holds a root filesystem: runsc containers run on it" in log, log
+        bundle = json.loads((tmp_path / "a-work" / "r1" / "bundle" / "config.json").read_text())
+        assert bundle["root"]["path"] == str(mnt)
+        assert bundle["process"]["args"][:2] == ["python3", "/srv/engine.py"]
+        booted = ask(first)
+        assert re.fullmatch(r"(t\d+ ){5}t\d+", booted), booted
+    finally:
+        assert first.stop() == 0
+    assert str(mnt) not in Path("/proc/mounts").read_text()
+
+    second = Served(serve_args(index, mnt, tmp_path, "b", initial=0), tmp_path / "b.log")
+    try:
+        restored = ask(second)
+        lifecycle = second.lifecycle()
+        assert ("r1", "new", "restoring") in lifecycle and ("r1", "restoring", "ready") in lifecycle, second.log()
+        assert not any(to == "booting" for _, _, to in lifecycle), "booted instead of restoring"
+        assert restored == booted  # same weights (read from the image) and the same greedy answer
+        sidecars = list((tmp_path / "snapshots").rglob(SIDECAR))
+        assert [json.loads(p.read_text())["root"] for p in sidecars] == ["image"]
+        assert any((tmp_path / "b-chunks").rglob("*")), "the restore read nothing through the image"
+    finally:
+        assert second.stop() == 0
