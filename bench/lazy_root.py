@@ -5,7 +5,7 @@ is the launcher's FUSE mount of the image (``launcher/checkpointers/runsc.py``),
 only the index: files are fetched when the engine opens them. The baseline is the same tree copied to a local
 directory used as ``root.path``. Both run under ``--overlay2=root:memory``.
 
-The image (``make_rootfs``, ~45 MB, cached in .cache/imagefs/runsc-root-store) is a minimal root filesystem:
+The image (``make_rootfs``, ~137 MB, cached in .cache/imagefs/runsc-root-KEY) is a minimal root filesystem:
 this host's CPython (pyenv, at its own path, stdlib without tests/tk/idle) and the shared libraries it and
 its extension modules load, ``coldstart.snapshot_hooks`` (stdlib only), a stdlib HTTP engine at
 ``/srv/engine.py`` that reads and hashes its "weights" (``/models/tiny``, 32 MiB) at start, and a few /etc
@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import hashlib
 import os
 import shutil
 import statistics
@@ -38,7 +40,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 # bench/coldstart.py is named like our package: drop this folder from the path or `import coldstart` finds it.
@@ -49,7 +53,7 @@ WEIGHTS_MIB = 32
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # The engine inside the image: stdlib only, plus coldstart.snapshot_hooks for the launcher's control channel.
-ENGINE = r'''"""A stdlib OpenAI-shaped engine for image-root tests: loads (reads and hashes) its model at start."""
+ENGINE = r'''"""A stdlib OpenAI-shaped test engine: loads (reads and hashes) its model at start."""
 import argparse, hashlib, json, os, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from coldstart import snapshot_hooks as hooks
@@ -94,7 +98,8 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path == "/v1/models":
             self.reply(200, {"object": "list", "data": [{"id": NAME, "object": "model"}]})
         elif self.path == "/state":
-            self.reply(200, {"weights": WEIGHTS, "restores": STATE["restores"], "root": sorted(os.listdir("/"))})
+            state = {"weights": WEIGHTS, "restores": STATE["restores"], "root": sorted(os.listdir("/"))}
+            self.reply(200, state)
         else:
             self.reply(404, {"error": "not found"})
 
@@ -217,7 +222,9 @@ def root_image() -> tuple[Path, Path]:
     """(source tree, index) of the test root filesystem, built once into .cache/imagefs (like torch_image)."""
     from coldstart.imagefs.build import build
 
-    base = CACHE / "runsc-root"
+    # Rebuilt when the engine or the interpreter changes.
+    key = hashlib.sha256(f"{ENGINE}{sys.version}{WEIGHTS_MIB}".encode()).hexdigest()[:12]
+    base = CACHE / f"runsc-root-{key}"
     src, store = base / "src", base / "store"
     index = store / "images" / "rootfs.cidx"
     if (base / ".complete").exists() and index.exists():
@@ -248,124 +255,158 @@ def engine_spec(root_prefix: str) -> object:
 # -- the benchmark ------------------------------------------------------------------------------------------
 
 
-async def wait_healthy(sandbox: object, timeout_s: float = 120.0) -> None:
+async def wait_healthy(sandbox: Any, timeout_s: float = 120.0) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout_s
     async with httpx.AsyncClient(timeout=2.0) as client:
         while time.monotonic() < deadline:
-            if sandbox.exit_code() is not None:  # type: ignore[attr-defined]
-                raise RuntimeError(f"engine exited: {sandbox.log_tail()}")  # type: ignore[attr-defined]
+            if sandbox.exit_code() is not None:
+                raise RuntimeError(f"engine exited: {sandbox.log_tail()}")
             try:
-                if (await client.get(f"{sandbox.base_url}/health")).status_code == 200:  # type: ignore[attr-defined]
+                if (await client.get(f"{sandbox.base_url}/health")).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             await asyncio.sleep(0.02)
-    raise RuntimeError(f"engine not healthy in {timeout_s:.0f} s: {sandbox.log_tail()}")  # type: ignore[attr-defined]
+    raise RuntimeError(f"engine not healthy in {timeout_s:.0f} s: {sandbox.log_tail()}")
+
+
+@dataclass
+class Row:
+    seconds: list[float] = field(default_factory=list)
+    mount_s: list[float] = field(default_factory=list)
+    fetched: list[int] = field(default_factory=list)  # bytes the mount read from the store
+
+
+class Bench:
+    def __init__(self, index: Path, work: Path, platform: str) -> None:
+        self.index, self.store, self.work, self.platform = index, index.parent.parent, work, platform
+        self.rows: dict[str, Row] = {}
+        self.n = 0
+
+    def fresh(self, name: str) -> Path:
+        self.n += 1
+        return self.work / f"{name}-{self.n}"
+
+    def record(
+        self, name: str, seconds: float, mount_s: float | None = None, fetched: int | None = None
+    ) -> None:
+        row = self.rows.setdefault(name, Row())
+        row.seconds.append(seconds)
+        if mount_s is not None:
+            row.mount_s.append(mount_s)
+        if fetched is not None:
+            row.fetched.append(fetched)
+
+    async def run(self, root: Path, keep: Path | None = None) -> float:
+        """create+start on ``root`` -> /health 200; checkpointed into ``keep`` when given."""
+        from coldstart.launcher.checkpointers.runsc import RunscCheckpointer
+
+        checkpointer = RunscCheckpointer(platform=self.platform, root=root)
+        sandbox: Any = checkpointer.new_sandbox(self.fresh("run"), f"bench{self.n}")
+        started = time.monotonic()
+        try:
+            await sandbox.start(engine_spec(str(root)))
+            await wait_healthy(sandbox)
+            took = time.monotonic() - started
+            if keep is not None:
+                keep.mkdir()
+                await checkpointer.checkpoint(sandbox, keep, leave_running=False)
+        finally:
+            await sandbox.stop(2.0)
+        return took
+
+    async def restore(self, root: Path, image: Path) -> float:
+        """create+restore of ``image`` on ``root`` -> /health 200."""
+        from coldstart.launcher.checkpointers.runsc import RunscCheckpointer
+
+        checkpointer = RunscCheckpointer(platform=self.platform, root=root)
+        started = time.monotonic()
+        sandbox: Any = await checkpointer.restore(image, self.fresh("restore"), f"bench{self.n}")
+        try:
+            await wait_healthy(sandbox)
+            return time.monotonic() - started
+        finally:
+            await sandbox.stop(2.0)
+
+    async def lazy(self, cache: Path, body: Callable[[Path], Awaitable[float]]) -> tuple[float, float, int]:
+        """(mount + body seconds, mount seconds, bytes fetched) with the image mounted on a fresh point."""
+        from coldstart.imagefs.mount import mounted
+
+        mnt = self.fresh("mnt")
+        mnt.mkdir()
+        started = time.monotonic()
+        manager = mounted(self.index, mnt, cache, [str(self.store)], record_profile=False)
+        mount = await asyncio.to_thread(manager.__enter__)
+        mount_s = time.monotonic() - started
+        try:
+            took = await body(mnt)
+        finally:
+            await asyncio.to_thread(manager.__exit__, None, None, None)
+        return mount_s + took, mount_s, int(mount.stats.get("remote_bytes", 0))
+
+    async def copy_through_tiers(self) -> tuple[float, int, Path]:
+        """What a copied root costs on a new host: every file read through a fresh mount (empty cache)
+        and written to local disk."""
+        dest = self.fresh("copied")
+
+        async def copy(mnt: Path) -> float:
+            started = time.monotonic()
+            await asyncio.to_thread(shutil.copytree, mnt, dest, symlinks=True)
+            return time.monotonic() - started
+
+        total, _, fetched = await self.lazy(self.fresh("cache"), copy)
+        return total, fetched, dest
 
 
 async def _main(args: argparse.Namespace) -> None:
-    from coldstart.imagefs.mount import mounted
-    from coldstart.launcher.checkpointers.runsc import RunscCheckpointer
-
-    src, index = root_image()
-    store = index.parent.parent
+    _src, index = root_image()
     work = Path(tempfile.mkdtemp(prefix="lazy-root-", dir="/var/tmp"))
-    copied = work / "copied"
-    started = time.monotonic()
-    shutil.copytree(src, copied, symlinks=True)
-    copy_s = time.monotonic() - started
-    rows: dict[str, list[float]] = {}
-    n = 0
-
-    def fresh(name: str) -> Path:
-        nonlocal n
-        n += 1
-        return work / f"{name}-{n}"
-
-    async def run_once(root: Path) -> tuple[float, Path]:
-        ckpt = RunscCheckpointer(platform=args.platform, root=root)
-        sandbox = ckpt.new_sandbox(fresh("run"), f"bench{n}")
-        t0 = time.monotonic()
-        try:
-            await sandbox.start(engine_spec(str(root)))  # type: ignore[arg-type]
-            await wait_healthy(sandbox)
-            took = time.monotonic() - t0
-            image = fresh("ckpt")
-            image.mkdir()
-            await ckpt.checkpoint(sandbox, image, leave_running=False)
-        finally:
-            await sandbox.stop(2.0)
-        return took, image
-
-    async def restore_once(root: Path, image: Path) -> float:
-        ckpt = RunscCheckpointer(platform=args.platform, root=root)
-        t0 = time.monotonic()
-        sandbox = await ckpt.restore(image, fresh("restore"), f"bench{n}")
-        try:
-            await wait_healthy(sandbox)
-            return time.monotonic() - t0
-        finally:
-            await sandbox.stop(2.0)
-
-    async def lazy(cache: Path, body: Callable[[Path], Awaitable[float]]) -> float:
-        mnt = fresh("mnt")
-        mnt.mkdir()
-        t0 = time.monotonic()
-        manager = mounted(index, mnt, cache, [str(store)], record_profile=False)
-        await asyncio.to_thread(manager.__enter__)
-        try:
-            return (time.monotonic() - t0) + await body(mnt)
-        finally:
-            await asyncio.to_thread(manager.__exit__, None, None, None)
-
+    bench = Bench(index, work, args.platform)
     try:
-        # One checkpoint per root kind, taken on a mount at a fixed place (restore needs the same tree).
-        copied_image = (await run_once(copied))[1]
-        for _ in range(args.repeat):
-            rows.setdefault("copied root, run", []).append((await run_once(copied))[0])
-            cold = fresh("cache")
-            rows.setdefault("lazy root, run, cold cache", []).append(
-                await lazy(cold, lambda m: _first(run_once(m)))
-            )
-            rows.setdefault("lazy root, run, warm cache", []).append(
-                await lazy(cold, lambda m: _first(run_once(m)))
-            )
-            rows.setdefault("copied root, restore", []).append(await restore_once(copied, copied_image))
-            images: list[Path] = []
-
-            async def take(m: Path) -> float:
-                images.append((await run_once(m))[1])
-                return 0.0
-
-            await lazy(fresh("cache"), take)  # a checkpoint taken on a lazy root
-            cold = fresh("cache")
-            rows.setdefault("lazy root, restore, cold cache", []).append(
-                await lazy(cold, lambda m: restore_once(m, images[0]))
-            )
-            rows.setdefault("lazy root, restore, warm cache", []).append(
-                await lazy(cold, lambda m: restore_once(m, images[0]))
-            )
+        copy_s, copy_bytes, copied = await bench.copy_through_tiers()
+        image_bytes = sum(f.stat().st_size for f in copied.rglob("*") if f.is_file() and not f.is_symlink())
+        copied_ckpt, lazy_ckpt = bench.fresh("ckpt"), bench.fresh("ckpt")
+        await bench.run(copied, keep=copied_ckpt)
+        # A checkpoint taken on a lazy root; restored below on other mount points of the same image.
+        await bench.lazy(bench.fresh("cache"), lambda m: bench.run(m, keep=lazy_ckpt))
+        for _ in range(args.repeat):  # rows take turns, so load from others hits them alike
+            bench.record("copied root, run", await bench.run(copied))
+            cache = bench.fresh("cache")
+            bench.record("lazy root, run, cold cache", *await bench.lazy(cache, bench.run))
+            bench.record("lazy root, run, warm cache", *await bench.lazy(cache, bench.run))
+            bench.record("copied root, restore", await bench.restore(copied, copied_ckpt))
+            cache = bench.fresh("cache")
+            restore = functools.partial(bench.restore, image=lazy_ckpt)
+            bench.record("lazy root, restore, cold cache", *await bench.lazy(cache, restore))
+            bench.record("lazy root, restore, warm cache", *await bench.lazy(cache, restore))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    tree_mb = sum(f.stat().st_size for f in src.rglob("*") if f.is_file() and not f.is_symlink()) / 1e6
-    print(f"\nrunsc ({args.platform}), root tree {tree_mb:.1f} MB, median of {args.repeat}; "
-          f"copying the tree to local disk took {copy_s:.2f} s\n")  # fmt: skip
-    print("| container start -> /health 200 | seconds | vs copied root | runs |")
-    print("|---|---|---|---|")
-    base = {"run": statistics.median(rows["copied root, run"]),
-            "restore": statistics.median(rows["copied root, restore"])}  # fmt: skip
-    for name, values in rows.items():
-        median = statistics.median(values)
-        ref = base["restore" if "restore" in name else "run"]
-        runs = ", ".join(f"{v:.2f}" for v in values)
-        print(f"| {name} | {median:.2f} | {median / ref:.2f}x | {runs} |")
-
-
-async def _first(coro: Awaitable[tuple[float, Path]]) -> float:
-    return (await coro)[0]
+    run_base = statistics.median(bench.rows["copied root, run"].seconds)
+    restore_base = statistics.median(bench.rows["copied root, restore"].seconds)
+    print(
+        f"\nrunsc ({args.platform}), root image {image_bytes / 1e6:.1f} MB, median of {args.repeat}. "
+        f"Copying the image to local disk through the same tier (fresh mount, empty cache): "
+        f"{copy_s:.2f} s, {copy_bytes / 1e6:.1f} MB fetched.\n"
+    )
+    print("| container start -> /health 200 | seconds | vs copied root | of which mount | fetched | runs |")
+    print("|---|---|---|---|---|---|")
+    for name, row in bench.rows.items():
+        median = statistics.median(row.seconds)
+        base = restore_base if "restore" in name else run_base
+        mount = f"{statistics.median(row.mount_s):.2f} s" if row.mount_s else "-"
+        fetched = f"{statistics.median(row.fetched) / 1e6:.1f} MB" if row.fetched else "-"
+        runs = ", ".join(f"{v:.2f}" for v in row.seconds)
+        print(f"| {name} | {median:.2f} | {median / base:.2f}x | {mount} | {fetched} | {runs} |")
+    first = statistics.median(bench.rows["lazy root, run, cold cache"].seconds)
+    print(
+        f"| copied root, run, incl. copying the image first | {copy_s + run_base:.2f} | "
+        f"{(copy_s + run_base) / run_base:.2f}x | - | {copy_bytes / 1e6:.1f} MB | - |"
+    )
+    print(f"\nOn a new host: lazy root {first:.2f} s vs copy + start {copy_s + run_base:.2f} s "
+          f"({first / (copy_s + run_base):.2f}x).")  # fmt: skip
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """``--snapshot runsc --image INDEX``: the gVisor container's root filesystem is the lazily mounted image.
 
-The image (``bench/lazy_root.py: make_rootfs``, cached in .cache/imagefs/runsc-root) is a minimal root
+The image (``bench/lazy_root.py: make_rootfs``, cached in .cache/imagefs/runsc-root-KEY) is a minimal root
 filesystem: this host's CPython, ``coldstart.snapshot_hooks``, a stdlib engine at ``/srv/engine.py`` and its
 "weights" at ``/models/tiny``; none of them exist on the host's ``/``. Real runsc, real FUSE, real engine.
 """
