@@ -18,8 +18,8 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-from coldstart.launcher.gpu.driver import CudaCheckpointAPI, CudaProcessState
 from coldstart.launcher.errors import ColdstartError
+from coldstart.launcher.gpu.driver import CudaCheckpointAPI, CudaProcessState
 
 HELP = """\
 CUDA checkpoint and restore utility (coldstart, on the CUDA driver API).
