@@ -26,7 +26,7 @@ take turns, so load from others hits them alike):
 "Copying the image" is what a copied root costs before its first start on a new host: every file read
 through a fresh mount of the same store (empty cache) and written to local disk.
 
-    sudo .venv/bin/python bench/lazy_root.py [--repeat 3] [--platform systrap|ptrace]
+    sudo .venv/bin/python bench/lazy_root.py [--repeat 3] [--platform systrap|ptrace] [--tier dir|http]
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import functools
 import hashlib
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -275,6 +276,47 @@ async def wait_healthy(sandbox: Any, timeout_s: float = 120.0) -> None:
     raise RuntimeError(f"engine not healthy in {timeout_s:.0f} s: {sandbox.log_tail()}")
 
 
+class ChunkServer:
+    """``coldstart image serve`` on a free local port (stopped with SIGTERM, then SIGKILL)."""
+
+    def __init__(self, store: Path, log: Path) -> None:
+        import httpx
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        argv = [
+            sys.executable,
+            "-m",
+            "coldstart.imagefs.cli",
+            "serve",
+            "--store",
+            str(store),
+            "--port",
+            str(port),
+        ]
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"chunk server did not come up: {log.read_text()[-500:]}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 @dataclass
 class Row:
     seconds: list[float] = field(default_factory=list)
@@ -283,8 +325,8 @@ class Row:
 
 
 class Bench:
-    def __init__(self, index: Path, work: Path, platform: str) -> None:
-        self.index, self.store, self.work, self.platform = index, index.parent.parent, work, platform
+    def __init__(self, index: Path, work: Path, platform: str, tier: str) -> None:
+        self.index, self.work, self.platform, self.tier = index, work, platform, tier
         self.rows: dict[str, Row] = {}
         self.second: list[float] = []
         self.n = 0
@@ -347,7 +389,7 @@ class Bench:
         mnt = self.fresh("mnt")
         mnt.mkdir()
         started = time.monotonic()
-        manager = mounted(self.index, mnt, cache, [str(self.store)], record_profile=False)
+        manager = mounted(self.index, mnt, cache, [self.tier], record_profile=False)
         mount = await asyncio.to_thread(manager.__enter__)
         mount_s = time.monotonic() - started
         try:
@@ -373,7 +415,14 @@ class Bench:
 async def _main(args: argparse.Namespace) -> None:
     _src, index = root_image()
     work = Path(tempfile.mkdtemp(prefix="lazy-root-", dir="/var/tmp"))
-    bench = Bench(index, work, args.platform)
+    store = index.parent.parent
+    server = None
+    if args.tier == "http":  # as another host sees the store: through a cache server
+        server = ChunkServer(store, work / "server.log")
+        tier = server.url
+    else:
+        tier = str(store)
+    bench = Bench(index, work, args.platform, tier)
     copies: list[float] = []
     try:
         copy_s, copy_bytes, copied = await bench.copy_through_tiers()
@@ -396,13 +445,16 @@ async def _main(args: argparse.Namespace) -> None:
             bench.record("lazy root, restore, warm cache", *await bench.lazy(cache, restore))
             copies.append((await bench.copy_through_tiers())[0])
     finally:
+        if server is not None:
+            server.stop()
         shutil.rmtree(work, ignore_errors=True)
 
     copy_s = statistics.median(copies)
     run_base = statistics.median(bench.rows["copied root, run"].seconds)
     restore_base = statistics.median(bench.rows["copied root, restore"].seconds)
     print(
-        f"\nrunsc ({args.platform}), root image {image_bytes / 1e6:.1f} MB, median of {args.repeat}. "
+        f"\nrunsc ({args.platform}), root image {image_bytes / 1e6:.1f} MB, tier {args.tier} ({tier}), "
+        f"median of {args.repeat}. "
         f"Copying the image to local disk through the same tier (fresh mount, empty cache): "
         f"{copy_s:.2f} s (runs: {', '.join(f'{c:.2f}' for c in copies)}), "
         f"{copy_bytes / 1e6:.1f} MB fetched.\n"
@@ -429,6 +481,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=3, help="runs of each row (median reported)")
     parser.add_argument("--platform", default="systrap", choices=("systrap", "ptrace"))
+    parser.add_argument(
+        "--tier",
+        default="dir",
+        choices=("dir", "http"),
+        help="where chunks come from: the store directory, or a `coldstart image serve` in front of it",
+    )
     asyncio.run(_main(parser.parse_args()))
 
 

@@ -32,19 +32,19 @@ def lazy_root() -> ModuleType:
 
 
 def test_paths_under_the_image_mount_are_rewritten_to_the_container_root() -> None:
-    root = Path("/run/cs/image")
+    root = Path("/run/c/img")
     spec = LaunchSpec(
-        argv=["python3", "/run/cs/image/srv/engine.py", "--model=/run/cs/image/models/tiny", "/run/cs/imagex"],
-        env={"COLDSTART_MODEL": "/run/cs/image/models/tiny", "COLDSTART_PORT": "8000"},
+        argv=["python3", "/run/c/img/srv/engine.py", "--model=/run/c/img/models/tiny", "/run/c/imgx"],
+        env={"COLDSTART_MODEL": "/run/c/img/models/tiny", "COLDSTART_PORT": "8000"},
     )
     config = oci_spec(spec, "/run/netns/x", root)
-    assert config["root"]["path"] == "/run/cs/image"
-    assert config["process"]["args"] == ["python3", "/srv/engine.py", "--model=/models/tiny", "/run/cs/imagex"]
+    assert config["root"]["path"] == "/run/c/img"
+    assert config["process"]["args"] == ["python3", "/srv/engine.py", "--model=/models/tiny", "/run/c/imgx"]
     env = dict(e.split("=", 1) for e in config["process"]["env"])
     assert env["COLDSTART_MODEL"] == "/models/tiny" and env["HOME"] == "/root"
     assert "VIRTUAL_ENV" not in env and env["PATH"].startswith("/usr/local/sbin")  # no host variables
     assert config["process"]["cwd"] == "/"
-    assert in_root("/run/cs/image", root) == "/"
+    assert in_root("/run/c/img", root) == "/"
     host = oci_spec(spec, "/run/netns/x")  # no image root: the host's / as before
     assert host["root"]["path"] == "/" and host["process"]["args"] == spec.argv
 
@@ -130,7 +130,8 @@ def test_runsc_replica_on_a_lazy_image_root_boots_snapshots_restores_and_answers
     try:
         restored = ask(second)
         lifecycle = second.lifecycle()
-        assert ("r1", "new", "restoring") in lifecycle and ("r1", "restoring", "ready") in lifecycle, second.log()
+        assert ("r1", "new", "restoring") in lifecycle, second.log()
+        assert ("r1", "restoring", "ready") in lifecycle, second.log()
         assert not any(to == "booting" for _, _, to in lifecycle), "booted instead of restoring"
         assert restored == booted  # same weights (read from the image) and the same greedy answer
         sidecars = list((tmp_path / "snapshots").rglob(SIDECAR))
