@@ -11,6 +11,7 @@ import asyncio
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -27,6 +28,7 @@ def lazy_root() -> ModuleType:
     spec = importlib.util.spec_from_file_location("lazy_root", REPO / "bench" / "lazy_root.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
+    sys.modules["lazy_root"] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
