@@ -141,3 +141,56 @@ def test_runsc_replica_on_a_lazy_image_root_boots_snapshots_restores_and_answers
         assert any((tmp_path / "b-chunks").rglob("*")), "the restore read nothing through the image"
     finally:
         assert second.stop() == 0
+
+
+@pytest.mark.slow
+def test_a_checkpoint_restores_on_another_mount_point_of_the_same_image(tmp_path: Path) -> None:
+    """What a second host does: its own mount point and an empty chunk cache; the container root follows."""
+    from coldstart.imagefs.mount import mounted
+    from coldstart.launcher.checkpointers.runsc import RunscCheckpointer
+
+    _runsc_or_skip()
+    if not Path("/dev/fuse").exists():
+        pytest.skip("no /dev/fuse on this host")
+    bench = lazy_root()
+    _src, index = bench.root_image()
+    tiers = [str(index.parent.parent)]
+
+    async def state(sandbox: object) -> dict:  # type: ignore[type-arg]
+        import httpx
+
+        await bench.wait_healthy(sandbox)
+        async with httpx.AsyncClient(timeout=10) as client:
+            got = (await client.get(f"{sandbox.base_url}/state")).json()  # type: ignore[attr-defined]
+            body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+            reply = await client.post(f"{sandbox.base_url}/v1/chat/completions", json=body)  # type: ignore[attr-defined]
+        return {**got, "answer": reply.json()["choices"][0]["message"]["content"]}
+
+    async def scenario() -> None:
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        image = tmp_path / "ckpt"
+        image.mkdir()
+        with mounted(index, tmp_path / "a", tmp_path / "cache-a", tiers, record_profile=False):
+            checkpointer = RunscCheckpointer(root=tmp_path / "a")
+            sandbox = checkpointer.new_sandbox(tmp_path / "run", "r1")
+            try:
+                await sandbox.start(bench.engine_spec(str(tmp_path / "a")))
+                before = await state(sandbox)
+                await checkpointer.checkpoint(sandbox, image, leave_running=False)
+            finally:
+                await sandbox.stop(2.0)
+        with mounted(index, tmp_path / "b", tmp_path / "cache-b", tiers, record_profile=False) as mount:
+            restored = await RunscCheckpointer(root=tmp_path / "b").restore(image, tmp_path / "restore", "r2")
+            try:
+                after = await state(restored)
+            finally:
+                await restored.stop(2.0)
+            bundle = json.loads((tmp_path / "restore" / "bundle" / "config.json").read_text())
+            assert bundle["root"]["path"] == str(tmp_path / "b")
+        assert after["weights"] == before["weights"] and after["answer"] == before["answer"]
+        assert after["restores"] == 0  # hooks run only when the launcher calls them; the process is the same
+        assert "srv" in after["root"] and "work" not in after["root"]  # the image's /, not the host's
+        assert 0 < int(mount.stats["remote_bytes"]) < int(mount.stats["image_bytes"]) / 2  # lazily, a part
+
+    asyncio.run(scenario())
