@@ -14,13 +14,14 @@ import re
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 from openai import OpenAI
 from support import REPO, Served
 
 from coldstart.engine_adapters.base import LaunchSpec
-from coldstart.launcher.checkpointers.runsc import SIDECAR, in_root, oci_spec
+from coldstart.launcher.checkpointers.runsc import SIDECAR, RunscCheckpointer, in_root, oci_spec
 from coldstart.launcher.errors import RestoreFailed, RestoreReason
 
 
@@ -51,8 +52,7 @@ def test_paths_under_the_image_mount_are_rewritten_to_the_container_root() -> No
     assert host["root"]["path"] == "/" and host["process"]["args"] == spec.argv
 
 
-def _runsc_or_skip():  # type: ignore[no-untyped-def]
-    from coldstart.launcher.checkpointers.runsc import RunscCheckpointer
+def _runsc_or_skip() -> RunscCheckpointer:
     from coldstart.launcher.errors import CheckpointerUnavailable
 
     checkpointer = RunscCheckpointer(root=Path("/nonexistent-root"))
@@ -147,7 +147,6 @@ def test_runsc_replica_on_a_lazy_image_root_boots_snapshots_restores_and_answers
 def test_a_checkpoint_restores_on_another_mount_point_of_the_same_image(tmp_path: Path) -> None:
     """What a second host does: its own mount point and an empty chunk cache; the container root follows."""
     from coldstart.imagefs.mount import mounted
-    from coldstart.launcher.checkpointers.runsc import RunscCheckpointer
 
     _runsc_or_skip()
     if not Path("/dev/fuse").exists():
@@ -156,14 +155,14 @@ def test_a_checkpoint_restores_on_another_mount_point_of_the_same_image(tmp_path
     _src, index = bench.root_image()
     tiers = [str(index.parent.parent)]
 
-    async def state(sandbox: object) -> dict:  # type: ignore[type-arg]
+    async def state(sandbox: Any) -> dict[str, Any]:
         import httpx
 
         await bench.wait_healthy(sandbox)
         async with httpx.AsyncClient(timeout=10) as client:
-            got = (await client.get(f"{sandbox.base_url}/state")).json()  # type: ignore[attr-defined]
+            got = (await client.get(f"{sandbox.base_url}/state")).json()
             body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-            reply = await client.post(f"{sandbox.base_url}/v1/chat/completions", json=body)  # type: ignore[attr-defined]
+            reply = await client.post(f"{sandbox.base_url}/v1/chat/completions", json=body)
         return {**got, "answer": reply.json()["choices"][0]["message"]["content"]}
 
     async def scenario() -> None:
