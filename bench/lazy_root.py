@@ -18,6 +18,7 @@ take turns, so load from others hits them alike):
     lazy root, run, cold cache        mount the index, empty chunk cache, then the same (mount included)
     lazy root, run, same mount again  a second container on that mount (the launcher mounts once per host)
     lazy root, run, warm cache        a new mount, chunks already in the local chunk cache (mount included)
+    ... boot profile prefetched       empty cache, the launcher's recorded boot read order fetched ahead
     copied root, restore              runsc create+restore of a checkpoint taken on the copied root
     lazy root, restore, cold cache    mount with an empty chunk cache + create+restore of a checkpoint taken
                                       on another mount point of the same image
@@ -382,14 +383,30 @@ class Bench:
         finally:
             await sandbox.stop(2.0)
 
-    async def lazy(self, cache: Path, body: Callable[[Path], Awaitable[float]]) -> tuple[float, float, int]:
-        """(mount + body seconds, mount seconds, bytes fetched) with the image mounted on a fresh point."""
+    async def lazy(
+        self,
+        cache: Path,
+        body: Callable[[Path], Awaitable[float]],
+        *,
+        profile: Path | None = None,
+        record: bool = False,
+    ) -> tuple[float, float, int]:
+        """(mount + body seconds, mount seconds, bytes fetched) with the image mounted on a fresh point;
+        ``profile``: prefetch that boot profile (``record``: write it at unmount instead)."""
         from coldstart.imagefs.mount import mounted
 
         mnt = self.fresh("mnt")
         mnt.mkdir()
         started = time.monotonic()
-        manager = mounted(self.index, mnt, cache, [self.tier], record_profile=False)
+        manager = mounted(
+            self.index,
+            mnt,
+            cache,
+            [self.tier],
+            prefetch=profile is not None and not record,
+            record_profile=record,
+            profile_path=profile or self.work / "no-profile",
+        )
         mount = await asyncio.to_thread(manager.__enter__)
         mount_s = time.monotonic() - started
         try:
@@ -430,14 +447,22 @@ async def _main(args: argparse.Namespace) -> None:
         image_bytes = sum(f.stat().st_size for f in copied.rglob("*") if f.is_file() and not f.is_symlink())
         copied_ckpt, lazy_ckpt = bench.fresh("ckpt"), bench.fresh("ckpt")
         await bench.run(copied, keep=copied_ckpt)
-        # A checkpoint taken on a lazy root; restored below on other mount points of the same image.
-        await bench.lazy(bench.fresh("cache"), lambda m: bench.run(m, keep=lazy_ckpt))
+        # A checkpoint taken on a lazy root, restored below on other mount points of the same image; this
+        # boot's read order is the profile the launcher would record (written at unmount).
+        profile = work / "boot.profile"
+        await bench.lazy(
+            bench.fresh("cache"), lambda m: bench.run(m, keep=lazy_ckpt), profile=profile, record=True
+        )
         for _ in range(args.repeat):  # rows take turns, so load from others hits them alike
             bench.record("copied root, run", await bench.run(copied))
             cache = bench.fresh("cache")
             bench.record("lazy root, run, cold cache", *await bench.lazy(cache, bench.run_twice))
             bench.record("lazy root, run, same mount again", bench.second.pop())
             bench.record("lazy root, run, warm cache", *await bench.lazy(cache, bench.run))
+            bench.record(
+                "lazy root, run, cold cache, boot profile prefetched",
+                *await bench.lazy(bench.fresh("cache"), bench.run, profile=profile),
+            )
             bench.record("copied root, restore", await bench.restore(copied, copied_ckpt))
             cache = bench.fresh("cache")
             restore = functools.partial(bench.restore, image=lazy_ckpt)

@@ -11,6 +11,7 @@ import asyncio
 import importlib.util
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -78,11 +79,12 @@ def test_root_kind_is_gated_at_restore(tmp_path: Path) -> None:
 # -- end to end: coldstart-serve, runsc, FUSE ----------------------------------------------------------------
 
 
-def serve_args(index: Path, mnt: Path, tmp: Path, name: str, initial: int) -> list[str]:
+def serve_args(index: Path, tiers: Path, mnt: Path, tmp: Path, name: str, initial: int) -> list[str]:
     return [
         "custom",
         "{image}/models/tiny",
         "--image", str(index),
+        "--image-tiers", str(tiers),
         "--image-mount", str(mnt),  # the same place for both launchers: the engine file's path is identity
         "--image-cache", str(tmp / f"{name}-chunks"),  # each launcher starts with an empty chunk cache
         "--snapshot", "runsc",
@@ -109,11 +111,15 @@ def test_runsc_replica_on_a_lazy_image_root_boots_snapshots_restores_and_answers
     _runsc_or_skip()
     if not Path("/dev/fuse").exists():
         pytest.skip("no /dev/fuse on this host")
-    _src, index = lazy_root().root_image()
+    _src, cached = lazy_root().root_image()
+    # A private copy of the index: the launcher writes its boot profile next to it (not into .cache).
+    index = tmp_path / "rootfs.cidx"
+    shutil.copyfile(cached, index)
+    store = cached.parent.parent
     mnt = tmp_path / "rootfs"
     assert not Path("/srv/engine.py").exists() and not Path("/models/tiny").exists()  # only in the image
 
-    first = Served(serve_args(index, mnt, tmp_path, "a", initial=1), tmp_path / "a.log")
+    first = Served(serve_args(index, store, mnt, tmp_path, "a", initial=1), tmp_path / "a.log")
     try:
         first.wait_ready(240)
         first.wait_for(lambda h: re.search(r"snapshot \w+ taken", first.log()), 240, "the snapshot")
@@ -128,7 +134,7 @@ def test_runsc_replica_on_a_lazy_image_root_boots_snapshots_restores_and_answers
         assert first.stop() == 0
     assert str(mnt) not in Path("/proc/mounts").read_text()
 
-    second = Served(serve_args(index, mnt, tmp_path, "b", initial=0), tmp_path / "b.log")
+    second = Served(serve_args(index, store, mnt, tmp_path, "b", initial=0), tmp_path / "b.log")
     try:
         restored = ask(second)
         lifecycle = second.lifecycle()
@@ -138,7 +144,8 @@ def test_runsc_replica_on_a_lazy_image_root_boots_snapshots_restores_and_answers
         assert restored == booted  # same weights (read from the image) and the same greedy answer
         sidecars = list((tmp_path / "snapshots").rglob(SIDECAR))
         assert [json.loads(p.read_text())["root"] for p in sidecars] == ["image"]
-        assert any((tmp_path / "b-chunks").rglob("*")), "the restore read nothing through the image"
+        assert Path(f"{index}.profile").exists()  # the first boot's read order: b prefetched it
+        assert any((tmp_path / "b-chunks").rglob("*")), "nothing fetched through the image"
     finally:
         assert second.stop() == 0
 
