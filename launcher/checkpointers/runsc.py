@@ -27,9 +27,10 @@ starts with only the index on the host and its files are fetched as the engine o
 mount point in the engine's argv, env and cwd (``{image}/srv/engine.py``) are rewritten to their place in
 the container (``/srv/engine.py``); other paths (``python3``) resolve inside the image, with a fixed PATH
 and no host environment. The image needs ``cat`` (the drain before a checkpoint runs it inside). The gofer
-serves the FUSE mount as root (imagefs mounts with ``allow_other`` and ``default_permissions`` when root;
-nothing else was needed). A checkpoint records which root it ran on; a restore needs the same kind (the
-image digest is in the snapshot identity) and gets this launcher's mount point as root.
+serves the FUSE mount as is: runsc runs as root, the mount's owner (imagefs adds ``allow_other`` when
+root; a mount without it, ``user_id=0,default_permissions``, was tried and works too). A checkpoint
+records which root it ran on; a restore needs the same kind (the image digest is in the snapshot identity)
+and gets this launcher's mount point as root.
 """
 
 from __future__ import annotations
