@@ -76,9 +76,9 @@ async def image_mounted(config: ServeConfig) -> AsyncIterator[Any]:
         extra={"event": "image_mounted", "duration_s": round(time.monotonic() - started, 3)},
     )
     global _rootfs
-    if await asyncio.to_thread((mountpoint / "usr").is_dir):
-        _rootfs = mountpoint
-        log.info("image %s holds a root filesystem: runsc containers run on it", config.image)
+    if await asyncio.to_thread((mount.mountpoint / "usr").is_dir):
+        _rootfs = mount.mountpoint  # absolute, as {image} is filled in (with_mountpoint)
+        log.info("image %s holds a root filesystem: the container root with --snapshot runsc", config.image)
     try:
         yield mount
     finally:
