@@ -148,8 +148,9 @@ class VllmAdapter(EngineAdapter):
             "PYTHONUNBUFFERED": "1",
             # The engine's own venv first: tools vLLM runs (compilers, ninja) come from there.
             "PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/local/bin:/usr/bin:/bin')}",
-            "VIRTUAL_ENV": str(Path(bin_dir).parent),
         }
+        if (Path(bin_dir).parent / "pyvenv.cfg").exists():
+            env["VIRTUAL_ENV"] = str(Path(bin_dir).parent)
         if model.startswith("/"):
             env["HF_HUB_OFFLINE"] = "1"
         # torch.compile's cache stays where torch puts it on the host, whatever TMPDIR a sandbox gives the
