@@ -8,11 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from coldstart.engine_adapters.base import EngineConfig
-from coldstart.engine_adapters.registry import get_adapter
+from coldstart.engine_adapters.base import EngineEnvironment
+from coldstart.engine_adapters.vllm import VllmAdapter
 from coldstart.launcher.checkpointers.base import Checkpointer, CheckpointerInfo
 from coldstart.launcher.sandboxes.base import Sandbox
 from coldstart.launcher.snapshots.manager import SnapshotManager
 from coldstart.launcher.snapshots.store import SnapshotStore
+
+# A vLLM on CUDA, described rather than probed: these tests must not need vLLM installed.
+CUDA_VLLM = EngineEnvironment("/venvs/vllm/bin/python", "vllm", "0.11.0", "cuda", sleep_mode=True)
 
 
 class CpuCheckpointer(Checkpointer):
@@ -49,7 +53,10 @@ class GpuCheckpointer(CpuCheckpointer):
 
 def restore(checkpointer: Checkpointer, env: dict[str, str], tmp_path: Path) -> None:
     config = EngineConfig("m", env=env)
-    manager = SnapshotManager(checkpointer, SnapshotStore(tmp_path), get_adapter("vllm"), config)
+    adapter = VllmAdapter(environment=CUDA_VLLM)
+    manager = SnapshotManager(checkpointer, SnapshotStore(tmp_path), adapter, config)
+        checkpointer, SnapshotStore(tmp_path), VllmAdapter(environment=CUDA_VLLM), config
+    )
     asyncio.run(manager._restore_sandbox(tmp_path, tmp_path, "r1", config))
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from coldstart.engine_adapters.registry import get_adapter
+from coldstart.engine_adapters.base import EngineEnvironment
+from coldstart.engine_adapters.vllm import VllmAdapter
 from coldstart.launcher.checkpointers import registry
 from coldstart.launcher.checkpointers.criu import CriuCheckpointer
 from coldstart.launcher.checkpointers.cuda import CudaCheckpointer, CudaOptions
@@ -20,6 +21,9 @@ from coldstart.launcher.server import make_snapshots
 from coldstart.launcher.settings import engine_config, scaling_policy, snapshot_settings
 
 TP2 = ("--tensor-parallel-size", "2")
+
+# A vLLM on CUDA, described rather than probed: these tests must not need vLLM installed.
+CUDA_VLLM = EngineEnvironment("/venvs/vllm/bin/python", "vllm", "0.11.0", "cuda", sleep_mode=True)
 
 
 def test_engine_config_carries_env_and_warmups() -> None:
@@ -61,7 +65,7 @@ def test_auto_picking_cuda_refuses_tensor_parallel(
 ) -> None:
     """The NCCL refusal used to run only for --snapshot cuda; auto picks cuda on GPU hosts."""
     monkeypatch.setattr(registry, "best_available", _fake_cuda)
-    adapter = get_adapter("vllm")
+    adapter = VllmAdapter(environment=CUDA_VLLM)
     auto = ServeConfig(engine="vllm", model="m", engine_args=TP2, snapshot="auto")
     with caplog.at_level(logging.WARNING, logger="coldstart.serve"):
         assert make_snapshots(auto, adapter, Metrics()) is None  # auto: snapshots off, said why
