@@ -55,8 +55,6 @@ def restore(checkpointer: Checkpointer, env: dict[str, str], tmp_path: Path) -> 
     config = EngineConfig("m", env=env)
     adapter = VllmAdapter(environment=CUDA_VLLM)
     manager = SnapshotManager(checkpointer, SnapshotStore(tmp_path), adapter, config)
-        checkpointer, SnapshotStore(tmp_path), VllmAdapter(environment=CUDA_VLLM), config
-    )
     asyncio.run(manager._restore_sandbox(tmp_path, tmp_path, "r1", config))
 
 
