@@ -7,8 +7,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from coldstart.engine_adapters.base import EngineConfig
-from coldstart.engine_adapters.base import EngineEnvironment
+from coldstart.engine_adapters.base import EngineConfig, EngineEnvironment
 from coldstart.engine_adapters.vllm import VllmAdapter
 from coldstart.launcher.checkpointers.base import Checkpointer, CheckpointerInfo
 from coldstart.launcher.sandboxes.base import Sandbox
