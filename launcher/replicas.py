@@ -279,7 +279,7 @@ class ReplicaManager:
                     failures = 0
                     continue
                 failures += 1
-                exited = replica.sandbox.exit_code() is not None
+                exited = replica.sandbox is not None and replica.sandbox.exit_code() is not None
                 if not self._watched(replica):
                     return  # its stop began while the probe ran
                 if exited or failures >= HEALTH_FAILURES:

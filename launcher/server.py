@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import math
 import signal
 import socket
 import time
@@ -168,7 +169,7 @@ async def _serve_proxy(
             port=config.port,
             http=proxy.http_protocol(),  # with a header timeout
             # On SIGTERM in-flight requests get --drain-timeout to finish, then are cut (not waited forever).
-            timeout_graceful_shutdown=config.drain_timeout,
+            timeout_graceful_shutdown=math.ceil(config.drain_timeout),  # uvicorn takes whole seconds
             log_level="warning",
             access_log=False,
             lifespan="off",
