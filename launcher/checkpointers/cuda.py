@@ -54,9 +54,15 @@ from typing import Any
 
 from coldstart.launcher.atomic import write_text_atomic
 from coldstart.launcher.checkpointers.base import Checkpointer, CheckpointerInfo
-from coldstart.launcher.errors import CheckpointerUnavailable, RestoreFailed, RestoreReason
+from coldstart.launcher.errors import (
+    CheckpointerUnavailable,
+    GpuError,
+    GpuRefused,
+    NoNvidiaDriver,
+    RestoreFailed,
+    RestoreReason,
+)
 from coldstart.launcher.gpu.driver import CudaCheckpointAPI, CudaProcessState
-from coldstart.launcher.gpu.errors import GpuError, GpuRefused, NoNvidiaDriver
 from coldstart.launcher.gpu.helper import CallBounds, HelperCudaAPI
 from coldstart.launcher.gpu.inventory import GpuInventory, gpu_processes, read_inventory
 from coldstart.launcher.sandboxes.base import Sandbox

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from coldstart.launcher.checkpointers.cuda import MIN_DRIVER_MAJOR, PARITY_DRIVER_MAJOR, REMAP_DRIVER_MAJOR
+from coldstart.launcher.errors import GpuError, NoNvidiaDriver
 from coldstart.launcher.gpu.driver import CudaCheckpointAPI
-from coldstart.launcher.gpu.errors import GpuError, NoNvidiaDriver
 from coldstart.launcher.gpu.inventory import GpuInventory, read_inventory
 
 Status = Literal["ok", "warn", "fail", "skip"]

@@ -30,7 +30,7 @@ import uuid as uuid_mod
 from collections.abc import Mapping
 from typing import Any
 
-from coldstart.launcher.gpu.errors import (
+from coldstart.launcher.errors import (
     CheckpointUnsupported,
     CudaCallFailed,
     CudaStateError,

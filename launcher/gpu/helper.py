@@ -32,9 +32,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from coldstart.launcher.gpu import errors as gpu_errors
+from coldstart.launcher import errors
+from coldstart.launcher.errors import CudaCallTimeout, GpuError
 from coldstart.launcher.gpu.driver import CudaCheckpointAPI, CudaProcessState
-from coldstart.launcher.gpu.errors import CudaCallTimeout, GpuError
 
 
 @dataclass(frozen=True)
@@ -188,11 +188,11 @@ def _timeout_message(op: str, pid: int | None, bound_s: float) -> str:
 
 
 def _rebuild(error: dict[str, Any]) -> GpuError:
-    cls = getattr(gpu_errors, str(error.get("type")), None)
+    cls = getattr(errors, str(error.get("type")), None)
     message = str(error.get("message", "CUDA helper error"))
     if not (isinstance(cls, type) and issubclass(cls, GpuError)):
         return GpuError(message)
-    if issubclass(cls, gpu_errors.CudaCallFailed):
+    if issubclass(cls, errors.CudaCallFailed):
         return cls(
             message, call=str(error.get("call")), pid=error.get("pid"), result=str(error.get("result"))
         )
@@ -242,7 +242,7 @@ def _dispatch(api: CudaCheckpointAPI, op: str, req: dict[str, Any]) -> Any:
 
 
 def _fields(exc: GpuError) -> dict[str, Any]:
-    if isinstance(exc, gpu_errors.CudaCallFailed):
+    if isinstance(exc, errors.CudaCallFailed):
         return {"call": exc.call, "pid": exc.pid, "result": exc.result}
     return {}
 

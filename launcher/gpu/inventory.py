@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from coldstart.launcher.gpu.errors import GpuError, GpuNotFound, NoNvidiaDriver
+from coldstart.launcher.errors import GpuError, GpuNotFound, NoNvidiaDriver
 
 NO_NVML_HINT = "no NVIDIA driver on this host (libnvidia-ml.so.1 not found): install the NVIDIA driver >= 570"
 

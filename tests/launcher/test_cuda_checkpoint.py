@@ -8,20 +8,20 @@ import ctypes.util
 
 import pytest
 
-from coldstart.launcher.gpu.driver import (
-    CudaCheckpointAPI,
-    CudaProcessState,
-    _cu_uuid,
-    _map_result,
-    uuid_bytes,
-)
-from coldstart.launcher.gpu.errors import (
+from coldstart.launcher.errors import (
     CheckpointUnsupported,
     CudaCallFailed,
     CudaStateError,
     GpuError,
     LockTimeout,
     NoNvidiaDriver,
+)
+from coldstart.launcher.gpu.driver import (
+    CudaCheckpointAPI,
+    CudaProcessState,
+    _cu_uuid,
+    _map_result,
+    uuid_bytes,
 )
 from coldstart.launcher.gpu.fake import CUresult, FakeGpuHost
 

@@ -27,9 +27,17 @@ from coldstart.launcher.checkpointers.cuda import (
     refuse_unsupported_engine_args,
     sandbox_host_pids,
 )
-from coldstart.launcher.errors import CheckpointerUnavailable, RestoreFailed, SnapshotError
+from coldstart.launcher.errors import (
+    CheckpointerUnavailable,
+    CudaCallFailed,
+    CudaStateError,
+    GpuError,
+    GpuRefused,
+    LockTimeout,
+    RestoreFailed,
+    SnapshotError,
+)
 from coldstart.launcher.gpu.driver import CudaCheckpointAPI
-from coldstart.launcher.gpu.errors import CudaCallFailed, CudaStateError, GpuError, GpuRefused, LockTimeout
 from coldstart.launcher.gpu.fake import CUprocessState, FakeGpuHost
 from coldstart.launcher.process import process_tree
 from coldstart.launcher.sandboxes.base import Sandbox

@@ -11,9 +11,9 @@ import sys
 import pytest
 
 from coldstart.launcher.cli import cuda_checkpoint as cli
+from coldstart.launcher.errors import GpuNotFound, NoNvidiaDriver
 from coldstart.launcher.gpu.doctor import _kernel_row, gpu_checks, gvisor_reason
 from coldstart.launcher.gpu.driver import CudaCheckpointAPI
-from coldstart.launcher.gpu.errors import GpuNotFound, NoNvidiaDriver
 from coldstart.launcher.gpu.fake import CUprocessState, FakeGpuHost
 from coldstart.launcher.gpu.inventory import gpu_fingerprint, gpu_processes, read_inventory
 

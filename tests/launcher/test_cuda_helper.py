@@ -10,8 +10,7 @@ import time
 
 import pytest
 
-from coldstart.launcher.gpu.driver import CudaProcessState
-from coldstart.launcher.gpu.errors import (
+from coldstart.launcher.errors import (
     CheckpointUnsupported,
     CudaCallFailed,
     CudaCallTimeout,
@@ -19,6 +18,7 @@ from coldstart.launcher.gpu.errors import (
     LockTimeout,
     NoNvidiaDriver,
 )
+from coldstart.launcher.gpu.driver import CudaProcessState
 from coldstart.launcher.gpu.fake import FakeGpuHost
 from coldstart.launcher.gpu.helper import CallBounds, HelperCudaAPI
 
