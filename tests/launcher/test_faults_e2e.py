@@ -250,7 +250,7 @@ def test_two_launchers_taking_the_same_snapshot_wait_for_each_other(
 def test_non_streaming_clients_that_go_away_close_upstream_and_free_the_replica(
     serve: Callable[..., Served], tiny_model: Path, tmp_path: Path
 ) -> None:
-    served = serve(["transformers", str(tiny_model), "--work-dir", str(tmp_path)])
+    served = serve(["transformers", str(tiny_model), "--work-dir", str(tmp_path), "--log-level", "debug"])
     served.wait_ready()
     body = {"model": str(tiny_model), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3000}
     gone = threading.Barrier(11)
@@ -269,7 +269,8 @@ def test_non_streaming_clients_that_go_away_close_upstream_and_free_the_replica(
     served.wait_for(lambda h: sum(r["in_flight"] for r in h["replicas"]) == 0, 15, "in-flight back to 0")
     for t in clients:
         t.join()
-    # transformers serve itself finishes abandoned non-streaming generations (it has no abort on disconnect):
-    # the next request is answered, after them.
+    # The engine stops the abandoned generations (transformers_entry's abort; transformers serve alone ran
+    # all ten to 3000 tokens while the proxy saw it idle), then answers the next request.
+    served.wait_for(lambda h: "generation stopped at" in served.log(), 120, "an abandoned generation stopped")
     reply = httpx.post(f"{served.url}/v1/chat/completions", json={**body, "max_tokens": 2}, timeout=120)
     assert reply.status_code == 200
