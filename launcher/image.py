@@ -43,10 +43,12 @@ def default_tiers(index: Path) -> list[str]:
 
 
 def with_mountpoint(config: ServeConfig, mountpoint: Path) -> ServeConfig:
-    """``{image}`` in MODEL and the engine arguments replaced by the mount point."""
+    """``{image}`` in MODEL and the engine arguments replaced by the mount point (recorded as
+    ``image_mount``: what is under it is pinned by the image's digest)."""
     where = str(mountpoint)
     return dataclasses.replace(
         config,
+        image_mount=Path(mountpoint),
         model=config.model.replace(PLACEHOLDER, where),
         engine_args=tuple(a.replace(PLACEHOLDER, where) for a in config.engine_args),
     )

@@ -26,6 +26,7 @@ class SnapshotSettings:
     store_dir: Path
     image: Path | None  # the imagefs index the engine runs from (its digest is part of the identity)
     canary: Canary
+    image_mount: Path | None = None  # where that image is mounted: files under it are pinned by its digest
     # Snapshots across hosts (snapshots/remote.py): where to find them, cache their chunks, publish them.
     tiers: tuple[str, ...] = ()
     chunk_cache: Path | None = None
@@ -68,6 +69,7 @@ def snapshot_settings(config: ServeConfig) -> SnapshotSettings | None:
         store_dir=Path(config.snapshot_dir),
         image=Path(config.image) if config.image is not None else None,
         canary=config.canary or DEFAULT_CANARY,
+        image_mount=Path(config.image_mount) if config.image is not None and config.image_mount else None,
         tiers=tuple(t.strip() for t in (config.snapshot_tiers or "").split(",") if t.strip()),
         chunk_cache=config.snapshot_cache,
         publish_to=config.snapshot_publish,

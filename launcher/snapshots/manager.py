@@ -98,6 +98,7 @@ class SnapshotManager:
         metrics: Metrics | None = None,
         *,
         image_digest: str | None = None,
+        image_mount: Path | None = None,
         canary: Canary = DEFAULT_CANARY,
         restore_timeout_s: float = 120.0,
         remote: SnapshotTiers | None = None,
@@ -110,6 +111,9 @@ class SnapshotManager:
         self.identity: SnapshotIdentity = snapshot_identity(
             adapter, engine_config, self.info, self.canary.to_json(), image_digest=image_digest
         )
+        # Model files inside the mounted image are pinned by the image digest (in the identity): hashing
+        # them again would read the whole model through FUSE, and on a new host pull it before a restore.
+        self.image_mount = image_mount
         self.restore_timeout_s = restore_timeout_s
         # Phase durations of each finished restore, by replica id: restores run concurrently, so one
         # shared "last" dict would mix them.
@@ -445,6 +449,8 @@ class SnapshotManager:
         cache = self._digest_cache()
         out = {}
         for file in model_files(adapter, config):
+            if self.image_mount is not None and file.is_relative_to(self.image_mount):
+                continue
             out[str(file)] = {
                 "size": file.stat().st_size,
                 "sha256": cache.digest(file, trust_cache=not fresh),
@@ -495,6 +501,7 @@ def snapshots_for(
         engine_config,
         metrics,
         image_digest=image_digest_of(settings.image),
+        image_mount=settings.image_mount,
         canary=settings.canary,
         remote=remote_for(settings.tiers, settings.chunk_cache, settings.publish_to),
     )

@@ -10,6 +10,7 @@ import pytest
 from coldstart.engine_adapters.base import EngineEnvironment
 from coldstart.engine_adapters.vllm import VllmAdapter
 from coldstart.launcher.checkpointers import registry
+from coldstart.launcher.checkpointers.base import CheckpointerInfo
 from coldstart.launcher.checkpointers.criu import CriuCheckpointer
 from coldstart.launcher.checkpointers.cuda import CudaCheckpointer, CudaOptions
 from coldstart.launcher.config import Canary, ServeConfig, WarmupRequest
@@ -74,3 +75,33 @@ def test_auto_picking_cuda_refuses_tensor_parallel(
     named = ServeConfig(engine="vllm", model="m", engine_args=TP2, snapshot="cuda")
     with pytest.raises(GpuRefused, match="tensor-parallel-size 2"):
         make_snapshots(named, adapter, Metrics())
+
+
+def test_model_files_inside_the_mounted_image_are_pinned_by_its_digest(tmp_path: Path) -> None:
+    """Hashing them again would read the whole model through FUSE (and pull it on a new host)."""
+    from coldstart.engine_adapters.base import EngineConfig
+    from coldstart.engine_adapters.registry import get_adapter
+    from coldstart.launcher.image import with_mountpoint
+    from coldstart.launcher.snapshots.manager import SnapshotManager
+    from coldstart.launcher.snapshots.store import SnapshotStore
+
+    mount = tmp_path / "image"
+    (mount / "models" / "m").mkdir(parents=True)
+    (mount / "models" / "m" / "weights.bin").write_bytes(b"w")
+    index = tmp_path / "image.cidx"
+    index.write_bytes(b"index")
+    config = with_mountpoint(ServeConfig(engine="custom", model="{image}/models/m", image=index), mount)
+    settings = snapshot_settings(config)
+    assert settings is not None and settings.image_mount == mount
+    econf = EngineConfig(model=config.model, engine_args=("python3", "-m", "http.server", "{port}"))
+    adapter = get_adapter("custom")
+
+    class Stub(CriuCheckpointer):
+        def probe(self) -> CheckpointerInfo:
+            return CheckpointerInfo("stub", "1")
+
+    store = SnapshotStore(tmp_path / "store")
+    inside = SnapshotManager(Stub(), store, adapter, econf, image_mount=settings.image_mount)
+    assert inside._model_digests(adapter, econf, fresh=True) == {}
+    plain = SnapshotManager(Stub(), store, adapter, econf)  # the same files outside any image are pinned
+    assert list(plain._model_digests(adapter, econf, fresh=True)) == [str(mount / "models/m/weights.bin")]
