@@ -13,7 +13,8 @@
     ├── NetnsError                 a network namespace could not be created or removed
     ├── CheckpointerUnavailable    criu/runsc missing or unusable here (names the fix)
     ├── SnapshotError              a snapshot could not be written, read or verified
-    │   └── SnapshotCorrupt        a snapshot file is missing, has the wrong size or the wrong digest
+    │   ├── SnapshotCorrupt        a snapshot file is missing, has the wrong size or the wrong digest
+    │   └── RemoteSnapshotError    a snapshot on other hosts missing, refused by the gate, or not fetched
     ├── RestoreFailed              restore failed; ``reason`` (a ``RestoreReason``) labels metrics
     └── GpuError                   the GPU layer (CUDA checkpoint driver API, NVML)
         ├── NoNvidiaDriver         libcuda / libnvidia-ml not found: no NVIDIA driver on this host
@@ -130,6 +131,14 @@ class RestoreReason(StrEnum):
             RestoreReason.MODEL_FILES,
             RestoreReason.FETCH,  # a local snapshot (published again) serves the next restore
         )
+
+
+class RemoteSnapshotError(SnapshotError):
+    """A snapshot on other hosts could not be found, was refused by the gate, or could not be fetched."""
+
+    def __init__(self, reason: RestoreReason, message: str) -> None:
+        super().__init__(message)
+        self.reason = RestoreReason(reason)  # what the restore that wanted it fails with
 
 
 class RestoreFailed(ColdstartError):

@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from coldstart.launcher.config import ServeConfig
-from coldstart.launcher.errors import USER_ERRORS, CheckpointerUnavailable, ColdstartError, UsageError
+from coldstart.launcher.errors import (
+    USER_ERRORS,
+    CheckpointerUnavailable,
+    ColdstartError,
+    SnapshotError,
+    UsageError,
+)
 from coldstart.launcher.snapshots.store import Snapshot, SnapshotStore
 
 if TYPE_CHECKING:
@@ -144,7 +150,6 @@ def host_gate(snap: Snapshot) -> list[str]:
 
 
 def _find_remote(remote: SnapshotTiers | None, key: str) -> RemoteSnapshot:
-    from coldstart.launcher.errors import SnapshotError
 
     if remote is None or not remote.tiers:
         raise SnapshotError(f"no snapshot {key!r} here; pass --snapshot-tiers to look on other hosts")
@@ -160,7 +165,6 @@ def _find_remote(remote: SnapshotTiers | None, key: str) -> RemoteSnapshot:
 
 
 def _inspect(store: SnapshotStore, key: str, verify: bool, remote: SnapshotTiers | None) -> int:
-    from coldstart.launcher.errors import SnapshotError
 
     try:
         snap = store.find(key)
@@ -188,8 +192,9 @@ def _inspect(store: SnapshotStore, key: str, verify: bool, remote: SnapshotTiers
 
 
 def _pull(store: SnapshotStore, remote: SnapshotTiers | None, key: str, force: bool) -> int:
+    if remote is None:
+        raise SnapshotError(f"no snapshot {key!r} here; pass --snapshot-tiers to look on other hosts")
     found = _find_remote(remote, key)
-    assert remote is not None
 
     def gate(manifest: dict[str, Any]) -> list[str]:
         problems = host_gate(Snapshot(Path(found.tier), manifest))

@@ -50,6 +50,7 @@ from coldstart.launcher.errors import (
     BootTimeout,
     ColdstartError,
     EngineExited,
+    RemoteSnapshotError,
     RestoreFailed,
     RestoreReason,
     SnapshotCorrupt,
@@ -122,12 +123,16 @@ class SnapshotManager:
         # published after every snapshot taken here.
         self.remote = remote
         self.last_pull: PullReport | None = None
+        self._remote_missing = threading.Event()  # set by prefetch() when no tier has this identity
         self._publishing: set[asyncio.Task[None]] = set()
 
     # -- what the replica manager calls ------------------------------------------------------------
     def has_snapshot(self) -> bool:
-        # With tiers, try: the lookup is a network call, made in restore() (a miss cold-boots, "missing").
-        return self.store.has(self.identity.key) or bool(self.remote and self.remote.tiers)
+        # With tiers, try: the lookup is a network call, made in restore() (a miss cold-boots, "missing"),
+        # unless the pull at launch already found that no tier has it (then a cold boot is no failed restore).
+        if self.store.has(self.identity.key):
+            return True
+        return bool(self.remote and self.remote.tiers) and not self._remote_missing.is_set()
 
     def new_sandbox(self, workdir: Path, replica_id: str) -> Sandbox:
         return self.checkpointer.new_sandbox(workdir, replica_id)
@@ -340,14 +345,16 @@ class SnapshotManager:
         failure here is logged, and met again, with its reason, by that restore."""
         if self.remote is None or not self.remote.tiers or self.store.has(self.identity.key):
             return None
-        from coldstart.launcher.snapshots.remote import RemoteSnapshotError
-
         remote, key, gate = self.remote, self.identity.key, self._gate(adapter, engine_config)
 
         def run() -> None:
             try:
                 remote.pull(key, self.store, gate)
-            except (RemoteSnapshotError, SnapshotError, OSError) as exc:
+            except RemoteSnapshotError as exc:
+                if exc.reason is RestoreReason.MISSING:
+                    self._remote_missing.set()
+                log.info("snapshot %s not pulled ahead: %s", key, exc)
+            except (SnapshotError, OSError) as exc:
                 log.info("snapshot %s not pulled ahead: %s", key, exc)
 
         thread = threading.Thread(target=run, name=f"prefetch-{key}", daemon=True)
@@ -357,9 +364,10 @@ class SnapshotManager:
     async def _pull(self, adapter: EngineAdapter, engine_config: EngineConfig) -> Snapshot:
         """This identity's snapshot through the tiers into the local store; the gate (checkpointer,
         host, model files) runs on the manifest before a byte of the image is fetched."""
-        from coldstart.launcher.snapshots.remote import RemoteSnapshotError
-
-        assert self.remote is not None
+        if self.remote is None:
+            raise RestoreFailed(
+                RestoreReason.MISSING, f"no snapshot {self.identity.key} in {self.store.root}"
+            )
         gate = self._gate(adapter, engine_config)
         try:
             snapshot, self.last_pull = await asyncio.to_thread(
@@ -370,7 +378,8 @@ class SnapshotManager:
         return snapshot
 
     async def _publish(self, snapshot: Snapshot) -> None:
-        assert self.remote is not None
+        if self.remote is None:
+            return
         try:
             await asyncio.to_thread(self.remote.publish, snapshot)
         except (SnapshotError, OSError) as exc:  # this host keeps serving from its local snapshot

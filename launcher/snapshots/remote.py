@@ -27,7 +27,7 @@ verified before CRIU opens a file instead of an EIO in the middle of a restore.
 
 Faults: an unreachable tier is skipped (the fetcher's cooldown) and the next one answers; a chunk failing
 its digest is discarded and fetched from the next tier; when no tier has a chunk the pull fails with
-``RemoteSnapshotError("fetch")`` and leaves nothing behind (the pending folder is removed; the chunk cache
+``RemoteSnapshotError(FETCH)`` and leaves nothing behind (the pending folder is removed; the chunk cache
 only ever holds verified chunks). Two launchers on one host pulling one snapshot: a file lock per key, the
 second waits and finds the first one's committed copy (fetched once).
 """
@@ -50,7 +50,7 @@ from coldstart.imagefs.fetcher import Fetcher
 from coldstart.imagefs.index import ImageIndex
 from coldstart.imagefs.refs import Published, Ref, find_ref, materialize, publish, remove_ref
 from coldstart.imagefs.tiers import DirectoryTier, MemoryTier, Tier, open_tier
-from coldstart.launcher.errors import SnapshotError, UsageError
+from coldstart.launcher.errors import RemoteSnapshotError, RestoreReason, SnapshotError, UsageError
 from coldstart.launcher.snapshots.store import MANIFEST, Snapshot, SnapshotStore
 
 log = logging.getLogger("coldstart.snapshots")
@@ -64,14 +64,6 @@ Gate = Callable[[dict[str, Any]], list[str]]  # manifest -> why it cannot restor
 
 def ref_name(key: str) -> str:
     return REF_PREFIX + key
-
-
-class RemoteSnapshotError(SnapshotError):
-    """A remote snapshot could not be found, was refused by the gate, or could not be fetched."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason  # "missing", "gate", "fetch" or "digest": RestoreFailed's reason
 
 
 @dataclass
@@ -199,21 +191,27 @@ class SnapshotTiers:
         try:
             found = find_ref(self._remotes(fetcher), ref_name(key))
         except ImageError as exc:
-            raise RemoteSnapshotError("fetch", f"snapshot {key}: {exc}") from exc
+            raise RemoteSnapshotError(RestoreReason.FETCH, f"snapshot {key}: {exc}") from exc
         if found is None:
             return None
         ref, tier = found
         if "manifest" not in ref.blobs:
-            raise RemoteSnapshotError("digest", f"snapshot {key} on {tier}: its ref names no manifest")
+            raise RemoteSnapshotError(
+                RestoreReason.DIGEST, f"snapshot {key} on {tier}: its ref names no manifest"
+            )
         try:
             manifest = json.loads(fetcher.get(ref.blobs["manifest"]))
         except ImageError as exc:
-            raise RemoteSnapshotError("fetch", f"snapshot {key}: manifest unavailable: {exc}") from exc
+            raise RemoteSnapshotError(
+                RestoreReason.FETCH, f"snapshot {key}: manifest unavailable: {exc}"
+            ) from exc
         except ValueError as exc:
-            raise RemoteSnapshotError("digest", f"snapshot {key} on {tier}: manifest is not JSON") from exc
+            raise RemoteSnapshotError(
+                RestoreReason.DIGEST, f"snapshot {key} on {tier}: manifest is not JSON"
+            ) from exc
         if manifest.get("key") != key:
             raise RemoteSnapshotError(
-                "digest", f"snapshot {key} on {tier}: manifest is for {manifest.get('key')}"
+                RestoreReason.DIGEST, f"snapshot {key} on {tier}: manifest is for {manifest.get('key')}"
             )
         return RemoteSnapshot(key, ref, tier, manifest)
 
@@ -263,7 +261,7 @@ class SnapshotTiers:
             try:
                 local = store.lookup(key)
             except SnapshotError as exc:
-                raise RemoteSnapshotError("digest", str(exc)) from exc
+                raise RemoteSnapshotError(RestoreReason.DIGEST, str(exc)) from exc
             if local is not None:  # another puller (or a snapshot taken here) got there first
                 report = PullReport(key, local.total_bytes, already_local=True, phases={"lock": waited})
                 return local, report
@@ -273,7 +271,9 @@ class SnapshotTiers:
                     report.phases["lock"] = waited
                     t = time.monotonic()
             except OSError as exc:  # this host's disk (full, read-only): the replica cold-boots
-                raise RemoteSnapshotError("fetch", f"snapshot {key}: cannot write it here: {exc}") from exc
+                raise RemoteSnapshotError(
+                    RestoreReason.FETCH, f"snapshot {key}: cannot write it here: {exc}"
+                ) from exc
             report.phases["cache_flush"] = time.monotonic() - t  # close() writes what the cache still lacks
             return snapshot, report
 
@@ -290,7 +290,7 @@ class SnapshotTiers:
         found = self._find(fetcher, key)
         if found is None:
             raise RemoteSnapshotError(
-                "missing", f"no snapshot {key} locally or on tiers {', '.join(self.tiers)}"
+                RestoreReason.MISSING, f"no snapshot {key} locally or on tiers {', '.join(self.tiers)}"
             )
         phases["manifest"] = time.monotonic() - t
         t = time.monotonic()
@@ -298,13 +298,16 @@ class SnapshotTiers:
         phases["gate"] = time.monotonic() - t
         if problems:  # refused before a byte of the image is fetched
             raise RemoteSnapshotError(
-                "gate", f"snapshot {key} on {found.tier} does not fit this host: " + "; ".join(problems)
+                RestoreReason.GATE,
+                f"snapshot {key} on {found.tier} does not fit this host: " + "; ".join(problems),
             )
         t = time.monotonic()
         try:
             index = ImageIndex.from_bytes(fetcher.get(found.ref.index), f"snapshot {key} index")
         except ImageError as exc:
-            raise RemoteSnapshotError("fetch", f"snapshot {key}: index unavailable: {exc}") from exc
+            raise RemoteSnapshotError(
+                RestoreReason.FETCH, f"snapshot {key}: index unavailable: {exc}"
+            ) from exc
         phases["index"] = time.monotonic() - t
         files: dict[str, Any] = found.manifest.get("files") or {}
         report = PullReport(key, int(found.manifest.get("bytes", 0)), phases=phases)
@@ -320,17 +323,19 @@ class SnapshotTiers:
                     hash_files=self.verify_files,
                 )
             except ImageError as exc:
-                raise RemoteSnapshotError("fetch", f"snapshot {key}: {exc}") from exc
+                raise RemoteSnapshotError(RestoreReason.FETCH, f"snapshot {key}: {exc}") from exc
             phases["fetch"] = time.monotonic() - t
             got = {f"image/{rel}": meta for rel, meta in written.items()}
             if set(got) != set(files):
                 raise RemoteSnapshotError(
-                    "digest", f"snapshot {key}: published files differ from its manifest's; publish it again"
+                    RestoreReason.DIGEST,
+                    f"snapshot {key}: published files differ from its manifest's; publish it again",
                 )
             for rel, meta in got.items():
                 if meta.size != files[rel]["size"] or meta.sha256 not in (None, files[rel]["sha256"]):
                     raise RemoteSnapshotError(
-                        "digest", f"snapshot {key}: {rel} does not match its manifest; publish it again"
+                        RestoreReason.DIGEST,
+                        f"snapshot {key}: {rel} does not match its manifest; publish it again",
                     )
             t = time.monotonic()
             snapshot = store.commit_verified(pending, found.manifest)

@@ -28,7 +28,8 @@ import pytest
 from support import free_port
 
 from coldstart.imagefs.store import ChunkStore
-from coldstart.launcher.snapshots.remote import RemoteSnapshotError, SnapshotTiers, ref_name
+from coldstart.launcher.errors import RemoteSnapshotError
+from coldstart.launcher.snapshots.remote import SnapshotTiers, ref_name
 from coldstart.launcher.snapshots.store import SnapshotStore
 
 CHUNK = 256 * 1024

@@ -105,3 +105,30 @@ def test_model_files_inside_the_mounted_image_are_pinned_by_its_digest(tmp_path:
     assert inside._model_digests(adapter, econf, fresh=True) == {}
     plain = SnapshotManager(Stub(), store, adapter, econf)  # the same files outside any image are pinned
     assert list(plain._model_digests(adapter, econf, fresh=True)) == [str(mount / "models/m/weights.bin")]
+
+
+def test_a_snapshot_no_tier_has_is_not_tried_again_after_the_pull_at_launch(tmp_path: Path) -> None:
+    """With --snapshot-tiers the first replica tries a restore; once the pull at launch found no tier with the
+    snapshot, replicas cold-boot without a failed restore ("missing") counted against them."""
+    from coldstart.engine_adapters.base import EngineConfig
+    from coldstart.engine_adapters.registry import get_adapter
+    from coldstart.launcher.snapshots.manager import SnapshotManager
+    from coldstart.launcher.snapshots.remote import remote_for
+    from coldstart.launcher.snapshots.store import SnapshotStore
+
+    origin = tmp_path / "origin"
+    (origin / "chunks").mkdir(parents=True)
+    econf = EngineConfig(model="m", engine_args=("python3", "-m", "http.server", "{port}"))
+    adapter = get_adapter("custom")
+
+    class Stub(CriuCheckpointer):
+        def probe(self) -> CheckpointerInfo:
+            return CheckpointerInfo("stub", "1")
+
+    remote = remote_for([str(origin)], None, None)
+    manager = SnapshotManager(Stub(), SnapshotStore(tmp_path / "store"), adapter, econf, remote=remote)
+    assert manager.has_snapshot()  # not known yet: a restore would try the tiers
+    pull = manager.prefetch(adapter, econf)
+    assert pull is not None
+    pull.join(timeout=60)
+    assert not pull.is_alive() and not manager.has_snapshot()
