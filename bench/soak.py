@@ -29,6 +29,8 @@ import httpx
 # bench/coldstart.py (another benchmark) must not shadow the coldstart package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
+from coldstart.launcher.process import process_tree, running  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SERVE = [sys.executable, "-m", "coldstart.launcher.cli.serve"]
 
@@ -45,34 +47,10 @@ class Counts:
     unanswered_examples: list[str] = field(default_factory=list)
 
 
-def descendants(pid: int) -> list[int]:
-    parents: dict[int, list[int]] = {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            parents.setdefault(ppid, []).append(int(proc.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def engines(launcher: int) -> list[int]:
     """Host PIDs of the engines (the deepest process running transformers_entry in each tree)."""
     found = []
-    for pid in descendants(launcher):
+    for pid in process_tree(launcher)[1:]:
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
@@ -80,7 +58,7 @@ def engines(launcher: int) -> list[int]:
         if argv[0].endswith((b"python", b"python3")) and any(b"transformers_entry" in a for a in argv):
             found.append(pid)
     # An unshare parent names transformers_entry too; keep those with no such descendant.
-    return [p for p in found if not any(c in found for c in descendants(p))]
+    return [p for p in found if not any(c in found for c in process_tree(p)[1:])]
 
 
 class Launcher:
@@ -298,14 +276,14 @@ def restores(log: str) -> int:
 
 async def after_sigkill(launcher: Launcher, args: list[str], log: Path, port: int) -> dict[str, int | str]:
     """SIGKILL the launcher, count what is left, start a new one, count what is left after its start."""
-    tree = descendants(launcher.proc.pid)
+    tree = process_tree(launcher.proc.pid)[1:]
     pid = launcher.proc.pid
     launcher.proc.send_signal(signal.SIGKILL)
     launcher.proc.wait()
     deadline = time.monotonic() + 10
-    while any(alive(p) for p in tree) and time.monotonic() < deadline:
+    while any(running(p) for p in tree) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    left_procs = sum(alive(p) for p in tree)
+    left_procs = sum(running(p) for p in tree)
     left = sorted(p.name for p in Path("/run/netns").glob(f"cs-{pid}-*"))
     second = Launcher(args, log, port)
     async with httpx.AsyncClient() as client:
@@ -316,7 +294,7 @@ async def after_sigkill(launcher: Launcher, args: list[str], log: Path, port: in
     removed = len(re.findall(rf"removed what a dead launcher left: .*{pid}", second.log()))
     second.proc.send_signal(signal.SIGTERM)
     second.proc.wait(120)
-    left_after_stop = sum(alive(p) for p in descendants(second.proc.pid)) + len(
+    left_after_stop = sum(running(p) for p in process_tree(second.proc.pid)[1:]) + len(
         list(Path("/run/netns").glob(f"cs-{second.proc.pid}-*"))
     )
     mounts = Path("/proc/self/mounts").read_text().count(str(log.parent))

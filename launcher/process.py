@@ -168,3 +168,12 @@ def process_tree(root: int) -> list[int]:
             except OSError:
                 continue
     return seen
+
+
+def running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (killed, not yet reaped by its parent)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"

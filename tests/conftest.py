@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support import Served, make_cached_model
+from support import ChunkServer, Served, make_cached_model
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +34,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Fast tests first, engine-booting (``slow``) ones after, so a broken unit shows in seconds. The sort
     is stable: within each group, files keep their order (module fixtures boot once)."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
+
+
+@pytest.fixture
+def chunk_server(tmp_path: Path) -> Iterator[Callable[..., ChunkServer]]:
+    """Factory: ``chunk_server(store, upstream=None)`` -> a running ``coldstart image serve``."""
+    servers: list[ChunkServer] = []
+
+    def start(store: Path, upstream: str | None = None, ready_timeout_s: float = 20.0) -> ChunkServer:
+        server = ChunkServer(store, upstream, tmp_path / f"server{len(servers)}.log", ready_timeout_s)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

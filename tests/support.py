@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -29,6 +31,16 @@ def free_port() -> int:
     from coldstart.launcher.process import free_port_pair
 
     return free_port_pair()
+
+
+def until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> float:
+    """Wait for ``condition`` (polled every 50 ms): the seconds it took, else an AssertionError naming
+    ``what``."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return time.monotonic() - started
 
 
 class Served:
@@ -94,3 +106,35 @@ class Served:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+class ChunkServer:
+    """A ``coldstart image serve`` process (a cache server or origin; SIGTERM, grace, SIGKILL on stop)."""
+
+    def __init__(self, store: Path, upstream: str | None, log: Path, ready_timeout_s: float = 20.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = [sys.executable, "-m", "coldstart.imagefs.cli", "serve", "--store", str(store)]
+        args += ["--port", str(self.port)] + (["--upstream", upstream] if upstream else [])
+        self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"chunk server exited: {log.read_text()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/healthz", timeout=1, trust_env=False).status_code == 200:
+                    return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"chunk server did not come up in {ready_timeout_s:g} s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()

@@ -5,14 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from coldstart.imagefs.build import BuildResult, build
@@ -102,58 +99,6 @@ def mount_image(tmp_path: Path) -> Iterator[Callable[..., contextlib.AbstractCon
     for mnt in points:
         if is_mountpoint(mnt):
             force_unmount(mnt)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ChunkServer:
-    """A ``coldstart image serve`` process (SIGTERM, grace, SIGKILL on stop)."""
-
-    def __init__(self, store: Path, upstream: str | None, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        args = [sys.executable, "-m", "coldstart.imagefs.cli", "serve", "--store", str(store)]
-        args += ["--port", str(self.port)] + (["--upstream", upstream] if upstream else [])
-        self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"chunk server exited: {log.read_text()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("chunk server did not come up in 20 s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
-@pytest.fixture
-def chunk_server(tmp_path: Path) -> Iterator[Callable[..., ChunkServer]]:
-    servers: list[ChunkServer] = []
-
-    def start(store: Path, upstream: str | None = None) -> ChunkServer:
-        server = ChunkServer(store, upstream, tmp_path / f"server{len(servers)}.log")
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 # -- the torch venv image (slow to make: cached on disk under .cache/imagefs) --------------------------------

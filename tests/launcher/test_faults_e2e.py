@@ -15,34 +15,11 @@ from typing import Any
 
 import httpx
 import pytest
-from support import Served
+from support import Served, until
+
+from coldstart.launcher.process import process_tree, running
 
 pytestmark = pytest.mark.slow
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (by parent PID, read from /proc)."""
-    parents: dict[int, list[int]] = {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            parents.setdefault(ppid, []).append(int(proc.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def engine_pid(served: Served) -> int:
@@ -50,21 +27,13 @@ def engine_pid(served: Served) -> int:
     command line names it too)."""
     found = [
         pid
-        for pid in descendants(served.proc.pid)
+        for pid in process_tree(served.proc.pid)[1:]
         if Path(f"/proc/{pid}/cmdline").exists()
         and Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith((b"python", b"python3"))
         and b"transformers_entry" in Path(f"/proc/{pid}/cmdline").read_bytes()
     ]
     assert found, "no engine process found"
     return found[-1]
-
-
-def until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> float:
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return time.monotonic() - started
 
 
 def _ignore_errors(call: Callable[[], object]) -> Callable[[], None]:
@@ -154,7 +123,7 @@ def test_hung_engine_is_detected_within_10s_and_replaced(
     again = httpx.post(f"{served.url}/v1/chat/completions", json={**body, "max_tokens": 2}, timeout=120)
     assert again.status_code == 200, again.text
     assert ("r2", "restoring", "ready") in served.lifecycle()
-    until(lambda: not alive(engine), "the hung engine killed")
+    until(lambda: not running(engine), "the hung engine killed")
     print(f"hung engine detected after {detected:.2f}s")
     assert detected <= 10.5, served.log()
 
@@ -165,11 +134,13 @@ def test_engines_die_with_a_sigkilled_launcher_and_the_next_one_cleans_up(
     working_checkpointer("criu")
     first = serve(_criu_args(tiny_model, tmp_path))
     first.wait_ready(240)  # cold boot + snapshot
-    first_tree = descendants(first.proc.pid)
+    first_tree = process_tree(first.proc.pid)[1:]
     assert any(b"transformers_entry" in Path(f"/proc/{p}/cmdline").read_bytes() for p in first_tree)
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait()
-    until(lambda: not any(alive(p) for p in first_tree), "the cold-booted engine tree gone with its launcher")
+    until(
+        lambda: not any(running(p) for p in first_tree), "the cold-booted engine tree gone with its launcher"
+    )
     left = sorted(p.name for p in Path("/run/netns").glob(f"cs-{first.proc.pid}-*"))
     assert left  # the launcher could not delete it: the next one must
 
@@ -180,10 +151,10 @@ def test_engines_die_with_a_sigkilled_launcher_and_the_next_one_cleans_up(
     # said about it is tested in test_isolation.py).
     for name in left:
         assert not (Path("/run/netns") / name).exists()
-    second_tree = descendants(second.proc.pid)
+    second_tree = process_tree(second.proc.pid)[1:]
     second.proc.send_signal(signal.SIGKILL)
     second.proc.wait()
-    until(lambda: not any(alive(p) for p in second_tree), "the restored engine tree gone with its launcher")
+    until(lambda: not any(running(p) for p in second_tree), "the restored engine tree gone with its launcher")
 
     third = serve([*_criu_args(tiny_model, tmp_path), "--drain-timeout", "3"])
     third.wait_ready(120)
@@ -202,7 +173,7 @@ def test_engines_die_with_a_sigkilled_launcher_and_the_next_one_cleans_up(
     for t in abandoned:
         t.join(60)
     assert not list(Path("/run/netns").glob(f"cs-{third.proc.pid}-*"))
-    assert not [p for p in descendants(third.proc.pid) if alive(p)]
+    assert not [p for p in process_tree(third.proc.pid)[1:] if running(p)]
 
 
 NO_HOOKS_SERVER = """

@@ -9,14 +9,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from support import until
 
 from coldstart.engine_adapters.base import LaunchSpec
-from coldstart.launcher.process import free_port_pair
+from coldstart.launcher.process import free_port_pair, running
 from coldstart.launcher.sandboxes.netns import NETNS_DIR, NetNamespace, cleanup_stale, processes_in
 from coldstart.launcher.sandboxes.plain import PlainSandbox
 
@@ -30,20 +29,6 @@ def connects(host: str, port: int, user: str | None = None) -> bool:
     if user is not None:
         argv = ["runuser", "-u", user, "--", *argv]
     return subprocess.run(argv, capture_output=True, timeout=30).returncode == 0
-
-
-def until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 SERVE_TWO_PORTS = textwrap.dedent(
@@ -125,10 +110,10 @@ def test_engines_die_with_a_sigkilled_launcher(tmp_path: Path) -> None:
     )
     assert launcher.stdout is not None
     engines = [int(p) for p in launcher.stdout.readline().split()]
-    assert len(engines) >= (2 if kind == "criu" else 1) and all(alive(p) for p in engines)
+    assert len(engines) >= (2 if kind == "criu" else 1) and all(running(p) for p in engines)
     launcher.send_signal(signal.SIGKILL)
     launcher.wait()
-    until(lambda: not any(alive(p) for p in engines), "engines gone with their launcher")
+    until(lambda: not any(running(p) for p in engines), "engines gone with their launcher", timeout=20.0)
     # The namespace the launcher could not delete is found and removed by the next start.
     stale = [line for line in cleanup_stale() if str(launcher.pid) in line]
     if kind == "criu":
@@ -152,13 +137,13 @@ LEAKY_LAUNCHER = textwrap.dedent(
 def test_next_start_kills_and_removes_what_a_dead_launcher_left() -> None:
     out = subprocess.run([sys.executable, "-c", LEAKY_LAUNCHER], capture_output=True, text=True, check=True)
     name, engine = out.stdout.split()
-    assert alive(int(engine)) and processes_in(NETNS_DIR / name) == [int(engine)]
+    assert running(int(engine)) and processes_in(NETNS_DIR / name) == [int(engine)]
     removed = cleanup_stale()
     assert any(f"{name}" in line for line in removed), removed
     # The kill is ours unless another launcher starting on this host cleaned it first (same code).
     killed = [line for line in removed if "killed 1 process" in line and engine in line]
-    assert killed or not alive(int(engine)), removed
-    until(lambda: not alive(int(engine)), "the leaked engine killed")
+    assert killed or not running(int(engine)), removed
+    until(lambda: not running(int(engine)), "the leaked engine killed", timeout=20.0)
     assert not (NETNS_DIR / name).exists()
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     assert f"csh{name.split('-')[2]}" not in links

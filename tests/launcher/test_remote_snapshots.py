@@ -11,21 +11,18 @@ the tiny model, a real checkpointer, ``coldstart-serve`` on each host, a real ca
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import hashlib
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import pytest
-from support import free_port
+from support import ChunkServer
 
 from coldstart.imagefs.store import ChunkStore
 from coldstart.launcher.errors import RemoteSnapshotError
@@ -39,52 +36,10 @@ CHECKPOINTER = os.environ.get("COLDSTART_TWO_HOSTS_CHECKPOINTER", "criu")
 KEY = "0123456789abcdef01234567"
 
 
-class ChunkServer:
-    """A ``coldstart image serve`` process (the cache server / origin of a host)."""
-
-    def __init__(self, store: Path, upstream: str | None, log: Path, argv_prefix: list[str] | None = None,
-                 host: str = "127.0.0.1") -> None:  # fmt: skip
-        self.port = free_port()
-        self.url = f"http://{host}:{self.port}"
-        args = [*(argv_prefix or []), sys.executable, "-m", "coldstart.imagefs.cli", "serve"]
-        args += ["--store", str(store), "--host", host, "--port", str(self.port)]
-        args += ["--upstream", upstream] if upstream else []
-        self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"chunk server exited: {log.read_text()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/healthz", timeout=1, trust_env=False).status_code == 200:
-                    return
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("chunk server did not come up in 30 s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
 @pytest.fixture
-def chunk_server(tmp_path: Path) -> Iterator[Callable[..., ChunkServer]]:
-    servers: list[ChunkServer] = []
-
-    def start(store: Path, upstream: str | None = None, **kw: object) -> ChunkServer:
-        server = ChunkServer(store, upstream, tmp_path / f"server{len(servers)}.log", **kw)  # type: ignore[arg-type]
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
+def chunk_server(chunk_server: Callable[..., ChunkServer]) -> Callable[..., ChunkServer]:
+    """The shared factory, given 30 s to come up (these tests start several servers while engines run)."""
+    return functools.partial(chunk_server, ready_timeout_s=30.0)
 
 
 def fake_snapshot(root: Path, key: str = KEY, pages_mb: int = 24) -> SnapshotStore:
