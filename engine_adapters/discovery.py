@@ -13,6 +13,7 @@ version, device and capabilities; a failed candidate's reason is kept for the er
 
 from __future__ import annotations
 
+import abc
 import functools
 import importlib.util
 import json
@@ -21,8 +22,9 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
-from coldstart.engine_adapters.base import EngineEnvironment, interpreter_of
+from coldstart.engine_adapters.base import EngineAdapter, EngineEnvironment, interpreter_of
 from coldstart.engine_adapters.errors import EngineNotInstalled
 
 PROBE_TIMEOUT_S = 180.0  # importing torch on a busy 2-core machine can take tens of seconds
@@ -94,3 +96,29 @@ def find_environment(
         )
     looked = "; ".join(tried) if tried else f"no '{engine}' on PATH and nothing in {engines_root() / engine}"
     raise EngineNotInstalled(f"engine {engine!r} not found ({looked}): {install_hint}")
+
+
+class OwnEnvironmentAdapter(EngineAdapter):
+    """An engine that lives in an environment of its own (vLLM, SGLang), found by ``find_environment``
+    through its ``entry`` file on first use (or given, as the contract tests do)."""
+
+    own_environment: ClassVar[bool] = True
+    entry: ClassVar[Path]  # our ``<engine>_entry.py``, run by the engine's interpreter
+
+    def __init__(
+        self, engine_python: str | None = None, environment: EngineEnvironment | None = None
+    ) -> None:
+        self.engine_python = engine_python
+        self._environment = environment
+
+    @abc.abstractmethod
+    def install_hint(self) -> str:
+        """How to install the engine, for the one-line error when no environment has it."""
+
+    @property
+    def environment(self) -> EngineEnvironment:
+        if self._environment is None:
+            self._environment = find_environment(
+                self.name, self.name, self.entry, self.engine_python, self.install_hint()
+            )
+        return self._environment

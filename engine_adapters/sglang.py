@@ -25,8 +25,8 @@ from typing import ClassVar
 
 import httpx
 
-from coldstart.engine_adapters.base import EngineAdapter, EngineConfig, EngineEnvironment, LaunchSpec, post_ok
-from coldstart.engine_adapters.discovery import engines_root, find_environment
+from coldstart.engine_adapters.base import EngineConfig, LaunchSpec, post_ok
+from coldstart.engine_adapters.discovery import OwnEnvironmentAdapter, engines_root
 from coldstart.engine_adapters.errors import EngineUnsupported
 
 ENTRY = Path(__file__).with_name("sglang_entry.py")
@@ -53,7 +53,7 @@ RELEASE_TAGS = ["kv_cache", "weights"]
 RESUME_ORDER = ["weights", "kv_cache"]
 
 
-class SglangAdapter(EngineAdapter):
+class SglangAdapter(OwnEnvironmentAdapter):
     name: ClassVar[str] = "sglang"
     extra: ClassVar[str] = "sglang"
     control_paths: ClassVar[frozenset[str]] = CONTROL_PATHS
@@ -61,23 +61,13 @@ class SglangAdapter(EngineAdapter):
     health_path: ClassVar[str] = "/health_generate"
     health_timeout_s: ClassVar[float] = 30.0
 
-    own_environment: ClassVar[bool] = True
+    entry: ClassVar[Path] = ENTRY
 
-    def __init__(
-        self, engine_python: str | None = None, environment: EngineEnvironment | None = None
-    ) -> None:
-        self.engine_python = engine_python
-        self._environment = environment
-
-    @property
-    def environment(self) -> EngineEnvironment:
-        if self._environment is None:
-            hint = (
-                f"install it on a GPU host into a venv of its own ({engines_root() / 'sglang'}, or any venv "
-                "passed with --engine-python V)"
-            )
-            self._environment = find_environment("sglang", "sglang", ENTRY, self.engine_python, hint)
-        return self._environment
+    def install_hint(self) -> str:
+        return (
+            f"install it on a GPU host into a venv of its own ({engines_root() / 'sglang'}, or any venv "
+            "passed with --engine-python V)"
+        )
 
     def check_installed(self) -> None:
         env = self.environment

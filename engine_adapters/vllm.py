@@ -32,14 +32,12 @@ from typing import Any, ClassVar
 import httpx
 
 from coldstart.engine_adapters.base import (
-    EngineAdapter,
     EngineConfig,
-    EngineEnvironment,
     LaunchSpec,
     local_model_path,
     post_ok,
 )
-from coldstart.engine_adapters.discovery import engines_root, find_environment
+from coldstart.engine_adapters.discovery import OwnEnvironmentAdapter, engines_root
 from coldstart.engine_adapters.errors import EngineArgsRefused, EngineCallFailed
 
 ENTRY = Path(__file__).with_name("vllm_entry.py")
@@ -81,25 +79,16 @@ def install_hint() -> str:
     )
 
 
-class VllmAdapter(EngineAdapter):
+class VllmAdapter(OwnEnvironmentAdapter):
     name: ClassVar[str] = "vllm"
     extra: ClassVar[str] = "vllm"
     control_paths: ClassVar[frozenset[str]] = CONTROL_PATHS
-    own_environment: ClassVar[bool] = True
+    entry: ClassVar[Path] = ENTRY
     health_timeout_s: ClassVar[float] = 5.0
 
-    def __init__(
-        self, engine_python: str | None = None, environment: EngineEnvironment | None = None
-    ) -> None:
-        self.engine_python = engine_python
-        self._environment = environment
-
-    # -- where the engine lives -------------------------------------------------------------------
-    @property
-    def environment(self) -> EngineEnvironment:
-        if self._environment is None:
-            self._environment = find_environment("vllm", "vllm", ENTRY, self.engine_python, install_hint())
-        return self._environment
+    # -- where the engine lives (``environment``: OwnEnvironmentAdapter) ----------------------------
+    def install_hint(self) -> str:
+        return install_hint()
 
     def check_installed(self) -> None:
         self.environment  # noqa: B018 - raises EngineNotInstalled naming what was tried
