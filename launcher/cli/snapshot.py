@@ -35,8 +35,6 @@ from coldstart.launcher.snapshots.store import Snapshot, SnapshotStore
 if TYPE_CHECKING:
     from coldstart.launcher.snapshots.remote import RemoteSnapshot, SnapshotTiers
 
-DEFAULT_DIR = ServeConfig().snapshot_dir
-
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coldstart snapshot", description=__doc__.split("\n\n")[0])
