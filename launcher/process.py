@@ -11,12 +11,13 @@ import asyncio
 import collections
 import contextlib
 import ctypes
+import fcntl
 import logging
 import os
 import random
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 log = logging.getLogger("coldstart.engine")
@@ -177,3 +178,16 @@ def running(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+@contextlib.asynccontextmanager
+async def host_lock(path: Path) -> AsyncIterator[None]:
+    """A host-wide exclusive lock (flock on ``path``), waited for in a thread; released on exit (also when
+    the process dies: the kernel drops the flock with the fd)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -58,6 +57,7 @@ from coldstart.launcher.errors import (
     RestoreReason,
     SnapshotError,
 )
+from coldstart.launcher.process import host_lock, process_tree
 from coldstart.launcher.sandboxes.base import NetnsSandbox, Sandbox
 from coldstart.launcher.sandboxes.netns import NetNamespace, create_netns
 
@@ -110,13 +110,8 @@ async def _restore_lock() -> AsyncIterator[None]:
     unlinks it again, so two restores of one image at the same moment fail with "Can't create ghost
     regfile: File exists". Holding the lock costs the second replica the first one's restore time (~0.3 s).
     """
-    RESTORE_LOCK.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(RESTORE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+    async with host_lock(RESTORE_LOCK):
         yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 class CriuSandbox(NetnsSandbox):
@@ -147,8 +142,6 @@ class CriuSandbox(NetnsSandbox):
         return self._engine_pid
 
     def host_pids(self) -> list[int]:
-        from coldstart.launcher.process import process_tree
-
         return process_tree(self.pid) if self.pid else []
 
     async def start(self, spec: LaunchSpec) -> None:

@@ -29,13 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import hashlib
 import logging
-import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +55,7 @@ from coldstart.launcher.errors import (
     SnapshotError,
 )
 from coldstart.launcher.metrics import Metrics
+from coldstart.launcher.process import host_lock
 from coldstart.launcher.sandboxes.base import Sandbox
 from coldstart.launcher.snapshots.canary import DEFAULT_CANARY, CanaryAnswer, canary_request
 from coldstart.launcher.snapshots.file_digests import DigestCache
@@ -172,7 +171,7 @@ class SnapshotManager:
         try:
             # One dump of an identity at a time on this store, across launchers: a second one waits for
             # the first and uses its snapshot instead of failing half-way through its own dump.
-            async with _dump_lock(self.store.state_dir / f"dump-{self.identity.key}.lock"):
+            async with host_lock(self.store.state_dir / f"dump-{self.identity.key}.lock"):
                 if self._usable_snapshot_exists():  # another replica (or launcher) got there first
                     log.info("snapshot %s already taken; not taking another", self.identity.key)
                     return
@@ -516,15 +515,3 @@ def snapshots_for(
     )
     manager.prefetch(adapter, engine_config)  # with --snapshot-tiers and no local snapshot
     return manager
-
-
-@contextlib.asynccontextmanager
-async def _dump_lock(path: Path) -> AsyncIterator[None]:
-    """A host-wide exclusive lock (flock) on ``path``, waited for in a thread; released on close."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
