@@ -50,6 +50,7 @@ import httpx  # noqa: E402
 
 from coldstart.engine_adapters.base import EngineAdapter, EngineConfig  # noqa: E402
 from coldstart.engine_adapters.registry import get_adapter  # noqa: E402
+from coldstart.engine_adapters.vllm import LEAN_CPU_ARGS, LEAN_CPU_ENV  # noqa: E402
 from coldstart.launcher.boot import config_for, wait_healthy  # noqa: E402
 from coldstart.launcher.checkpointers import criu_init, runsc_rootns_quirk  # noqa: E402
 from coldstart.launcher.checkpointers._pipes import OwnedPipe, exec_into, kill_quietly, run_quiet, wait_exit  # noqa: E402
@@ -102,19 +103,7 @@ async def poll_health(
 
 
 VLLM_CONFIGS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
-    "lean": (
-        (
-            "--max-model-len",
-            "512",
-            "--distributed-executor-backend",
-            "uni",
-            "--kv-cache-memory-bytes",
-            "67108864",
-        ),
-        {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
-    ),
-    # vLLM's own process layout (API server, engine core, worker, shared-memory rings); the KV cache is
-    # capped as in lean (vLLM's default, 92% of RAM, refuses to start on a shared host).
+    "lean": (LEAN_CPU_ARGS, LEAN_CPU_ENV),
     "default": (("--max-model-len", "512", "--kv-cache-memory-bytes", "67108864"), {}),
 }
 

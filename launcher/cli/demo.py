@@ -21,12 +21,8 @@ from pathlib import Path
 
 import httpx
 
+from coldstart.engine_adapters.vllm import LEAN_CPU_ARGS, LEAN_CPU_ENV
 from coldstart.launcher.process import free_port
-
-VLLM_LEAN_ARGS = [
-    "--max-model-len", "512", "--distributed-executor-backend", "uni", "--kv-cache-memory-bytes", "67108864",
-]  # fmt: skip
-VLLM_LEAN_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
 def _default_model_dir() -> Path:
@@ -94,8 +90,8 @@ def main(argv: list[str]) -> int:
             print(f"0/4 vLLM is not installed ({exc}); serving with transformers instead")
             engine = "transformers"
     # vLLM on a small CPU machine: engine core in one process beside the API server, a 64 MB KV cache.
-    engine_args = VLLM_LEAN_ARGS if engine == "vllm" else []
-    env = {**os.environ, **VLLM_LEAN_ENV} if engine == "vllm" else None
+    engine_args = list(LEAN_CPU_ARGS) if engine == "vllm" else []
+    env = {**os.environ, **LEAN_CPU_ENV} if engine == "vllm" else None
 
     print(f"1/4 making a tiny Qwen3-architecture model in {args.model_dir} (random weights, local tokenizer)")
     model = make_model(args.model_dir, "tiny")
@@ -118,7 +114,7 @@ def main(argv: list[str]) -> int:
         "2",
         *engine_args,
     ]
-    lean = " ".join(f"{k}={v}" for k, v in VLLM_LEAN_ENV.items()) + " " if engine == "vllm" else ""
+    lean = " ".join(f"{k}={v}" for k, v in LEAN_CPU_ENV.items()) + " " if engine == "vllm" else ""
     print(f"2/4 {lean}{' '.join(['coldstart-serve', *command[3:]])}")
     started = time.monotonic()
     serve = subprocess.Popen(command, env=env)

@@ -30,17 +30,9 @@ from support import Served, make_cached_model
 
 from coldstart.engine_adapters.errors import EngineNotInstalled
 from coldstart.engine_adapters.registry import get_adapter
+from coldstart.engine_adapters.vllm import LEAN_CPU_ARGS, LEAN_CPU_ENV
 from coldstart.launcher.checkpointers.criu_init import PRIVATE_TMPDIR
 
-LEAN = [
-    "--max-model-len",
-    "512",
-    "--distributed-executor-backend",
-    "uni",
-    "--kv-cache-memory-bytes",
-    "67108864",
-]
-LEAN_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 MODEL = "tiny-vllm"
 PROMPT = [{"role": "user", "content": "Name a colour."}]
 
@@ -104,10 +96,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             "1",
             "--boot-timeout",
             "600",
-            *LEAN,
+            *LEAN_CPU_ARGS,
         ],  # fmt: skip
         work / "serve.log",
-        env=LEAN_ENV,
+        env=LEAN_CPU_ENV,
     )
     served.snapshot_dir = work / "snapshots"  # type: ignore[attr-defined]
     served.leftovers_before = before  # type: ignore[attr-defined]
