@@ -35,6 +35,23 @@ from coldstart.pool import Unit
 log = logging.getLogger("coldstart.lifecycle")
 
 
+class StartKind(enum.StrEnum):
+    """How a replica came up (a metric label and a /health field)."""
+
+    COLD_BOOT = "cold_boot"
+    RESTORE = "restore"
+
+
+class FailureKind(enum.StrEnum):
+    """Why a replica was taken out of service (the ``kind`` label of ``coldstart_replica_failures``)."""
+
+    EXITED = "exited"  # its engine process exited
+    UNRESPONSIVE = "unresponsive"  # its liveness probe failed twice in a row
+    BOOT = "boot"  # it never came up
+    UNIT = "unit"  # its unit failed (a GPU's critical XID, a cluster node gone)
+    OTHER = "other"
+
+
 class ReplicaState(enum.Enum):
     NEW = "new"
     BOOTING = "booting"
@@ -70,7 +87,7 @@ class Replica:
         self.ready_at: float | None = None
         self.busy_since: float | None = None  # set while in_flight > 0: GPU-seconds serving
         self.served_seconds = 0.0
-        self.how = ""  # "cold boot" or "restore": how this replica came up
+        self.how: StartKind | None = None  # how this replica came up
         self.unit: Unit | None = None  # the pool unit (GPU or CPU slot) the replica runs on
 
     def transition(self, new: ReplicaState, **details: object) -> float:

@@ -44,7 +44,7 @@ from coldstart.engine_adapters.base import EngineAdapter, EngineConfig
 from coldstart.launcher.boot import cold_boot
 from coldstart.launcher.errors import QueueFull, QueueTimeout, RestoreFailed
 from coldstart.launcher.metrics import Metrics
-from coldstart.launcher.replica import Replica, ReplicaState
+from coldstart.launcher.replica import Replica, ReplicaState, StartKind
 from coldstart.launcher.sandboxes.base import Sandbox
 from coldstart.launcher.sandboxes.plain import PlainSandbox
 from coldstart.pool import Pool, UnitState, unit_env
@@ -448,7 +448,7 @@ class ReplicaManager:
                     await self._cold_boot(replica, snapshot=exc.reason.replace_snapshot)
                 else:
                     self.metrics.restores.inc()
-                    replica.how = "restore"
+                    replica.how = StartKind.RESTORE
             else:
                 replica.transition(ReplicaState.BOOTING)
                 await self._cold_boot(replica, snapshot=self.snapshots is not None)
@@ -471,7 +471,7 @@ class ReplicaManager:
             self._wake()
             return
         elapsed = time.monotonic() - started
-        self.metrics.phase_seconds.labels(replica.how).observe(elapsed)
+        self.metrics.phase_seconds.labels(str(replica.how)).observe(elapsed)
         self.last_boot_exception = None
         self._failed_boots = 0
         replica.transition(ReplicaState.READY, how=replica.how, ready_after_s=round(elapsed, 3))
@@ -491,7 +491,7 @@ class ReplicaManager:
         )
         self.metrics.cold_boots.inc()
         self.metrics.phase_seconds.labels("boot").observe(time.monotonic() - started)
-        replica.how = "cold boot"
+        replica.how = StartKind.COLD_BOOT
         if snapshot and self.snapshots is not None:
             replica.transition(ReplicaState.SNAPSHOTTING)
             await self.snapshots.snapshot(replica.sandbox, self.adapter, self.engine_config, self.http)
