@@ -9,6 +9,9 @@ is a new key. An unknown key or a value of the wrong type is refused naming the 
 ``warmup[1].path``). Placeholders, filled at load time: ``{recipes}`` (the folder of the recipe file) in
 ``engine_args``, ``{cache}`` (``$XDG_CACHE_HOME/coldstart``) and ``~`` in ``model``. A recipe may declare
 ``make_model = "tiny"`` to have a missing local model made by ``coldstart make-model`` on first use.
+
+``check_table`` and ``convert`` are the schema machinery; deployments files (``deployments.py``) use them
+against ``ServeConfig``'s type hints.
 """
 
 from __future__ import annotations
@@ -19,16 +22,33 @@ import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
 import coldstart.recipes
-from coldstart.launcher.config import Canary, ModelSize, ServeConfig, WarmupRequest, coldstart_cache
+from coldstart.launcher.config import (
+    Canary,
+    CheckpointerName,
+    ModelSize,
+    ServeConfig,
+    WarmupRequest,
+    coldstart_cache,
+)
 from coldstart.launcher.errors import RecipeError
 
-__all__ = ["Canary", "Recipe", "RecipeError", "WarmupRequest", "apply_recipe", "available", "load_recipe"]
+__all__ = [
+    "Canary",
+    "Recipe",
+    "RecipeError",
+    "WarmupRequest",
+    "apply_recipe",
+    "available",
+    "check_table",
+    "convert",
+    "load_recipe",
+]
 
-SnapshotPreference = Literal["auto", "criu", "runsc", "off"]
 RECIPES_DIR = Path(coldstart.recipes.__file__).resolve().parent
 
 
@@ -40,7 +60,7 @@ class Recipe:
     engine_args: tuple[str, ...] = ()  # passed to the engine unchanged (for custom: the whole command)
     env: dict[str, str] = field(default_factory=dict)  # extra environment for the engine process
     served_model_name: str | None = None
-    snapshot: SnapshotPreference = "auto"
+    snapshot: CheckpointerName = CheckpointerName.AUTO
     idle_timeout: float = 300.0  # seconds idle before scale to zero (0 = never)
     boot_timeout: float = 900.0
     warmup: tuple[WarmupRequest, ...] = ()
@@ -79,7 +99,7 @@ def load_recipe(name_or_path: str) -> Recipe:
         raise RecipeError(f"{label}: cannot read: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f"{label}: not valid TOML: {exc}") from exc
-    values = _build(Recipe, data, "", label)
+    values = check_table(Recipe, data, "", label)
     recipe = Recipe(**values, name=path.stem, source=path.resolve())
     return _fill_placeholders(recipe)
 
@@ -96,7 +116,7 @@ def _fill_placeholders(recipe: Recipe) -> Recipe:
 _KIND = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a table"}
 
 
-def _build(cls: type, data: object, prefix: str, label: str) -> dict[str, Any]:
+def check_table(cls: type, data: object, prefix: str, label: str) -> dict[str, Any]:
     """Check ``data`` (a TOML table) against dataclass ``cls``; return constructor keyword arguments."""
     if not isinstance(data, dict):
         raise RecipeError(f"{label}: key {prefix.rstrip('.') or '(top)'!r} must be a table")
@@ -108,34 +128,39 @@ def _build(cls: type, data: object, prefix: str, label: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, f in fields.items():
         if name in data:
-            out[name] = _convert(data[name], hints[name], prefix + name, label)
+            out[name] = convert(data[name], hints[name], prefix + name, label)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise RecipeError(f"{label}: missing key {prefix + name!r}")
     return out
 
 
-def _convert(value: object, tp: Any, key: str, label: str) -> Any:
+def convert(value: object, tp: Any, key: str, label: str) -> Any:
+    """``value`` (from TOML) as type ``tp``, else a ``RecipeError`` naming ``key``. Paths stay relative:
+    the caller resolves them against its file."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):  # X | None: TOML has no null, so X
-        return _convert(value, next(a for a in args if a is not type(None)), key, label)
-    if origin is Literal:
-        if value not in args:
+        return convert(value, next(a for a in args if a is not type(None)), key, label)
+    if origin is Literal or (isinstance(tp, type) and issubclass(tp, Enum)):
+        choices = args if origin is Literal else tuple(m.value for m in tp)
+        if value not in choices:
             raise RecipeError(
-                f"{label}: key {key!r} must be one of {', '.join(map(str, args))}, got {value!r}"
+                f"{label}: key {key!r} must be one of {', '.join(map(str, choices))}, got {value!r}"
             )
-        return value
+        return value if origin is Literal else tp(value)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return tp(**_build(tp, value, key + ".", label))
+        return tp(**check_table(tp, value, key + ".", label))
     if origin is tuple:
         if not isinstance(value, list):
             raise RecipeError(f"{label}: key {key!r} must be an array, got {_what(value)}")
-        return tuple(_convert(v, args[0], f"{key}[{i}]", label) for i, v in enumerate(value))
+        return tuple(convert(v, args[0], f"{key}[{i}]", label) for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
             raise RecipeError(f"{label}: key {key!r} must be a table, got {_what(value)}")
         if args[1] is Any:
             return dict(value)
-        return {k: _convert(v, args[1], f"{key}.{k}", label) for k, v in value.items()}
+        return {k: convert(v, args[1], f"{key}.{k}", label) for k, v in value.items()}
+    if tp is Path:
+        return Path(convert(value, str, key, label))
     ok = (
         isinstance(value, (int, float)) and not isinstance(value, bool)
         if tp is float

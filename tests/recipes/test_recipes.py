@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from coldstart.launcher.cli import recipes as cli_recipes
-from coldstart.launcher.config import ServeConfig
+from coldstart.launcher.config import CheckpointerName, ServeConfig
 from coldstart.launcher.recipes import RECIPES_DIR, Canary, RecipeError, apply_recipe, available, load_recipe
 
 SHIPPED = ["sglang-qwen3-0.6b", "tiny-engine", "tiny-engine-cuda", "transformers-tiny", "vllm-qwen3-0.6b"]
@@ -61,7 +61,7 @@ def test_types_and_placeholders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         ('[canary]\nprompt = "x"\ntokens = 3', "unknown key 'canary.tokens'"),
         ('idle_timeout = "soon"', "key 'idle_timeout' must be a number, got a string 'soon'"),
         ("idle_timeout = true", "key 'idle_timeout' must be a number, got a boolean True"),
-        ('snapshot = "fast"', "key 'snapshot' must be one of auto, criu, runsc, off, got 'fast'"),
+        ('snapshot = "fast"', "key 'snapshot' must be one of auto, criu, runsc, cuda, off, got 'fast'"),
         ("engine_args = [1]", "key 'engine_args[0]' must be a string, got an integer 1"),
         ('engine_args = "python x.py"', "key 'engine_args' must be an array"),
         ("[env]\nN = 1", "key 'env.N' must be a string, got an integer 1"),
@@ -76,6 +76,13 @@ def test_bad_recipe_is_refused_naming_the_key(tmp_path: Path, edit: str, message
         load_recipe(_write(tmp_path, f'engine = "vllm"\nmodel = "m"\n{edit}\n'))
     assert message in str(info.value)
     assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize("name", ["auto", "criu", "runsc", "cuda", "off"])
+def test_every_checkpointer_name_is_a_snapshot_value(tmp_path: Path, name: str) -> None:
+    recipe = load_recipe(_write(tmp_path, f'engine = "vllm"\nmodel = "m"\nsnapshot = "{name}"\n'))
+    assert recipe.snapshot is CheckpointerName(name)
+    assert apply_recipe(str(tmp_path / "mine.toml"), ServeConfig()).snapshot is CheckpointerName(name)
 
 
 def test_missing_required_key_unknown_name_and_bad_toml(tmp_path: Path) -> None:
@@ -115,7 +122,7 @@ def test_make_model_when_serving_starts_not_while_parsing(tmp_path: Path) -> Non
 
     model = tmp_path / "made"
     path = _write(tmp_path, f'engine = "transformers"\nmodel = "{model}"\nmake_model = "tiny"\n')
-    config = parse(["--recipe", str(path)])
+    config = parse(["--recipe", str(path)]).deployments[0]
     assert config.make_model == "tiny" and not model.exists()  # parsing (or --help) writes nothing
     ensure_model(config)
     assert (model / "config.json").is_file()
