@@ -4,12 +4,13 @@
     ├── UsageError                 bad command line or config (exit code 2)
     │   └── RecipeError            a recipe that does not exist, parse or fit the schema (names the key)
     ├── PortInUse                  the proxy's (or engine's) port is taken
-    ├── EngineExited               the engine died while booting (carries the tail of its log)
-    ├── BootTimeout                the engine did not become healthy in time (carries the tail of its log)
+    ├── EngineExited               the engine died while booting (carries its log tail and ``root_cause``)
+    ├── BootTimeout                the engine did not become healthy in time (log tail and ``root_cause``)
     ├── WarmupFailed               a warm-up request failed
     ├── ReplicaStateError          an operation illegal in the replica's current state
     ├── QueueFull                  more requests waiting than --max-queue (503 to the client)
     ├── QueueTimeout               no replica became ready within --queue-timeout (503 to the client)
+    ├── BootFailing                a deployment's boots fail the same way twice: 503 with the reason
     ├── NetnsError                 a network namespace could not be created or removed
     ├── CheckpointerUnavailable    criu/runsc missing or unusable here (names the fix)
     ├── SnapshotError              a snapshot could not be written, read or verified
@@ -61,9 +62,12 @@ class PortInUse(ColdstartError):
 
 
 class _WithLogTail(ColdstartError):
-    def __init__(self, message: str, log_tail: str = "") -> None:
+    def __init__(self, message: str, log_tail: str = "", *, root_cause: str = "") -> None:
         super().__init__(message)
         self.log_tail = log_tail
+        # The engine's one most telling line ("ValueError: Available memory ... less than desired ..."),
+        # "" when its output named nothing: what a held request's 503 and a repeated-failure check use.
+        self.root_cause = root_cause
 
 
 class EngineExited(_WithLogTail):
@@ -88,6 +92,14 @@ class QueueFull(ColdstartError):
 
 class QueueTimeout(ColdstartError):
     pass
+
+
+class BootFailing(ColdstartError):
+    """A deployment's boots fail the same way again and again: requests get a 503 with the reason."""
+
+    def __init__(self, message: str, retry_after_s: float = 5.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class NetnsError(ColdstartError):

@@ -1,8 +1,10 @@
 """The public OpenAI-compatible proxy (starlette): the only door to the replicas.
 
 Routes: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/responses``, ``/v1/embeddings`` are forwarded
-to a ready replica (requests are held while none has room, see ``replicas.py``); ``/v1/models`` is answered
-here (some engines list a hub cache instead of the served model). Everything else is 404: engine control
+by their ``model`` to that deployment's router (``deployment.py``: requests are held while no replica has
+room); an unknown model gets a 404 ``model_not_found`` naming the models served. ``/v1/models`` is answered
+here, one entry per deployment with its ``state`` (ready / starting / failing / at_zero) as an extra field
+(some engines list a hub cache instead of the served model). Everything else is 404: engine control
 routes (``/sleep``, ``/wake_up``, ``/collective_rpc``, ``/release_memory_occupation``, ...) have no
 authentication upstream and are never forwarded. This is an allow-list on purpose: a deny-list would leak
 each new control route an engine adds.
@@ -14,10 +16,11 @@ nothing). ``GET /metrics`` is Prometheus.
 
 Every error the proxy returns is OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``), also
 the engine's own (a FastAPI 422 ``{"detail": ...}`` or a plain-text 500 is wrapped, status kept), so the
-``openai`` client raises its typed errors with a readable message.
+``openai`` client raises its typed errors with a readable message. A deployment whose boots keep failing
+the same way answers 503 ``boot_failed`` with the one-line reason and ``Retry-After``.
 
 Failures upstream: a connection error or read timeout is not proof that a replica is dead (the engine may
-have closed a keep-alive connection after answering a bad request with an error): the manager is asked to
+have closed a keep-alive connection after answering a bad request with an error): the gateway is asked to
 probe the replica (``suspect``), which it fails only if the engine exited or its health probe fails. A
 request is retried on another replica only when the connection could not be opened (nothing was sent);
 once bytes may have reached the engine it is never replayed silently (it may not be idempotent: it costs
@@ -51,10 +54,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from coldstart.launcher.errors import QueueFull, QueueTimeout, ReplicaStateError
+from coldstart.launcher.deployment import Deployment
+from coldstart.launcher.errors import BootFailing, QueueFull, QueueTimeout, ReplicaStateError
+from coldstart.launcher.gateway import Gateway
 from coldstart.launcher.metrics import Metrics
-from coldstart.launcher.replica import Replica, ReplicaState
-from coldstart.launcher.replicas import ReplicaManager
+from coldstart.launcher.replica import Replica
 
 log = logging.getLogger("coldstart.proxy")
 
@@ -131,20 +135,16 @@ class _BodyTooLarge(Exception):
 class Proxy:
     def __init__(
         self,
-        manager: ReplicaManager,
+        gateway: Gateway,
         metrics: Metrics,
-        public_model: str,
-        upstream_model: str,
         api_key: str | None = None,
         *,
         max_body_bytes: int = MAX_BODY_BYTES,
         read_timeout: float = READ_TIMEOUT_S,
         header_timeout: float = HEADER_TIMEOUT_S,
     ) -> None:
-        self.manager = manager
+        self.gateway = gateway
         self.metrics = metrics
-        self.public_model = public_model
-        self.upstream_model = upstream_model
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.read_timeout = read_timeout
@@ -218,32 +218,37 @@ class Proxy:
     async def models(self, request: Request) -> Response:
         if (denied := self._unauthorized(request)) is not None:
             return denied
-        model = {"id": self.public_model, "object": "model", "created": self.created, "owned_by": "coldstart"}
-        return JSONResponse({"object": "list", "data": [model]})
-
-    def _is_ready(self) -> bool:
-        return any(r.state is ReplicaState.READY for r in self.manager.replicas.values())
+        data = [
+            {
+                "id": d.name,
+                "object": "model",
+                "created": self.created,
+                "owned_by": "coldstart",
+                "state": d.state,
+            }
+            for d in self.gateway.deployments.values()
+        ]
+        return JSONResponse({"object": "list", "data": data})
 
     async def health(self, request: Request) -> Response:
-        replicas = [
-            {"id": r.id, "state": r.state.value, "in_flight": r.in_flight, "how": r.how}
-            for r in self.manager.replicas.values()
-        ]
+        status = self.gateway.status()
+        replicas = [r for d in status["deployments"].values() for r in d["replicas"]]
         body = {
             "status": "ok",
-            "ready": self._is_ready(),
-            "replicas": replicas,
-            "queue_depth": self.manager.queue_depth,
+            "ready": self.gateway.ready(),
+            "replicas": replicas,  # every deployment's, as one list (the single-model view)
+            "queue_depth": self.gateway.queue_depth,
+            **status,
         }
         return JSONResponse(body)
 
     async def ready(self, request: Request) -> Response:
-        if self._is_ready():
+        if self.gateway.ready():
             return JSONResponse({"ready": True})
         return openai_error(503, "no replica is ready (yet)", "server_overloaded", "not_ready")
 
     async def metrics_route(self, request: Request) -> Response:
-        self.manager.update_gauges()  # current at scrape time, not as of the last scaling tick
+        self.gateway.update_gauges()  # current at scrape time, not as of the last scaling tick
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # ------------------------------------------------------------------ forwarding
@@ -259,7 +264,7 @@ class Proxy:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _parse(self, request: Request) -> dict[str, Any] | Response:
+    async def _parse(self, request: Request) -> tuple[dict[str, Any], int] | Response:
         try:
             raw = await self._read_body(request)
         except _BodyTooLarge:
@@ -279,7 +284,7 @@ class Proxy:
             return openai_error(400, "request body is JSON nested too deeply", "invalid_request_error")
         if not isinstance(payload, dict):
             return openai_error(400, "request body must be a JSON object", "invalid_request_error")
-        return payload
+        return payload, len(raw)
 
     async def forward(self, request: Request) -> Response:
         route = request.url.path
@@ -291,19 +296,40 @@ class Proxy:
             return self._count(route, Response(status_code=499))
         if isinstance(parsed, Response):
             return self._count(route, parsed)
-        model = parsed.get("model")
-        if model not in (self.public_model, self.upstream_model):
+        payload, size = parsed
+        model = payload.get("model")
+        deployment = self.gateway.lookup(model)
+        if deployment is None:
+            served = ", ".join(repr(n) for n in self.gateway.served_names)
             return self._count(
                 route,
-                openai_error(404, f"The model `{model}` does not exist.", "NotFoundError", "model_not_found"),
+                openai_error(
+                    404,
+                    f"The model `{model}` does not exist; served here: {served}",
+                    "NotFoundError",
+                    "model_not_found",
+                ),
             )
-        parsed["model"] = self.upstream_model
-        body = json.dumps(parsed).encode()
+        limit = getattr(deployment.adapter, "max_request_bytes", None)
+        if isinstance(limit, int) and size > limit:
+            return self._count(
+                route,
+                openai_error(
+                    413,
+                    f"request body of {size} bytes is more than {deployment.adapter.name} serves "
+                    f"({limit} bytes)",
+                    "invalid_request_error",
+                    "request_too_large",
+                ),
+                model=deployment.name,
+            )
+        payload["model"] = deployment.upstream_model
+        body = json.dumps(payload).encode()
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROP]
 
         # Until the answer starts, a client that goes away cancels the wait (queue or engine).
         gone = asyncio.create_task(_disconnected(request))
-        work = asyncio.create_task(self._dispatch(route, body, headers))
+        work = asyncio.create_task(self._dispatch(deployment, route, body, headers))
         try:
             await asyncio.wait([work, gone], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -312,53 +338,58 @@ class Proxy:
                 work.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await work
-        if work.cancelled():
-            return self._count(route, Response(status_code=499))  # nobody reads this: the client is gone
+        if work.cancelled():  # nobody reads this: the client is gone
+            return self._count(route, Response(status_code=499), model=deployment.name)
         response, status = work.result()
-        return self._count(route, response, status)
+        return self._count(route, response, status, model=deployment.name)
 
     async def _dispatch(
-        self, route: str, body: bytes, headers: list[tuple[str, str]]
+        self, deployment: Deployment, route: str, body: bytes, headers: list[tuple[str, str]]
     ) -> tuple[Response, int | None]:
         # Retry on another replica only when the connection could not be opened: nothing was sent.
         refused: Replica | None = None
         for attempt in (1, 2):
             try:
-                replica = await self.manager.acquire(avoid=refused)
+                replica = await deployment.acquire(avoid=refused)
             except (QueueFull, QueueTimeout) as exc:
                 code = "queue_full" if isinstance(exc, QueueFull) else "queue_timeout"
                 retry = {"Retry-After": str(RETRY_AFTER_S)}
                 return openai_error(503, str(exc), "server_overloaded", code, retry), None
+            except BootFailing as exc:
+                retry = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
+                return openai_error(503, str(exc), "server_error", "boot_failed", retry), None
             finished = False
             try:
                 url = _base_url(replica) + route
                 try:
                     response = await self.session.post(url, data=body, headers=headers)
                 except aiohttp.ClientConnectorError as exc:
-                    self.manager.suspect(replica, f"connection refused: {exc!r}")
+                    self.gateway.suspect(replica, f"connection refused: {exc!r}")
                     refused = replica
                     if attempt == 1:
                         continue
                     msg = f"replica {replica.id} unreachable; retry the request"
                     return openai_error(502, msg, "server_error", "upstream_unreachable"), None
                 except (aiohttp.ClientError, TimeoutError) as exc:
-                    self.manager.suspect(replica, f"lost before answering: {exc!r}")
+                    self.gateway.suspect(replica, f"lost before answering: {exc!r}")
                     msg = (
                         f"replica {replica.id} closed the connection before answering "
                         f"({type(exc).__name__}); the request may have reached the engine and was not retried"
                     )
                     return openai_error(502, msg, "server_error", "upstream_lost"), None
-                result = await self._relay(replica, response)
+                result = await self._relay(deployment, replica, response)
                 finished = True  # _relay owns the release from here
                 return result, response.status
             finally:
                 if not finished:
-                    self.manager.release(replica)
+                    deployment.release(replica)
         raise ReplicaStateError("unreachable: the retry loop always returns")
 
-    async def _relay(self, replica: Replica, response: aiohttp.ClientResponse) -> Response:
+    async def _relay(
+        self, deployment: Deployment, replica: Replica, response: aiohttp.ClientResponse
+    ) -> Response:
         headers = {k: v for k, v in response.headers.items() if k.lower() not in _DROP}
-        finish = _Finish(self.manager, replica, response)
+        finish = _Finish(deployment, replica, response)
         streaming = response.headers.get("content-type", "").startswith("text/event-stream")
         if response.status < 400 and streaming:
             return StreamingResponse(
@@ -371,7 +402,7 @@ class Proxy:
         try:
             body = await response.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            self.manager.suspect(replica, f"lost mid-response: {exc!r}")
+            self.gateway.suspect(replica, f"lost mid-response: {exc!r}")
             finish.broken = True
             msg = f"replica {replica.id} failed mid-response; retry the request"
             return openai_error(502, msg, "server_error", "upstream_lost")
@@ -390,7 +421,7 @@ class Proxy:
                 yield chunk
         except (aiohttp.ClientError, TimeoutError) as exc:
             finish.broken = True
-            self.manager.suspect(replica, f"lost mid-stream: {exc!r}")
+            self.gateway.suspect(replica, f"lost mid-stream: {exc!r}")
             log.warning("replica %s lost mid-stream: %r", replica.id, exc)
             # The openai client raises APIError on an SSE event carrying "error".
             error = {
@@ -405,8 +436,10 @@ class Proxy:
         finally:
             await finish()
 
-    def _count(self, route: str, response: Response, status: int | None = None) -> Response:
-        self.metrics.requests.labels(route, str(status or response.status_code)).inc()
+    def _count(
+        self, route: str, response: Response, status: int | None = None, *, model: str = ""
+    ) -> Response:
+        self.metrics.requests.labels(model, route, str(status or response.status_code)).inc()
         return response
 
 
@@ -444,8 +477,8 @@ class _Finish:
     the background task when the client went away before the stream started. A connection that carried
     an error answer (or broke) is closed, not returned to the pool: the engine may be closing it."""
 
-    def __init__(self, manager: ReplicaManager, replica: Replica, response: aiohttp.ClientResponse) -> None:
-        self._manager, self._replica, self._response = manager, replica, response
+    def __init__(self, deployment: Deployment, replica: Replica, response: aiohttp.ClientResponse) -> None:
+        self._deployment, self._replica, self._response = deployment, replica, response
         self._done = False
         self.broken = False
 
@@ -453,7 +486,7 @@ class _Finish:
         if self._done:
             return
         self._done = True
-        self._manager.release(self._replica)
+        self._deployment.release(self._replica)
         if self.broken or self._response.status >= 400:
             self._response.close()
         else:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from dataclasses import dataclass
 
 from coldstart.launcher.errors import ReplicaStateError
 from coldstart.launcher.sandboxes.base import Sandbox
@@ -50,6 +51,15 @@ class FailureKind(enum.StrEnum):
     BOOT = "boot"  # it never came up
     UNIT = "unit"  # its unit failed (a GPU's critical XID, a cluster node gone)
     OTHER = "other"
+
+
+@dataclass(frozen=True)
+class Swap:
+    """The eviction that freed this replica's unit: logged and timed when the replica is ready."""
+
+    evicted_model: str
+    evicted_replica: str
+    started: float  # monotonic, when the eviction began
 
 
 class ReplicaState(enum.Enum):
@@ -76,8 +86,9 @@ _ALLOWED: dict[ReplicaState, frozenset[ReplicaState]] = {
 
 
 class Replica:
-    def __init__(self, replica_id: str) -> None:
+    def __init__(self, replica_id: str, deployment: str = "") -> None:
         self.id = replica_id
+        self.deployment = deployment  # the public model name of its deployment
         self.state = ReplicaState.NEW
         self.sandbox: Sandbox | None = None
         self.in_flight = 0
@@ -89,6 +100,9 @@ class Replica:
         self.served_seconds = 0.0
         self.how: StartKind | None = None  # how this replica came up
         self.unit: Unit | None = None  # the pool unit (GPU or CPU slot) the replica runs on
+        self.unit_failure: str | None = None  # why its unit failed (a GPU's XID): handed back as failed
+        self.memory = 0  # resident bytes measured once it was ready (0: unknown)
+        self.swap: Swap | None = None  # set when it was placed on a unit freed by an eviction
 
     def transition(self, new: ReplicaState, **details: object) -> float:
         """Move to ``new`` (if legal), log one line, and return the seconds spent in the old state."""
@@ -102,8 +116,9 @@ class Replica:
             self.last_used = now
         extra = "".join(f" {k}={v}" for k, v in details.items())
         log.info(
-            "replica %s %s -> %s after %.2fs%s",
+            "replica %s%s %s -> %s after %.2fs%s",
             self.id,
+            f" ({self.deployment})" if self.deployment else "",
             old.value,
             new.value,
             spent,
@@ -111,6 +126,7 @@ class Replica:
             extra={
                 "event": "transition",
                 "replica": self.id,
+                "model": self.deployment,
                 "from": old.value,
                 "to": new.value,
                 "duration_s": round(spent, 4),

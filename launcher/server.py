@@ -1,17 +1,24 @@
-"""``run(ServeConfig)``: the programmatic API behind ``coldstart-serve``.
+"""``run(GatewayConfig | ServeConfig)``: the programmatic API behind ``coldstart-serve``.
 
-Order: validate everything a user can get wrong (engine, install, model path) and bind the proxy's port
-before any process starts; bring the proxy up; start the initial replicas; serve until SIGINT/SIGTERM
-(``serve_until_signalled``); then stop every replica and release everything, also on errors.
+Order: validate everything a user can get wrong (every deployment's engine, install, model path) and bind
+the proxy's port before any process starts; mount images, set up each deployment's snapshots; one pool of
+units for the host (or a Ray cluster with ``--cluster``); the gateway (``gateway.py``) and the proxy up;
+start the initial replicas where units are free; serve until SIGINT/SIGTERM (``serve_until_signalled``);
+then stop every replica and release everything, also on errors. A ``ServeConfig`` is a deployments file of
+one (``deployments.single``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import math
+import os
+import resource
+import shutil
 import signal
 import socket
 import time
@@ -23,14 +30,17 @@ import uvicorn
 
 from coldstart.engine_adapters.base import EngineAdapter
 from coldstart.engine_adapters.registry import get_adapter
-from coldstart.launcher.config import ServeConfig
+from coldstart.launcher.config import GatewayConfig, ServeConfig, parse_bytes
+from coldstart.launcher.deployment import Deployment, Snapshots
+from coldstart.launcher.deployments import single
 from coldstart.launcher.errors import CheckpointerUnavailable, GpuRefused, PortInUse, UsageError
+from coldstart.launcher.gateway import Gateway, control_client
 from coldstart.launcher.image import image_mounted, with_mountpoint
+from coldstart.launcher.local_host import LocalHost
 from coldstart.launcher.logs import configured_logging
-from coldstart.launcher.metrics import Metrics
+from coldstart.launcher.metrics import Metrics, ModelMetrics
+from coldstart.launcher.placement import ReplicaHost
 from coldstart.launcher.proxy import Proxy
-from coldstart.launcher.replica import ReplicaState
-from coldstart.launcher.replicas import ReplicaManager, Snapshots
 from coldstart.launcher.sandboxes.leftovers import log_cleanup
 from coldstart.launcher.settings import engine_config, scaling_policy, snapshot_settings
 from coldstart.pool import pool_for_host
@@ -94,7 +104,7 @@ def check_model(adapter: EngineAdapter, config: ServeConfig) -> None:
     adapter.upstream_model_name(engine_config(config))  # raises ModelNotFound for a missing local path
 
 
-def make_snapshots(config: ServeConfig, adapter: EngineAdapter, metrics: Metrics) -> Snapshots | None:
+def make_snapshots(config: ServeConfig, adapter: EngineAdapter, metrics: ModelMetrics) -> Snapshots | None:
     settings = snapshot_settings(config)
     if settings is None:
         return None
@@ -105,71 +115,161 @@ def make_snapshots(config: ServeConfig, adapter: EngineAdapter, metrics: Metrics
     except (CheckpointerUnavailable, GpuRefused) as exc:
         if config.snapshot != "auto":
             raise  # asked for by name: say why it cannot work here
-        log.warning("snapshots off: %s", exc, extra={"event": "snapshots_off"})
+        log.warning(
+            "%s: snapshots off: %s",
+            config.public_model_name,
+            exc,
+            extra={"event": "snapshots_off", "model": config.public_model_name},
+        )
         return None
 
 
-async def serve(config: ServeConfig, *, ready: asyncio.Event | None = None) -> None:
+def raise_nofile_limit() -> None:
+    """Raise the soft limit on open files to the hard one: with the default 1024, 2,000 idle client
+    connections starved the health probes (EMFILE) and healthy replicas were replaced."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def memory_budget(server: ServeConfig) -> int:
+    """``--memory-budget``, else 90% of what the host has available now (CPU slots are bounded by it)."""
+    if server.memory_budget:
+        return parse_bytes(server.memory_budget)
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024 * 9 // 10
+    return 0
+
+
+def launcher_work_dir(work_dir: Path) -> Path:
+    """This launcher's own folder under ``--work-dir`` (two launchers on the same folder never share a
+    replica's files); folders of launchers that are gone are removed. Raises a one-line error when the
+    folder cannot be written."""
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for old in work_dir.glob("launcher-*"):
+            pid = old.name.removeprefix("launcher-")
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                shutil.rmtree(old, ignore_errors=True)
+        mine = work_dir / f"launcher-{os.getpid()}"
+        mine.mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(
+            f"--work-dir {work_dir}: cannot write there ({exc.strerror}); pass a writable folder"
+        ) from exc
+    return mine
+
+
+async def _deployment(
+    config: ServeConfig, adapter: EngineAdapter, metrics: Metrics, undo: contextlib.AsyncExitStack, index: int
+) -> Deployment:
+    """One deployment, its image mounted (unmounted by ``undo``) and its snapshots set up."""
+    if config.image is not None and config.image_mount is None:
+        config = dataclasses.replace(config, image_mount=Path(config.work_dir) / f"image-{index}")
+    mount = await undo.enter_async_context(image_mounted(config))
+    if mount is not None:
+        config = with_mountpoint(config, mount.mountpoint)
+        check_model(adapter, config)
+        undo.push_async_callback(asyncio.to_thread, mount.save_profile)  # what the boots read, in order
+    econf = engine_config(config)
+    name = config.public_model_name
+    bound = metrics.for_model(name)
+    upstream = adapter.upstream_model_name(econf)
+    return Deployment(
+        name,
+        adapter,
+        econf,
+        scaling_policy(config),
+        bound,
+        upstream_model=upstream,
+        snapshots=make_snapshots(config, adapter, bound),
+        config=config,
+        weight=config.weight,
+        priority=config.priority,
+        aliases=(upstream,) if upstream != name else (),
+    )
+
+
+async def _replica_host(
+    gateway_config: GatewayConfig, metrics: Metrics, http: Any, work_dir: Path
+) -> tuple[ReplicaHost, float]:
+    """Where replicas run, and a unit's lead time: a Ray cluster with ``--cluster``, else this host's pool
+    (its GPUs, or CPU slots bounded by memory)."""
+    server = gateway_config.server
+    if server.cluster:
+        from coldstart.launcher.cluster.ray_host import RayHost  # Ray is imported only with --cluster
+
+        # Connecting (ray.init) blocks: off the event loop.
+        host = await asyncio.to_thread(RayHost, server.cluster, server, metrics)
+        return host, float(getattr(host, "unit_lead_time_s", 60.0))
+    pool = pool_for_host(cpu_slots=gateway_config.cpu_units, target_idle=0)
+    await pool.start()
+    budget = memory_budget(server)
+    local = LocalHost(pool, http, work_dir, budget or None)
+    log.info(
+        "units: %s %s slot(s)%s",
+        pool.provider.capacity(),
+        pool.kind,
+        f", {budget / (1 << 30):.1f} GiB for replicas" if pool.kind == "cpu" and budget else "",
+        extra={"event": "units", "capacity": pool.provider.capacity(), "kind": pool.kind},
+    )
+    return local, 0.0 if pool.kind == "cpu" else 2.0
+
+
+async def serve(config: ServeConfig | GatewayConfig, *, ready: asyncio.Event | None = None) -> None:
     """Serve until cancelled or signalled. ``ready`` is set once the proxy listens. Everything started
-    here is stopped on the way out (replicas, pool, image mount), also on errors."""
-    adapter = validate(config)
+    here is stopped on the way out (replicas, pool, image mounts), also on errors."""
+    gateway_config = config if isinstance(config, GatewayConfig) else single(config)
+    server = gateway_config.server
+    adapters = [validate(d) for d in gateway_config.deployments]
     async with contextlib.AsyncExitStack() as undo:
-        sock = undo.enter_context(bind_proxy_socket(config.host, config.port))
+        sock = undo.enter_context(bind_proxy_socket(server.host, server.port))
         undo.callback(log.info, "stopped", extra={"event": "stopped"})  # runs last but one
+        raise_nofile_limit()  # thousands of client connections must not starve the health probes
         # What a killed launcher left (engines, namespaces, veths, containers, dead mounts), each said.
-        await asyncio.to_thread(log_cleanup, Path(config.work_dir))
-        mount = await undo.enter_async_context(image_mounted(config))
-        if mount is not None:
-            config = with_mountpoint(config, mount.mountpoint)
-            check_model(adapter, config)
+        await asyncio.to_thread(log_cleanup, Path(server.work_dir))
+        work_dir = launcher_work_dir(Path(server.work_dir))
+        undo.callback(shutil.rmtree, work_dir, True)
         metrics = Metrics()
-        work_dir = Path(config.work_dir)
-        work_dir.mkdir(parents=True, exist_ok=True)
-        econf = engine_config(config)
-        # Replicas run on units of the buffer pool: this host's GPUs, or CPU slots where there are none.
-        pool = pool_for_host(cpu_slots=config.max_replicas, target_idle=min(1, config.max_replicas))
-        await pool.start()
-        undo.push_async_callback(pool.close)
-        manager = ReplicaManager(
-            adapter,
-            econf,
-            scaling_policy(config),
-            metrics,
-            work_dir,
-            snapshots=make_snapshots(config, adapter, metrics),
-            pool=pool,
+        http = control_client()
+        undo.push_async_callback(http.aclose)
+        deployments = [
+            await _deployment(dataclasses.replace(d, work_dir=work_dir), adapter, metrics, undo, i)
+            for i, (d, adapter) in enumerate(zip(gateway_config.deployments, adapters, strict=True))
+        ]
+        host, lead_time_s = await _replica_host(gateway_config, metrics, http, work_dir)
+        undo.push_async_callback(host.close)
+        gateway = Gateway(
+            deployments, host, metrics, http, min_residency=server.min_residency, unit_lead_time_s=lead_time_s
         )
-        undo.push_async_callback(manager.close)
+        undo.push_async_callback(gateway.close)
         proxy = Proxy(
-            manager,
+            gateway,
             metrics,
-            config.public_model_name,
-            adapter.upstream_model_name(econf),
-            config.api_key,
-            max_body_bytes=config.max_body_size,
-            read_timeout=config.read_timeout,
+            server.api_key,
+            max_body_bytes=server.max_body_size,
+            read_timeout=server.read_timeout,
         )
         undo.push_async_callback(proxy.aclose)
-        await _serve_proxy(config, adapter, manager, proxy, mount, ready, sock)
+        await _serve_proxy(server, gateway, proxy, ready, sock)
 
 
 async def _serve_proxy(
-    config: ServeConfig,
-    adapter: EngineAdapter,
-    manager: ReplicaManager,
+    server_config: ServeConfig,
+    gateway: Gateway,
     proxy: Proxy,
-    mount: Any,
     ready: asyncio.Event | None,
     sock: socket.socket,
 ) -> None:
     server = _ProxyServer(
         uvicorn.Config(
             proxy.app(),
-            host=config.host,
-            port=config.port,
+            host=server_config.host,
+            port=server_config.port,
             http=proxy.http_protocol(),  # with a header timeout
             # On SIGTERM in-flight requests get --drain-timeout to finish, then are cut (not waited forever).
-            timeout_graceful_shutdown=math.ceil(config.drain_timeout),  # uvicorn takes whole seconds
+            timeout_graceful_shutdown=math.ceil(server_config.drain_timeout),  # uvicorn takes whole seconds
             log_level="warning",
             access_log=False,
             lifespan="off",
@@ -181,34 +281,34 @@ async def _serve_proxy(
         while not server.started:
             if server_task.done():
                 await server_task
-                raise PortInUse(f"the proxy could not listen on {config.host}:{config.port}")
+                raise PortInUse(f"the proxy could not listen on {server_config.host}:{server_config.port}")
             await asyncio.sleep(0.01)
+        names = ", ".join(f"{name!r} ({d.adapter.name})" for name, d in gateway.deployments.items())
         log.info(
-            "proxy listening on http://%s:%d (model %r, engine %s)",
-            config.host,
-            config.port,
-            config.public_model_name,
-            adapter.name,
+            "proxy listening on http://%s:%d (models %s)",
+            server_config.host,
+            server_config.port,
+            names,
             extra={"event": "proxy_up", "duration_s": round(time.monotonic() - started, 3)},
         )
         if ready is not None:
             ready.set()
-        initial = await manager.start()
+        initial = await gateway.start()
         pending = set(initial)
         while pending and not server_task.done():
             done, _ = await asyncio.wait([server_task, *pending], return_when=asyncio.FIRST_COMPLETED)
             pending -= done
         if initial and not server_task.done():
-            if not any(r.state is ReplicaState.READY for r in manager.replicas.values()):
-                if manager.last_boot_exception is not None:
-                    raise manager.last_boot_exception  # nothing serves: fail the launch, exit 1
+            if not gateway.ready():
+                errors = [d.last_boot_exception for d in gateway.deployments.values()]
+                first = next((e for e in errors if e is not None), None)
+                if first is not None and len(gateway.deployments) == 1:
+                    raise first  # nothing serves: fail the launch, exit 1
             log.info(
                 "ready in %.2fs",
                 time.monotonic() - started,
                 extra={"event": "ready", "duration_s": round(time.monotonic() - started, 3)},
             )
-            if mount is not None:
-                await asyncio.to_thread(mount.save_profile)  # the boot is over: what it read, in order
         # Shielded: a SIGTERM cancels serve(), not uvicorn, whose graceful shutdown below lets in-flight
         # requests finish (up to --drain-timeout) before the replicas are stopped under them.
         await asyncio.shield(server_task)
@@ -227,7 +327,7 @@ class _ProxyServer(uvicorn.Server):
         yield
 
 
-async def serve_until_signalled(config: ServeConfig) -> None:
+async def serve_until_signalled(config: ServeConfig | GatewayConfig) -> None:
     """``serve`` until SIGINT or SIGTERM, which cancel it (its cleanup stops every replica)."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
@@ -246,7 +346,8 @@ async def serve_until_signalled(config: ServeConfig) -> None:
             loop.remove_signal_handler(sig)
 
 
-def run(config: ServeConfig) -> None:
+def run(config: ServeConfig | GatewayConfig) -> None:
     """Blocking entry point (``coldstart-serve``): logging set up for the call, then ``serve``."""
-    with configured_logging(config.log_format, config.log_level):
+    server = config.server if isinstance(config, GatewayConfig) else config
+    with configured_logging(server.log_format, server.log_level):
         asyncio.run(serve_until_signalled(config))

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coldstart.engine_adapters.base import EngineConfig
+from coldstart.launcher.autoscaler import ScalingPolicy
 from coldstart.launcher.config import Canary, ServeConfig
 from coldstart.launcher.errors import UsageError
-from coldstart.launcher.replicas import ScalingPolicy
 from coldstart.launcher.snapshots.canary import DEFAULT_CANARY
 
 

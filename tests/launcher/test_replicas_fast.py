@@ -1,7 +1,8 @@
-"""``ReplicaManager`` and ``Proxy`` constructed for real over fake sandboxes (``tests/fake_engine.py``): the
-proxy is served by uvicorn on a loopback port and called over HTTP, each replica is a small HTTP server.
-Routing, queueing, scaling, liveness and fault handling in seconds; the real engines are in
-``test_scaling_and_faults.py`` and ``test_faults_e2e.py``."""
+"""The gateway (``Gateway``, ``Deployment``, ``LocalHost`` over a real CPU-slot pool) and ``Proxy`` constructed
+for real over fake sandboxes (``tests/fake_engine.py``): the proxy is served by uvicorn on a loopback port and
+called over HTTP, each replica is a small HTTP server. Routing, queueing, scaling, liveness, swaps and
+fairness between deployments in seconds; the real engines are in ``test_scaling_and_faults.py``,
+``test_faults_e2e.py`` and ``test_many_models.py``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import functools
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,15 @@ import uvicorn
 from fake_engine import FakeAdapter, FakeSandbox, FakeSnapshots
 
 from coldstart.engine_adapters.base import EngineConfig
+from coldstart.launcher.autoscaler import ScalingPolicy
+from coldstart.launcher.deployment import Deployment
+from coldstart.launcher.gateway import Gateway, control_client
+from coldstart.launcher.liveness import HEALTH_FAILURES
+from coldstart.launcher.local_host import LocalHost
 from coldstart.launcher.metrics import Metrics
 from coldstart.launcher.proxy import Proxy
-from coldstart.launcher.replica import ReplicaState
-from coldstart.launcher.replicas import HEALTH_FAILURES, ReplicaManager, ScalingPolicy
+from coldstart.launcher.replica import FailureKind, ReplicaState
+from coldstart.pool import Pool, make_provider
 
 
 def run(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
@@ -43,16 +49,32 @@ class _Server(uvicorn.Server):
 
 @dataclass
 class Launched:
-    manager: ReplicaManager
+    gateway: Gateway
     proxy: Proxy
-    snapshots: FakeSnapshots
     client: httpx.AsyncClient
+    fakes: dict[str, FakeSnapshots] = field(default_factory=dict)
+
+    @property
+    def snapshots(self) -> FakeSnapshots:
+        return next(iter(self.fakes.values()))
+
+    def deployment(self, name: str = "fake") -> Deployment:
+        return self.gateway.deployments[name]
 
     def sandbox(self, replica_id: str) -> FakeSandbox:
-        return self.snapshots.sandboxes[replica_id]
+        for fake in self.fakes.values():
+            if replica_id in fake.sandboxes:
+                return fake.sandboxes[replica_id]
+        raise KeyError(replica_id)
 
     def states(self) -> dict[str, ReplicaState]:
-        return {r.id: r.state for r in self.manager.replicas.values()}
+        return {r.id: r.state for r in self.gateway.replicas()}
+
+    def model_of(self, port: int) -> str:
+        for name, fake in self.fakes.items():
+            if any(s.engine.port == port for s in fake.sandboxes.values()):
+                return name
+        raise KeyError(port)
 
     async def until(self, condition: Callable[[], bool], what: str, timeout: float = 20.0) -> float:
         """Wait for ``condition``; returns the seconds it took."""
@@ -66,8 +88,8 @@ class Launched:
     async def ready(self, n: int = 1) -> None:
         await self.until(lambda: list(self.states().values()).count(ReplicaState.READY) >= n, f"{n} ready")
 
-    async def chat(self, **body: Any) -> httpx.Response:
-        return await self.client.post("/v1/chat/completions", json={"model": "fake", "messages": [], **body})
+    async def chat(self, model: str = "fake", **body: Any) -> httpx.Response:
+        return await self.client.post("/v1/chat/completions", json={"model": model, "messages": [], **body})
 
 
 @contextlib.asynccontextmanager
@@ -77,17 +99,48 @@ async def launched(
     proxy_kw: dict[str, Any] | None = None,
     **policy: Any,
 ) -> AsyncIterator[Launched]:
-    snapshots = FakeSnapshots(restore_s, stop_s)
+    """One deployment, ``fake``, on as many CPU slots as its ``max_replicas``."""
+    model = {"restore_s": restore_s, "stop_s": stop_s, **policy}
+    async with gateway_launched({"fake": model}, units=policy.get("max_replicas", 1), proxy_kw=proxy_kw) as h:
+        yield h
+
+
+@contextlib.asynccontextmanager
+async def gateway_launched(
+    models: dict[str, dict[str, Any]],
+    *,
+    units: int = 1,
+    min_residency: float = 0.0,
+    proxy_kw: dict[str, Any] | None = None,
+) -> AsyncIterator[Launched]:
+    """Deployments by name, each ``{restore_s, stop_s, weight, priority, **policy}``, sharing ``units``
+    CPU slots of one pool."""
     metrics = Metrics()
-    manager = ReplicaManager(
-        FakeAdapter(),
-        EngineConfig(model="fake"),
-        ScalingPolicy(**policy),
-        metrics,
-        Path("/nonexistent"),
-        snapshots,
-    )
-    proxy = Proxy(manager, metrics, "fake", "fake", **(proxy_kw or {}))
+    fakes: dict[str, FakeSnapshots] = {}
+    deployments = []
+    for name, options in models.items():
+        options = dict(options)
+        fake = fakes[name] = FakeSnapshots(options.pop("restore_s", 0.0), options.pop("stop_s", 0.0))
+        weight, priority = options.pop("weight", 1.0), options.pop("priority", 0)
+        deployments.append(
+            Deployment(
+                name,
+                FakeAdapter(),
+                EngineConfig(model=name),
+                ScalingPolicy(**options),
+                metrics.for_model(name),
+                upstream_model=name,
+                snapshots=fake,
+                weight=weight,
+                priority=priority,
+            )
+        )
+    http = control_client()
+    pool = Pool(make_provider("cpu", slots=units), target_idle=0)
+    await pool.start()
+    host = LocalHost(pool, http, Path("/nonexistent"))
+    gateway = Gateway(deployments, host, metrics, http, min_residency=min_residency)
+    proxy = Proxy(gateway, metrics, **(proxy_kw or {}))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = _Server(
@@ -96,16 +149,18 @@ async def launched(
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         await asyncio.sleep(0.01)
-    await manager.start()
+    await gateway.start()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     try:
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-            yield Launched(manager, proxy, snapshots, client)
+            yield Launched(gateway, proxy, client, fakes)
     finally:
         server.should_exit = True
         await serving
-        await manager.close()
+        await gateway.close()
+        await host.close()
         await proxy.aclose()
+        await http.aclose()
         sock.close()
 
 
@@ -169,7 +224,7 @@ async def test_hung_engine_is_detected_its_requests_fail_and_it_is_replaced() ->
         answer = await pending
         assert answer.status_code == 502 and _error(answer)["code"] == "upstream_lost"
         metrics = (await h.client.get("/metrics")).text
-        assert 'coldstart_replica_failures_total{kind="unresponsive"} 1.0' in metrics
+        assert 'coldstart_replica_failures_total{kind="unresponsive",model="fake"} 1.0' in metrics
         again = await h.chat()
         assert again.status_code == 200
         assert again.json()["port"] == h.sandbox("r2").engine.port
@@ -198,7 +253,7 @@ async def test_burst_from_zero_spreads_over_every_replica_without_churn() -> Non
         per_replica = {rid: ports.count(s.engine.port) for rid, s in h.snapshots.sandboxes.items()}
         assert set(per_replica) == {"r1", "r2"}, per_replica  # no replica stopped and started again
         assert min(per_replica.values()) >= 5, per_replica  # the second one took its share
-        assert h.manager.peak_live == 2
+        assert h.deployment().peak_live == 2
 
 
 @run
@@ -208,7 +263,7 @@ async def test_a_replica_still_stopping_counts_against_max_replicas() -> None:
         await h.sandbox("r1").die()
         assert (await h.chat()).status_code in (200, 502)
         assert (await h.chat()).status_code == 200
-        assert h.manager.peak_live == 1
+        assert h.deployment().peak_live == 1
         assert h.sandbox("r1").stopped.is_set()
 
 
@@ -242,11 +297,11 @@ async def test_close_finishes_when_a_probe_is_poked_as_it_is_cancelled() -> None
     async with launched(health_interval=60) as h:
         await h.ready()
         await asyncio.sleep(0.05)  # the watcher waits on its poke
-        h.manager.suspect(h.manager.replicas["r1"], "test")
-        closing = asyncio.create_task(h.manager.close())
+        h.gateway.suspect(h.deployment().replicas["r1"], "test")
+        closing = asyncio.create_task(h.gateway.close())
         done, _ = await asyncio.wait([closing], timeout=5)  # not wait_for: its cancel would hide a hang
         assert done, "close() hangs"
-        assert not h.manager.replicas
+        assert not h.deployment().replicas
 
 
 @run
@@ -254,8 +309,9 @@ async def test_close_waits_for_a_stop_already_running() -> None:
     async with launched(stop_s=0.5) as h:
         await h.ready()
         sandbox = h.sandbox("r1")
-        h.manager.fail(h.manager.replicas["r1"], "test")
-        await h.manager.close()
+        d = h.deployment()
+        h.gateway.fail(d, d.replicas["r1"], "test", FailureKind.OTHER)
+        await h.gateway.close()
         assert sandbox.stopped.is_set() and sandbox.stops == 1
 
 
@@ -324,7 +380,7 @@ async def test_client_that_goes_away_cancels_its_engine_request() -> None:
                 timeout=httpx.Timeout(30, read=0.5),
             )
         await h.until(lambda: engine.cancelled == 1, "the engine saw its request cancelled")
-        await h.until(lambda: h.manager.replicas["r1"].in_flight == 0, "the proxy released the replica")
+        await h.until(lambda: h.deployment().replicas["r1"].in_flight == 0, "the proxy released the replica")
 
 
 @run

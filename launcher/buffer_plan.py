@@ -1,0 +1,90 @@
+"""The LP in the loop: the live buffer target from ``pool.sizing``, fed by the arrival rates observed per
+deployment.
+
+Every ``every_s`` seconds the planner turns what the gateway sees into the sizing LP's forecast and asks it
+how many idle units to hold:
+
+    busy replicas (requests in flight, by Little's law)  -> the random-walk part: std = sqrt(busy)
+    requests/s of deployments with no replica up         -> spikes: each such arrival needs a new unit
+    the unit's lead time (CPU slot ~0 s, local GPU ~2 s   -> one instance type; its supply cap is the units
+      health check, a cluster node: minutes)                not held by replicas
+
+The plan (units to hold and the LP's one-line explanation) is set on the host (``set_buffer``: the pool's
+``set_target`` on one host, ``request_resources`` on Ray) and shown in ``/health`` and by
+``coldstart_buffer_target``. With the sizing extra (OR-Tools) missing, the target stays where it is and the
+explanation says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+log = logging.getLogger("coldstart.serve")
+
+HORIZON_S = 60.0
+CONFIDENCE = 0.95
+WAIT_BUDGET_S = 0.5  # a request at zero may wait this long for a unit on top of its restore
+
+
+@dataclass(frozen=True)
+class Observed:
+    """One deployment as the planner sees it."""
+
+    name: str
+    rate_per_s: float  # arrivals over the sliding window
+    busy: int  # requests in flight
+    up: bool  # a replica is starting or serving
+
+
+@dataclass
+class BufferPlan:
+    target: int = 0
+    explanation: str = "no demand observed yet"
+    rates: dict[str, float] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "target": self.target,
+            "explanation": self.explanation,
+            "rates": {k: round(v, 3) for k, v in self.rates.items()},
+        }
+
+
+def plan_buffer(
+    observed: Iterable[Observed], *, free_units: int, lead_time_s: float, kind: str
+) -> BufferPlan:
+    """Size the buffer of idle units for what was observed (pure apart from the LP solve)."""
+    observed = list(observed)
+    rates = {o.name: o.rate_per_s for o in observed}
+    busy = sum(o.busy for o in observed)
+    at_zero = sum(o.rate_per_s for o in observed if not o.up)
+    if free_units <= 0:
+        return BufferPlan(0, "no unit free to hold: every unit runs a replica", rates)
+    if busy == 0 and at_zero == 0:
+        return BufferPlan(0, "no demand in the last minute: hold nothing", rates)
+    try:
+        from coldstart.pool.catalog import InstanceType
+        from coldstart.pool.sizing import Forecast, SizingInput, size_buffer
+    except ImportError as exc:  # the pool extra (OR-Tools) is not installed
+        return BufferPlan(0, f"sizing LP unavailable ({exc}); install coldstart[pool]", rates)
+    unit = InstanceType(f"{kind}-unit", price_per_hour=1.0, lead_time_s=lead_time_s, supply_cap=free_units)
+    forecast = Forecast(
+        mean=0.0,
+        std=math.sqrt(busy),
+        horizon_s=HORIZON_S,
+        spike_rate_per_s=at_zero,
+        spike_size=1.0 if at_zero else 0.0,
+    )
+    plan = size_buffer(
+        SizingInput(forecast, [unit], confidence=CONFIDENCE, wait_budget_s=WAIT_BUDGET_S), explain=True
+    )
+    target = min(plan.hold_total, free_units)
+    why = plan.lines[0] if plan.lines else "the LP holds nothing"
+    summary = (
+        f"hold {target} idle {kind} unit(s) for {busy} request(s) in flight and {at_zero:.2f}/s arriving "
+        f"at zero (unit lead time {lead_time_s:.1f} s): {why}"
+    )
+    return BufferPlan(target, summary, rates)

@@ -1,0 +1,159 @@
+"""The liveness watcher: who decides a serving replica is dead.
+
+Never one failed connection: a connection error can be a keep-alive connection the engine closed after an
+error answer, and a bad request must not take a healthy replica (and its other requests) down. A replica
+fails when its engine process exited, or when its liveness probe (the adapter's health probe,
+``health_timeout`` each) fails ``HEALTH_FAILURES`` times in a row; probes run every ``health_interval`` and
+at once after a connection error (``suspect``). A hung engine (SIGSTOP, a deadlock) is thus failed within
+HEALTH_FAILURES x (interval + timeout) (10 s by default), its engine killed (which ends its in-flight
+requests with an error), and demand starts a replacement.
+
+A probe that fails on *our* side (the launcher out of file descriptors: EMFILE/ENFILE) says nothing about the
+engine and is not counted; it is logged at most once a minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import httpx
+
+from coldstart.launcher.replica import FailureKind, Replica
+
+if TYPE_CHECKING:
+    from coldstart.launcher.deployment import Deployment
+
+log = logging.getLogger("coldstart.lifecycle")
+
+HEALTH_FAILURES = 2  # consecutive failed liveness probes that fail a replica
+_LOCAL_ERRNOS = (errno.EMFILE, errno.ENFILE)
+_LOG_EVERY_S = 60.0
+
+
+class _LocalProbeError(Exception):
+    """The probe could not be sent for a reason of ours, not the engine's."""
+
+
+def _local_cause(exc: BaseException) -> OSError | None:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _LOCAL_ERRNOS:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _check_own_descriptors() -> None:
+    """Raise ``_LocalProbeError`` when this process cannot open a socket (out of file descriptors)."""
+    try:
+        socket.socket().close()
+    except OSError as exc:
+        if exc.errno in _LOCAL_ERRNOS:
+            raise _LocalProbeError(str(exc)) from exc
+        raise
+
+
+class Liveness:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        on_dead: Callable[[Deployment, Replica, str, FailureKind], None],
+    ) -> None:
+        self.http = http
+        self.on_dead = on_dead
+        self._poke: dict[str, asyncio.Event] = {}
+        self._local_logged_at = 0.0
+
+    def suspect(self, replica: Replica, why: str) -> None:
+        """A request saw trouble reaching the replica (connection error, read timeout): probe it now."""
+        log.info(
+            "replica %s: %s; probing its health",
+            replica.id,
+            why,
+            extra={"event": "suspect", "replica": replica.id, "model": replica.deployment},
+        )
+        if (event := self._poke.get(replica.id)) is not None:
+            event.set()
+
+    async def watch(self, deployment: Deployment, replica: Replica, watched: Callable[[], bool]) -> None:
+        """Probe ``replica`` while ``watched()``; call ``on_dead`` once when it is not alive."""
+        poke = self._poke.setdefault(replica.id, asyncio.Event())
+        policy = deployment.policy
+        failures = 0
+        try:
+            while watched():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(poke.wait(), policy.health_interval)
+                poke.clear()
+                if not watched():
+                    return
+                try:
+                    why = await self.probe(deployment, replica)
+                except _LocalProbeError as exc:
+                    self._log_local(replica, exc)
+                    continue
+                if why is None:
+                    failures = 0
+                    continue
+                failures += 1
+                sandbox = replica.sandbox
+                exited = sandbox is not None and sandbox.exit_code() is not None
+                if not watched():
+                    return  # its stop began while the probe ran
+                if exited or failures >= HEALTH_FAILURES:
+                    log.warning(
+                        "replica %s is not alive: %s",
+                        replica.id,
+                        why,
+                        extra={"event": "replica_dead", "replica": replica.id, "model": replica.deployment},
+                    )
+                    self.on_dead(
+                        deployment, replica, why, FailureKind.EXITED if exited else FailureKind.UNRESPONSIVE
+                    )
+                    return
+        finally:
+            self._poke.pop(replica.id, None)
+
+    async def probe(self, deployment: Deployment, replica: Replica) -> str | None:
+        """None when alive, else why not. Raises ``_LocalProbeError`` when the launcher itself could not
+        probe (out of file descriptors)."""
+        sandbox = replica.sandbox
+        if sandbox is None:
+            return "no sandbox"
+        if (code := sandbox.exit_code()) is not None:
+            return f"engine exited with status {code}"
+        timeout = deployment.policy.health_timeout
+        try:
+            healthy = await asyncio.wait_for(
+                deployment.adapter.is_healthy(self.http, sandbox.base_url), timeout
+            )
+        except TimeoutError:
+            return f"health probe got no answer within {timeout:.0f} s (engine hung?)"
+        except Exception as exc:  # an adapter's probe that raises says why it is not alive
+            if (local := _local_cause(exc)) is not None:
+                raise _LocalProbeError(str(local)) from exc
+            return f"health probe failed: {exc}"
+        if (code := sandbox.exit_code()) is not None:
+            return f"engine exited with status {code}"
+        if healthy:
+            return None
+        _check_own_descriptors()  # adapters map a connect error to False: was it ours?
+        return "health probe failed"
+
+    def _log_local(self, replica: Replica, exc: Exception) -> None:
+        now = time.monotonic()
+        if now - self._local_logged_at >= _LOG_EVERY_S:
+            self._local_logged_at = now
+            log.warning(
+                "cannot probe replica %s: %s (the launcher's own limit, not the engine's; not counted)",
+                replica.id,
+                exc,
+                extra={"event": "probe_local_error", "replica": replica.id},
+            )
