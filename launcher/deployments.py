@@ -70,6 +70,7 @@ from coldstart.launcher.config import (
     parse_bytes,
 )
 from coldstart.launcher.errors import RecipeError, UsageError
+from coldstart.launcher.recipes import apply_recipe, convert, unknown_key
 
 __all__ = ["flag", "load_deployments", "single", "with_server"]
 
@@ -175,7 +176,7 @@ def _server_values(table: object, folder: Path, where: str) -> dict[str, Any]:
                 f"{where}: key {key!r} is per model: put it under each [models.NAME] table that needs it"
             )
         if key not in SERVER_KEYS:
-            raise RecipeError(f"{where}: unknown key {key!r} (valid: {', '.join(SERVER_KEYS)})")
+            raise RecipeError(f"{where}: {unknown_key(key, SERVER_KEYS)}")
     return _resolve_paths(_convert_all(table, where), folder)
 
 
@@ -237,7 +238,7 @@ def _model_values(table: dict[str, Any], folder: Path, where: str) -> dict[str, 
         if key in SERVER_KEYS or key == "config":
             raise RecipeError(f"{where}: key {key!r} is a server option: put it under [server] (one for all)")
         if key not in MODEL_KEYS:
-            raise RecipeError(f"{where}: unknown key {key!r} (valid: {', '.join(MODEL_KEYS)})")
+            raise RecipeError(f"{where}: {unknown_key(key, MODEL_KEYS)}")
     if "env" in table and "engine_env" in table:
         raise RecipeError(f"{where}: keys 'env' and 'engine_env' are one option: keep one")
     values = {ALIASES.get(k, k): v for k, v in _convert_all(table, where).items()}
@@ -250,8 +251,6 @@ def _model_values(table: dict[str, Any], folder: Path, where: str) -> dict[str, 
 
 
 def _with_recipe(recipe: str, base: ServeConfig, folder: Path, where: str) -> ServeConfig:
-    from coldstart.launcher.recipes import apply_recipe
-
     if recipe.endswith(".toml") or os.sep in recipe:
         recipe = str(folder / Path(recipe).expanduser())
     try:
@@ -283,8 +282,6 @@ def _check_unique(deployments: Iterable[ServeConfig], tables: list[str], label: 
 
 # -- shared ----------------------------------------------------------------------------------------------
 def _convert_all(table: dict[str, Any], where: str) -> dict[str, Any]:
-    from coldstart.launcher.recipes import convert
-
     return {k: convert(v, HINTS[ALIASES.get(k, k)], k, where) for k, v in table.items()}
 
 

@@ -17,6 +17,7 @@ against ``ServeConfig``'s type hints.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import tomllib
 import types
@@ -47,6 +48,7 @@ __all__ = [
     "check_table",
     "convert",
     "load_recipe",
+    "unknown_key",
 ]
 
 RECIPES_DIR = Path(coldstart.recipes.__file__).resolve().parent
@@ -124,7 +126,7 @@ def check_table(cls: type, data: object, prefix: str, label: str) -> dict[str, A
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     for key in data:
         if key not in fields:
-            raise RecipeError(f"{label}: unknown key {prefix + key!r} (valid: {', '.join(fields)})")
+            raise RecipeError(f"{label}: {unknown_key(prefix + key, tuple(prefix + f for f in fields))}")
     out: dict[str, Any] = {}
     for name, f in fields.items():
         if name in data:
@@ -132,6 +134,13 @@ def check_table(cls: type, data: object, prefix: str, label: str) -> dict[str, A
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise RecipeError(f"{label}: missing key {prefix + name!r}")
     return out
+
+
+def unknown_key(key: str, valid: tuple[str, ...]) -> str:
+    """``unknown key 'max_replica': did you mean 'max_replicas'? (valid: ...)``"""
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f": did you mean {close[0]!r}?" if close else ""
+    return f"unknown key {key!r}{hint} (valid: {', '.join(valid)})"
 
 
 def convert(value: object, tp: Any, key: str, label: str) -> Any:

@@ -211,6 +211,10 @@ M = "[models.m]"
 BAD = [
     # (file text, the message after "deployments file '<path>'")
     (MINIMAL + 'colour = "blue"\n', f", {M}: unknown key 'colour' (valid: engine, model, engine_args, "),
+    (
+        MINIMAL + "max_replica = 2\n",
+        f", {M}: unknown key 'max_replica': did you mean 'max_replicas'? (valid: ",
+    ),
     (MINIMAL + 'weight = "heavy"\n', f", {M}: key 'weight' must be a number, got a string 'heavy'"),
     (MINIMAL + "max_replicas = 1.5\n", f", {M}: key 'max_replicas' must be an integer, got a number 1.5"),
     (MINIMAL + "engine_args = [1]\n", f", {M}: key 'engine_args[0]' must be a string, got an integer 1"),
@@ -246,7 +250,7 @@ BAD = [
         "[server]\nmax_replicas = 2\n" + MINIMAL,
         ", [server]: key 'max_replicas' is per model: put it under each [models.NAME]",
     ),
-    ("[server]\nprot = 2\n" + MINIMAL, ", [server]: unknown key 'prot' (valid: host, port, api_key, "),
+    ("[server]\nprot = 2\n" + MINIMAL, ", [server]: unknown key 'prot': did you mean 'port'? (valid: host, "),
     ("[server]\nunits = 0\n" + MINIMAL, ", [server]: key 'units' must be >= 1, got 0"),
     ('[server]\nmemory_budget = "lots"\n' + MINIMAL, ", [server]: key 'memory_budget': 'lots' is not a size"),
     ("port = 8000\n" + MINIMAL, ": key 'port' is a server option: put it under [server]"),
