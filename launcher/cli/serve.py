@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
-import inspect
 import os
 import sys
 import types
@@ -230,24 +229,13 @@ def _file_form(given: dict[str, Any], rest: list[str], after_dashes: list[str]) 
     return load_deployments(Path(path), given)
 
 
-def _run(gateway: GatewayConfig) -> None:
-    """``server.run(gateway)``; until the gateway lands there, ``run`` takes the one deployment."""
-    from coldstart.launcher import server  # after parsing: --help stays fast
-
-    run: Callable[[Any], None] = server.run
-    first = next(iter(inspect.signature(run).parameters.values()))
-    if "GatewayConfig" in str(first.annotation):
-        run(gateway)
-        return
-    if len(gateway.deployments) != 1:
-        raise UsageError("this build serves one model at a time: the gateway for --config is not here yet")
-    run(gateway.deployments[0])
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        _run(parse(argv))
+        gateway = parse(argv)
+        from coldstart.launcher.server import run  # after parsing: --help stays fast
+
+        run(gateway)
     except USER_ERRORS as exc:
         print(f"coldstart-serve: error: {exc}", file=sys.stderr)
         return int(getattr(exc, "exit_code", 1))

@@ -92,3 +92,14 @@ def test_cuda_snapshots_refuse_tensor_parallel(tiny_model: Path) -> None:
     assert result.returncode == 1
     assert "tensor parallel" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_per_model_flag_beside_config_is_a_usage_error(tmp_path: Path) -> None:
+    models = tmp_path / "models.toml"
+    models.write_text('[models.a]\nengine = "transformers"\nmodel = "/a"\n')
+    result = run_serve("--config", str(models), "--max-replicas", "3")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"coldstart-serve: error: --max-replicas is per model: write max_replicas = ... under [models.NAME] "
+        f"in {models} (beside --config only server options go: see --help)"
+    ]
