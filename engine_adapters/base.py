@@ -88,6 +88,11 @@ class EngineAdapter(abc.ABC):
     def launch_spec(self, config: EngineConfig) -> LaunchSpec:
         """The command line that serves ``config.model`` on ``config.host:config.port``."""
 
+    def boot_warnings(self, config: EngineConfig) -> list[str]:
+        """Lines the launcher logs as warnings before booting ``config`` (a setting that will take most of
+        the host, say), each naming how to change it; [] when there is nothing to say."""
+        return []
+
     def upstream_model_name(self, config: EngineConfig) -> str:
         """The ``model`` string the engine itself expects in requests (the proxy rewrites to it)."""
         return config.model
@@ -125,8 +130,9 @@ class EngineAdapter(abc.ABC):
         """Undo ``before_checkpoint`` on a restored (or resumed) engine before it takes traffic."""
 
     def canary_fields(self, chat: bool) -> dict[str, Any]:
-        """Extra request fields that make the engine report what it computed (token ids, logprobs) in the
-        canary answer; {} for engines that refuse unknown fields (``transformers serve`` answers 422)."""
+        """Extra request fields that make the engine report what it computed (token ids, logprobs) and
+        generate the canary's fixed number of tokens whatever the model emits (end-of-sequence first
+        included); {} for engines that refuse unknown fields (``transformers serve`` answers 422)."""
         return {}
 
     def identity(self, config: EngineConfig) -> dict[str, Any]:

@@ -21,7 +21,7 @@ path below is tested against a recorded contract of the routes
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import httpx
 
@@ -89,6 +89,11 @@ class SglangAdapter(OwnEnvironmentAdapter):
                 argv.append(flag)
         # Modal's SGLang example: one inductor compile thread keeps the snapshot restorable.
         return LaunchSpec(argv=[*argv, *config.engine_args], env={"TORCHINDUCTOR_COMPILE_THREADS": "1"})
+
+    def canary_fields(self, chat: bool) -> dict[str, Any]:
+        # SGLang's OpenAI protocol: ``return_token_ids`` answers the ids as "response_token_ids",
+        # ``logprobs`` (bool for chat, a count for completions), ``ignore_eos`` as in its sampling params.
+        return {"return_token_ids": True, "logprobs": True if chat else 1, "ignore_eos": True}
 
     async def before_checkpoint(self, client: httpx.AsyncClient, base_url: str) -> None:
         await post_ok(

@@ -87,6 +87,32 @@ def install_hint() -> str:
     )
 
 
+def _flag_value(args: tuple[str, ...], flag: str, default: float) -> float:
+    """The number given to ``flag`` (``--flag N`` or ``--flag=N``), else ``default``."""
+    for i, arg in enumerate(args):
+        value = arg.split("=", 1)[1] if arg.startswith(flag + "=") else None
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        if value is not None:
+            try:
+                return float(value)
+            except ValueError:
+                return default
+    return default
+
+
+def _meminfo_gib() -> tuple[float, float]:
+    """(MemTotal, MemAvailable) of this host in GiB (0.0 where /proc/meminfo says nothing)."""
+    fields: dict[str, float] = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            name, _, rest = line.partition(":")
+            fields[name] = float(rest.split()[0]) / (1 << 20)  # kB -> GiB
+    except (OSError, ValueError, IndexError):
+        pass
+    return fields.get("MemTotal", 0.0), fields.get("MemAvailable", 0.0)
+
+
 class VllmAdapter(OwnEnvironmentAdapter):
     name: ClassVar[str] = "vllm"
     extra: ClassVar[str] = "vllm"
@@ -157,6 +183,30 @@ class VllmAdapter(OwnEnvironmentAdapter):
         )
         return LaunchSpec(argv=[*argv, *config.engine_args], env=env)
 
+    def boot_warnings(self, config: EngineConfig) -> list[str]:
+        """vLLM's CPU build with no KV-cache bound wants ``--gpu-memory-utilization`` (0.92) of the host's
+        RAM free at start and takes it for its KV cache: it refuses to start wherever anything else uses
+        memory ("Available memory on node 0 ... is less than desired CPU memory utilization"), and a second
+        engine on the host never starts. Said before booting, with the number and the flag that bounds it."""
+        if self.environment.device != "cpu":
+            return []
+        flags = {arg.split("=", 1)[0] for arg in config.engine_args}
+        env = {**os.environ, **config.env}
+        if (
+            "--kv-cache-memory-bytes" in flags
+            or "--kv-cache-memory" in flags
+            or env.get("VLLM_CPU_KVCACHE_SPACE")
+        ):
+            return []
+        utilization = _flag_value(config.engine_args, "--gpu-memory-utilization", 0.92)
+        total, available = _meminfo_gib()
+        return [
+            f"vLLM on CPU with no KV-cache bound will want {utilization:.2f} x {total:.1f} GiB = "
+            f"{utilization * total:.1f} GiB of this host's RAM free at start (now {available:.1f} GiB) and "
+            "refuses to start without it: bound it with --kv-cache-memory-bytes N (e.g. 1073741824 for "
+            "1 GiB; the lean CPU set-up uses 67108864) or VLLM_CPU_KVCACHE_SPACE=GiB"
+        ]
+
     def identity(self, config: EngineConfig) -> dict[str, Any]:
         env_ = self.environment
         return {
@@ -165,6 +215,12 @@ class VllmAdapter(OwnEnvironmentAdapter):
             "device": env_.device,
             "control": self.control,
         }
+
+    def canary_fields(self, chat: bool) -> dict[str, Any]:
+        # vLLM's OpenAI protocol (chat and completions): ``return_token_ids`` puts the generated ids in the
+        # choice ("token_ids"), ``logprobs`` their logprobs (a bool for chat, a count for completions),
+        # ``ignore_eos`` generates max_tokens tokens even when the first is end-of-sequence.
+        return {"return_token_ids": True, "logprobs": True if chat else 1, "ignore_eos": True}
 
     # -- checkpoint and restore -------------------------------------------------------------------
     async def before_checkpoint(self, client: httpx.AsyncClient, base_url: str) -> None:

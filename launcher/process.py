@@ -1,8 +1,16 @@
 """Owned child processes: output captured through a pipe we hold, a tail kept for error messages, and a
 stop that always reaps (SIGTERM to the process group, grace period, SIGKILL).
 
-Why a pipe and not a log file: CRIU refuses to restore a process whose open log file grew after the dump
-(this-machine.md), and a pipe also lets the launcher show the last lines when an engine dies during boot.
+Why a pipe and not a log file the engine writes: CRIU refuses to restore a process whose open log file grew
+after the dump (this-machine.md), and a pipe also lets the launcher show the last lines when an engine dies
+during boot. The launcher (not the engine) copies every line into a bounded log file in the replica's work
+folder (``EngineLog``: ``engine.log``, rotated once to ``engine.log.1``), whose path boot errors print.
+
+Why root-cause lines and not only the tail: vLLM's engine core dies with the reason ("ValueError: Available
+memory on node 0 ... is less than desired CPU memory utilization") and the API server then prints a
+traceback of 30-60 lines ending "Engine core initialization failed. See root cause above"; the last 20 lines
+held only that. ``OutputTail`` keeps the first lines that look like a cause (``ROOT_CAUSE``: an exception
+line, memory or allocation failures, argparse's "error:") from the whole output, ranked by ``root_cause``.
 """
 
 from __future__ import annotations
@@ -10,25 +18,119 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
+import errno
 import fcntl
 import logging
 import os
 import random
+import re
+import shutil
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable
+import sys
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from pathlib import Path
 
 log = logging.getLogger("coldstart.engine")
 
+# Lines that name why an engine failed, most telling first: (rank, pattern). Rank 0 = memory and
+# allocation (what a user must change on the host or in the flags), 1 = an exception line
+# ("ValueError: ..."), 2 = argparse's usage error and other lines that say "error". Secondary lines
+# ("See root cause above", the traceback header) are left out.
+ROOT_CAUSE: tuple[tuple[int, re.Pattern[str]], ...] = (
+    (
+        0,
+        re.compile(
+            r"out of memory|OutOfMemory|MemoryError|Cannot allocate memory|less than desired|"
+            r"not enough memory|insufficient memory|failed to allocate|allocation failed|oom-kill",
+            re.IGNORECASE,
+        ),
+    ),
+    (1, re.compile(r"\b[A-Z]\w*(?:Error|Exception|Exit)\b(?::|$)")),
+    (2, re.compile(r"\berror:|\bFatal\b|No such file or directory|unrecognized arguments")),
+)
+SECONDARY = re.compile(
+    r"See root cause above|Traceback \(most recent call last\)|\bFile \"[^\"]*\", line \d+"
+)
+# vLLM's log prefix: "(EngineCore pid=42) ERROR 11-27 10:00:09 [core.py:700] "
+LOG_PREFIX = re.compile(
+    r"^(?:\(\S+ pid=\d+\)\s+)?(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)\s+"
+    r"\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?\s+\[[^\]]*\]\s*"
+)
+MAX_CAUSE_LINES = 40
+
+
+def root_cause_rank(line: str) -> int | None:
+    """The rank of ``line`` as a root-cause line (lower is more telling), None when it is not one."""
+    if SECONDARY.search(line):
+        return None
+    for rank, pattern in ROOT_CAUSE:
+        if pattern.search(line):
+            return rank
+    return None
+
+
+def one_line_cause(lines: Iterable[str], max_chars: int = 400) -> str:
+    """The single most telling line (the first of the best rank), without a log prefix; "" if none."""
+    best = root_cause(lines, limit=1)
+    return LOG_PREFIX.sub("", best[0])[:max_chars] if best else ""
+
+
+def root_cause(lines: Iterable[str], limit: int = 6) -> list[str]:
+    """The most telling lines of an engine's output, in output order: every line of the best rank seen,
+    then the next ranks, at most ``limit`` lines."""
+    ranked = [(r, i, ln.strip()) for i, ln in enumerate(lines) if (r := root_cause_rank(ln)) is not None]
+    picked = sorted(sorted(ranked)[:limit], key=lambda t: t[1])
+    return [ln for _, _, ln in picked]
+
+
+class EngineLog:
+    """A bounded copy of an engine's output in a file the launcher owns (0600): ``max_bytes`` in
+    ``path``, the previous ``max_bytes`` in ``path.1``."""
+
+    def __init__(self, path: Path, max_bytes: int = 8 << 20) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")  # noqa: SIM115
+        self._size = self._file.tell()
+
+    def write(self, line: bytes) -> None:
+        if self._size + len(line) > self.max_bytes:
+            self._file.close()
+            os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+            self._file = open(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "ab")  # noqa: SIM115
+            self._size = 0
+        self._file.write(line)
+        self._file.flush()
+        self._size += len(line)
+
+    def close(self) -> None:
+        self._file.close()
+
 
 class OutputTail:
-    """Reads a stream line by line into a bounded buffer (and the debug log) until EOF."""
+    """Reads a stream line by line until EOF into a bounded buffer, the debug log, the root-cause lines
+    (``root_cause``) and, given ``log_path``, a bounded log file (``EngineLog``)."""
 
-    def __init__(self, stream: asyncio.StreamReader, prefix: str, max_lines: int = 200) -> None:
+    def __init__(
+        self,
+        stream: asyncio.StreamReader,
+        prefix: str,
+        max_lines: int = 200,
+        log_path: Path | None = None,
+    ) -> None:
         self._lines: collections.deque[str] = collections.deque(maxlen=max_lines)
+        self._causes: list[str] = []  # the first MAX_CAUSE_LINES root-cause lines of the whole output
         self._prefix = prefix
+        self.log_path = log_path
+        self._log: EngineLog | None = None
+        if log_path is not None:
+            try:
+                self._log = EngineLog(log_path)
+            except OSError as exc:  # a log we cannot write must not stop the engine
+                log.warning("engine output of %s not kept in %s: %s", prefix, log_path, exc)
+                self.log_path = None
         self._task = asyncio.create_task(self._pump(stream), name=f"tail {prefix}")
 
     async def _pump(self, stream: asyncio.StreamReader) -> None:
@@ -38,13 +140,39 @@ class OutputTail:
             except ValueError:  # a line longer than the stream limit: take what is buffered
                 raw = await stream.read(65536)
             if not raw:
+                if self._log is not None:
+                    self._log.close()
+                    self._log = None
                 return
+            if self._log is not None:
+                try:
+                    self._log.write(raw)
+                except OSError as exc:
+                    log.warning(
+                        "engine output of %s no longer kept in %s: %s", self._prefix, self.log_path, exc
+                    )
+                    self._log.close()
+                    self._log = None
             line = raw.decode(errors="replace").rstrip()
             self._lines.append(line)
+            if len(self._causes) < MAX_CAUSE_LINES and root_cause_rank(line) is not None:
+                self._causes.append(line)
             log.debug("%s | %s", self._prefix, line)
 
     def tail(self, lines: int = 20) -> str:
         return "\n".join(list(self._lines)[-lines:])
+
+    def root_cause(self, limit: int = 6) -> list[str]:
+        """The most telling lines of the whole output so far (``root_cause``), in output order."""
+        return root_cause(self._causes, limit)
+
+    async def wait_eof(self, timeout_s: float) -> bool:
+        """Wait until the stream ended (every line read), at most ``timeout_s``; True if it did."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     async def close(self, drain_s: float = 1.0) -> None:
         """Read what is left until EOF (the process has exited), at most ``drain_s``, then stop."""
@@ -53,44 +181,63 @@ class OutputTail:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
 
-_PR_SET_PDEATHSIG = 1
+# The exec shim that makes a child die with the launcher. ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` must run in
+# the child between fork and exec; ``subprocess``'s ``preexec_fn`` would do it there, but CPython documents
+# ``preexec_fn`` as unsafe in a process with threads (the launcher has them: ``asyncio.to_thread``, the
+# GPU helper), since the forked child may deadlock on a lock another thread held. So the child execs this
+# small interpreter instead (``-I -S``: no site, no user paths; ~10 ms), which sets the death signal, checks
+# the launcher is still its parent (else nobody would send it), and execs the real program in place (same
+# PID). The death signal survives exec (not set-uid programs). Rejected: util-linux ``setpriv --pdeathsig``
+# (no parent check: a launcher dying before the prctl leaves an orphan).
+DEATHSIG_SHIM = (
+    "import ctypes,os,sys\n"
+    "ctypes.CDLL(None).prctl(1,9,0,0,0)\n"  # PR_SET_PDEATHSIG, SIGKILL
+    "if os.getppid()!=int(sys.argv[1]):os._exit(1)\n"
+    "os.execv(sys.argv[2],sys.argv[3:])"
+)
 
 
-def die_with_launcher() -> Callable[[], None]:
-    """A ``preexec_fn``: the child is SIGKILLed when the launcher dies, even by SIGKILL (``prctl
-    PR_SET_PDEATHSIG``, kept across exec). Engines must not outlive the launcher that owns them: nothing
-    else would stop them, and they would keep their GPU. Children that re-parent further pass it on
-    (``unshare --kill-child``; a CRIU-restored engine gets back the death signal it had at dump time)."""
-    parent = os.getpid()
-    libc = ctypes.CDLL(None, use_errno=True)
+def die_with_launcher(argv: Sequence[str], env: Mapping[str, str] | None = None) -> list[str]:
+    """``argv`` wrapped in the exec shim (``DEATHSIG_SHIM``): the child is SIGKILLed when the launcher
+    dies, even by SIGKILL. Engines must not outlive the launcher that owns them: nothing else would stop
+    them, and they would keep their GPU. Children that re-parent further pass it on (``unshare
+    --kill-child``; a CRIU-restored engine gets back the death signal it had at dump time).
 
-    def preexec() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the launcher died before prctl: nobody would send the signal
-            os._exit(1)
-
-    return preexec
+    The program is looked up here, on ``env``'s PATH as ``subprocess`` would: a missing one raises
+    ``FileNotFoundError`` in the launcher, not an exit status from the shim."""
+    program = argv[0]
+    if os.sep not in program:
+        found = shutil.which(program, path=(env if env is not None else os.environ).get("PATH", os.defpath))
+        if found is None:
+            raise FileNotFoundError(errno.ENOENT, f"No such file or directory: {program!r}", program)
+        program = found
+    elif not os.access(program, os.X_OK):
+        raise FileNotFoundError(errno.ENOENT, f"No such file or directory: {program!r}", program)
+    return [sys.executable, "-I", "-S", "-c", DEATHSIG_SHIM, str(os.getpid()), program, *argv]
 
 
 async def spawn(
-    argv: list[str], env: dict[str, str] | None, cwd: str | None, name: str
+    argv: list[str], env: dict[str, str] | None, cwd: str | None, name: str, log_path: Path | None = None
 ) -> tuple[asyncio.subprocess.Process, OutputTail]:
-    """Start ``argv`` in a new session (its own process group) with stdout+stderr into one pipe."""
+    """Start ``argv`` in a new session (its own process group) with stdout+stderr into one pipe, kept in
+    ``log_path`` too when given (``OutputTail``)."""
     proc = await asyncio.create_subprocess_exec(
-        *argv,
+        *die_with_launcher(argv, env),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         env=env,
         cwd=cwd,
         start_new_session=True,
-        preexec_fn=die_with_launcher(),
         limit=1 << 20,
     )
     assert proc.stdout is not None  # guaranteed by stdout=PIPE
-    return proc, OutputTail(proc.stdout, name)
+    return proc, OutputTail(proc.stdout, name, log_path=log_path)
 
 
 async def terminate(proc: asyncio.subprocess.Process, grace_s: float) -> int:

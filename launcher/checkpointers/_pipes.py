@@ -16,8 +16,9 @@ from coldstart.launcher.process import OutputTail, die_with_launcher
 class OwnedPipe:
     """A pipe whose read end feeds an ``OutputTail``; the write end goes to one or more children."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, log_path: Path | None = None) -> None:
         self.name = name
+        self.log_path = log_path  # a bounded copy of the output (``OutputTail``), path shown in boot errors
         self.read_fd, self.write_fd = os.pipe()
         self.tail: OutputTail | None = None
         self._transport: asyncio.BaseTransport | None = None
@@ -30,7 +31,7 @@ class OwnedPipe:
         self._transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(self.read_fd, "rb", 0)
         )
-        self.tail = OutputTail(reader, self.name)
+        self.tail = OutputTail(reader, self.name, log_path=self.log_path)
 
     def close_write_end(self) -> None:
         if self.write_fd >= 0:
@@ -62,7 +63,7 @@ async def exec_into(
 ) -> asyncio.subprocess.Process:
     """Start ``argv`` in its own session with stdout+stderr into ``pipe``."""
     return await asyncio.create_subprocess_exec(
-        *argv,
+        *die_with_launcher(argv, env),  # engines (and criu restore parents) die with the launcher
         stdin=asyncio.subprocess.DEVNULL,
         stdout=pipe.write_fd,
         stderr=pipe.write_fd,
@@ -70,7 +71,6 @@ async def exec_into(
         env=env,
         cwd=cwd,
         start_new_session=True,
-        preexec_fn=die_with_launcher(),  # engines (and criu restore parents) die with the launcher
     )
 
 

@@ -57,7 +57,7 @@ from coldstart.launcher.errors import (
     RestoreReason,
     SnapshotError,
 )
-from coldstart.launcher.process import host_lock, process_tree
+from coldstart.launcher.process import OutputTail, host_lock, process_tree
 from coldstart.launcher.sandboxes.base import NetnsSandbox, Sandbox
 from coldstart.launcher.sandboxes.netns import NetNamespace, create_netns
 
@@ -150,7 +150,7 @@ class CriuSandbox(NetnsSandbox):
         self.workdir.mkdir(parents=True, exist_ok=True)
         Path(criu_init.PRIVATE_TMPDIR).mkdir(parents=True, exist_ok=True)
         self.netns = await create_netns()
-        self._pipe = OwnedPipe(f"engine {self.replica_id}")
+        self._pipe = OwnedPipe(f"engine {self.replica_id}", self.workdir / "engine.log")
         argv = [
             *self.netns.enter_argv(),
             "unshare", "--pid", "--mount", "--propagation", "private", "--fork", "--kill-child", "--",
@@ -169,7 +169,7 @@ class CriuSandbox(NetnsSandbox):
         Path(criu_init.PRIVATE_TMPDIR).mkdir(parents=True, exist_ok=True)  # the restored tmpfs mounts here
         sidecar = json.loads((image_dir / SIDECAR).read_text())
         self.netns = await create_netns()
-        self._pipe = OwnedPipe(f"engine {self.replica_id}")
+        self._pipe = OwnedPipe(f"engine {self.replica_id}", self.workdir / "engine.log")
         self._pidfile.unlink(missing_ok=True)
         self._restore_log = self.workdir / "criu-restore.log"
         # Every pipe the engine wrote to comes back as our fresh pipe.
@@ -198,6 +198,9 @@ class CriuSandbox(NetnsSandbox):
 
     def exit_code(self) -> int | None:
         return self._proc.returncode if self._proc else None
+
+    def output(self) -> OutputTail | None:
+        return self._pipe.tail if self._pipe else None
 
     def log_tail(self, lines: int = 20) -> str:
         text = self._pipe.text(lines) if self._pipe else ""

@@ -67,6 +67,7 @@ from coldstart.launcher.errors import (
     RestoreReason,
     SnapshotError,
 )
+from coldstart.launcher.process import OutputTail
 from coldstart.launcher.sandboxes.base import NetnsSandbox, Sandbox
 from coldstart.launcher.sandboxes.netns import NetNamespace, create_netns
 
@@ -197,7 +198,7 @@ class RunscSandbox(NetnsSandbox):
         RUNSC_ROOT.mkdir(parents=True, exist_ok=True)
         self.netns = await create_netns()
         bundle = self._write_bundle(oci_spec(spec, self.netns.path, self.root))
-        self._pipe = OwnedPipe(f"engine {self.replica_id}")
+        self._pipe = OwnedPipe(f"engine {self.replica_id}", self.workdir / "engine.log")
         self._created = True
         self._proc = await exec_into(
             self.runsc_argv("run", "--bundle", str(bundle), self.container_id), self._pipe, cwd=str(bundle)
@@ -209,7 +210,7 @@ class RunscSandbox(NetnsSandbox):
         RUNSC_ROOT.mkdir(parents=True, exist_ok=True)
         self.netns = await create_netns()
         bundle = self._write_bundle(_with_netns(sidecar["config"], self.netns.path, self.root))
-        self._pipe = OwnedPipe(f"engine {self.replica_id}")
+        self._pipe = OwnedPipe(f"engine {self.replica_id}", self.workdir / "engine.log")
         # `create` hands the container its stdio (our pipe) and exits; `restore` then stays in the
         # foreground until the container exits.
         self._created = True
@@ -234,6 +235,9 @@ class RunscSandbox(NetnsSandbox):
 
     def exit_code(self) -> int | None:
         return self._proc.returncode if self._proc else None
+
+    def output(self) -> OutputTail | None:
+        return self._pipe.tail if self._pipe else None
 
     def log_tail(self, lines: int = 20) -> str:
         return self._pipe.text(lines) if self._pipe else ""

@@ -6,7 +6,8 @@ A sandbox owns one engine process tree from start (or restore) to reap. Kinds:
 - the runsc sandbox: a gVisor container with its own network namespace (``checkpointers/runsc.py``).
 
 The engine's stdout/stderr always go to a pipe the launcher owns (never a file the engine holds open:
-CRIU refuses to restore a file that grew since the dump), and the launcher keeps the tail for errors.
+CRIU refuses to restore a file that grew since the dump), and the launcher keeps the tail for errors, the
+root-cause lines and a bounded copy in the replica's ``engine.log`` (``process.OutputTail``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from coldstart.engine_adapters.base import LaunchSpec
 from coldstart.launcher.errors import ReplicaStateError
 
 if TYPE_CHECKING:
+    from coldstart.launcher.process import OutputTail
     from coldstart.launcher.sandboxes.netns import NetNamespace
 
 
@@ -50,6 +52,11 @@ class Sandbox(abc.ABC):
     @abc.abstractmethod
     def log_tail(self, lines: int = 20) -> str:
         """The last lines the engine printed (stdout and stderr together)."""
+
+    def output(self) -> OutputTail | None:
+        """The engine's captured output (root-cause lines, the path of its log file), None when this
+        sandbox does not capture it or has not started."""
+        return None
 
     @abc.abstractmethod
     async def stop(self, grace_s: float = 10.0) -> None:

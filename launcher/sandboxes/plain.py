@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 
 from coldstart.engine_adapters.base import LaunchSpec
 from coldstart.launcher.process import OutputTail, free_port_pair, spawn, terminate
@@ -15,8 +16,11 @@ from coldstart.launcher.sandboxes.firewall import guard_loopback, unguard_loopba
 
 
 class PlainSandbox(Sandbox):
-    def __init__(self, name: str, host: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(
+        self, name: str, host: str = "127.0.0.1", port: int | None = None, log_path: Path | None = None
+    ) -> None:
         self._name = name
+        self._log_path = log_path  # a bounded copy of the engine's output (``process.EngineLog``)
         self._host = host
         self._port = port or free_port_pair(host)  # engine port, and + 1 for the hooks channel
         self._proc: asyncio.subprocess.Process | None = None
@@ -49,13 +53,16 @@ class PlainSandbox(Sandbox):
         env = {**os.environ, **spec.env}
         if self._host in ("127.0.0.1", "localhost"):
             self._guarded = await asyncio.to_thread(guard_loopback, self._port)
-        self._proc, self._tail = await spawn(spec.argv, env, spec.cwd, self._name)
+        self._proc, self._tail = await spawn(spec.argv, env, spec.cwd, self._name, self._log_path)
 
     def exit_code(self) -> int | None:
         return self._proc.returncode if self._proc else None
 
     def log_tail(self, lines: int = 20) -> str:
         return self._tail.tail(lines) if self._tail else ""
+
+    def output(self) -> OutputTail | None:
+        return self._tail
 
     async def stop(self, grace_s: float = 10.0) -> None:
         if self._stopping is None:  # one stop; a concurrent second caller waits for it

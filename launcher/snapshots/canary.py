@@ -1,11 +1,16 @@
 """The canary: one greedy request answered before the checkpoint, asked again of every restored replica.
 
 It compares what the model computed, not only the decoded text: a random model with a 151,936-row head and
-a 245-entry tokenizer greedily emits ids that decode to ``""``, so comparing text alone passed on two empty
-strings. Recorded and compared: the token ids (engines that report them: vLLM ``return_token_ids``, our
-``snapshot_hooks`` example engine), the logprobs where the engine gives them (within ``LOGPROB_TOLERANCE``:
-the same process image computes the same numbers, batching aside), the text and the completion token count.
-An answer with neither text nor token ids proves nothing: the snapshot is not taken (``VacuousCanary``).
+a 245-entry tokenizer greedily emits ids that decode to ``""``, and a model whose greedy first token is
+end-of-sequence answers ``""`` too, so comparing text alone passed on two empty strings. The adapter asks the
+engine to report what it computed (``EngineAdapter.canary_fields``): vLLM ``return_token_ids``, ``logprobs``
+and ``ignore_eos`` (a fixed number of tokens, whatever the model's first token is), SGLang likewise (its ids
+come back as ``response_token_ids``), our ``snapshot_hooks`` example engine always. Recorded and compared: the
+token ids, the logprobs where the engine gives them (within ``LOGPROB_TOLERANCE``: the same process image
+computes the same numbers, batching aside), the text and the completion token count.
+Only an answer with no text, no token ids and no logprobs proves nothing (an engine that reports neither,
+such as ``transformers serve``, on a model whose answer decodes to ``""``): the snapshot is not taken, and
+``VacuousCanary`` names the engine and what to do.
 """
 
 from __future__ import annotations
@@ -49,7 +54,9 @@ class CanaryAnswer:
         """From an OpenAI chat or completion response (raises KeyError/TypeError/ValueError if malformed)."""
         choice = payload["choices"][0]
         text = choice["message"]["content"] if "message" in choice else choice["text"]
-        ids = choice.get("token_ids")
+        ids = choice.get("token_ids")  # vLLM
+        if ids is None:
+            ids = choice.get("response_token_ids")  # SGLang
         usage = payload.get("usage") or {}
         return cls(
             text=str(text or ""),
@@ -77,12 +84,15 @@ class CanaryAnswer:
             "completion_tokens": self.completion_tokens,
         }
 
-    def require_meaningful(self) -> None:
-        if not self.text and not self.token_ids:
+    def require_meaningful(self, engine: str = "the engine") -> None:
+        """Raise ``VacuousCanary`` when the answer carries nothing a restore could be compared with."""
+        if not self.text and not self.token_ids and not self.logprobs:
             raise VacuousCanary(
-                "the canary answer has no text and no token ids, so a restore could not be verified "
-                "(a model whose ids decode to nothing?): give the recipe a [canary] prompt the model "
-                "answers, or make the model with 'coldstart make-model' (every id decodes)"
+                f"{engine}'s canary answer has no text, no token ids and no logprobs, so a restore could "
+                f"not be verified and no snapshot is taken (every start is a cold boot): {engine} reports "
+                "neither ids nor logprobs and this model's answer decodes to '' -- give the recipe a "
+                "[canary] prompt (or more max_tokens) the model answers with visible text, or serve it "
+                "with an engine that reports token ids (vllm)"
             )
 
     def mismatch(self, recorded: CanaryAnswer) -> str:

@@ -204,7 +204,7 @@ class SnapshotManager:
         ) as control:
             t = time.monotonic()
             answer = await self._run_canary(control, sandbox.base_url)
-            answer.require_meaningful()
+            answer.require_meaningful(adapter.name)
             timings["canary"] = time.monotonic() - t
             await adapter.before_checkpoint(control, sandbox.base_url)
         with self.store.begin(key) as pending:

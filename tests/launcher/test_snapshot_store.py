@@ -273,5 +273,5 @@ def test_canary_compares_token_ids_not_only_text() -> None:
 def test_vacuous_canary_is_refused() -> None:
     from coldstart.launcher.snapshots.canary import CanaryAnswer, VacuousCanary
 
-    with pytest.raises(VacuousCanary, match="no text and no token ids"):
+    with pytest.raises(VacuousCanary, match="no text, no token ids and no logprobs"):
         CanaryAnswer.from_response(_chat("")).require_meaningful()

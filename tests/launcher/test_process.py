@@ -1,0 +1,112 @@
+"""Owned child processes (launcher/process.py): the exec shim that ties them to the launcher, the bounded
+engine log, the root-cause lines of a failed engine."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from support import until
+
+from coldstart.launcher.process import (
+    EngineLog,
+    die_with_launcher,
+    one_line_cause,
+    root_cause,
+    running,
+    spawn,
+    terminate,
+)
+
+# What vLLM's CPU build printed when 92% of RAM was not free (this-machine.md), cut down: the reason comes
+# first, then a traceback in the API server that ends "See root cause above".
+VLLM_REFUSAL = (
+    """\
+INFO 11-27 10:00:01 [api_server.py:1000] vLLM API server version 0.32.0
+WARNING 11-27 10:00:02 [cpu.py:100] Pin memory is not supported on CPU.
+(EngineCore pid=42) ERROR 11-27 10:00:09 [core.py:700] EngineCore failed to start.
+(EngineCore pid=42) ERROR 11-27 10:00:09 [core.py:700] Traceback (most recent call last):
+(EngineCore pid=42) ERROR 11-27 10:00:09 [core.py:700]   File "/v/core.py", line 690, in run_engine_core
+(EngineCore pid=42) ERROR 11-27 10:00:09 [core.py:700] ValueError: Available memory on node 0 \
+(21.29/23.54 GiB) on startup is less than desired CPU memory utilization (0.92, 21.66 GiB).
+"""
+    + "\n".join(f'  File "/v/x{i}.py", line {i}, in f{i}' for i in range(30))
+    + """
+RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}
+"""
+)
+
+
+def test_root_cause_is_the_memory_line_not_the_last_lines() -> None:
+    lines = VLLM_REFUSAL.splitlines()
+    assert one_line_cause(lines) == (
+        "ValueError: Available memory on node 0 (21.29/23.54 GiB) on startup is less than desired CPU memory "
+        "utilization (0.92, 21.66 GiB)."
+    )
+    cause = root_cause(lines)
+    assert len(cause) == 1 and "less than desired" in cause[0]  # no traceback lines, no "see above"
+    assert "less than desired" not in "\n".join(lines[-20:])  # what the error used to show
+    assert root_cause(["usage: vllm serve", "vllm serve: error: unrecognized arguments: --bogus"]) == [
+        "vllm serve: error: unrecognized arguments: --bogus"
+    ]
+    assert root_cause(["INFO all good", "Uvicorn running on http://0.0.0.0:8000"]) == []
+
+
+def test_engine_log_is_private_and_bounded(tmp_path: Path) -> None:
+    path = tmp_path / "r1" / "engine.log"
+    log = EngineLog(path, max_bytes=1000)
+    for i in range(100):
+        log.write(f"line {i:04d} of the engine\n".encode())
+    log.close()
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.stat().st_size <= 1000 and Path(f"{path}.1").stat().st_size <= 1000
+    assert path.read_text().splitlines()[-1] == "line 0099 of the engine"
+
+
+def test_spawn_keeps_output_in_the_log_and_the_pid_is_the_programs(tmp_path: Path) -> None:
+    async def main() -> None:
+        argv = [sys.executable, "-c", "import sys; print('hello'); sys.stdout.flush(); raise SystemExit(3)"]
+        proc, tail = await spawn(argv, None, None, "t", tmp_path / "engine.log")
+        assert await proc.wait() == 3
+        assert await tail.wait_eof(5)
+        await tail.close()
+        assert (tmp_path / "engine.log").read_text() == "hello\n"
+        proc, tail = await spawn(["sleep", "30"], None, None, "t")
+        until(lambda: Path(f"/proc/{proc.pid}/cmdline").read_bytes() == b"sleep\x0030\x00", "exec into sleep")
+        await terminate(proc, 1)
+        await tail.close()
+
+    asyncio.run(main())
+
+
+def test_a_missing_program_raises_in_the_launcher() -> None:
+    with pytest.raises(FileNotFoundError):
+        die_with_launcher(["no-such-program-here"], {"PATH": "/usr/bin"})
+
+
+def test_children_die_with_a_launcher_killed_by_sigkill(tmp_path: Path) -> None:
+    """The death signal is set by the exec shim (no ``preexec_fn``, unsafe with threads): a launcher with
+    threads, SIGKILLed, takes its engine with it."""
+    launcher = textwrap.dedent(
+        """
+        import subprocess, sys, threading, time
+        from coldstart.launcher.process import die_with_launcher
+        threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+        child = subprocess.Popen(die_with_launcher(["sleep", "60"]), start_new_session=True)
+        print(child.pid, flush=True)
+        time.sleep(60)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    child = int(proc.stdout.readline())
+    until(lambda: Path(f"/proc/{child}/cmdline").read_bytes().startswith(b"sleep"), "the child execs sleep")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    until(lambda: not running(child), "the child dies with its launcher", timeout=10)
