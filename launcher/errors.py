@@ -12,6 +12,7 @@
     ├── QueueTimeout               no replica became ready within --queue-timeout (503 to the client)
     ├── BootFailing                a deployment's boots fail the same way twice: 503 with the reason
     ├── NetnsError                 a network namespace could not be created or removed
+    │   └── FirewallError          iptables failed guarding the replicas' addresses (it needs root)
     ├── CheckpointerUnavailable    criu/runsc missing or unusable here (names the fix)
     ├── SnapshotError              a snapshot could not be written, read or verified
     │   ├── SnapshotCorrupt        a snapshot file is missing, has the wrong size or the wrong digest
@@ -104,6 +105,10 @@ class BootFailing(ColdstartError):
 
 class NetnsError(ColdstartError):
     """A network namespace could not be created or removed (needs root and iproute2)."""
+
+
+class FirewallError(NetnsError):
+    """iptables failed guarding the replicas' addresses and ports (it needs root)."""
 
 
 class CheckpointerUnavailable(ColdstartError):

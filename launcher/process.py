@@ -28,7 +28,7 @@ import shutil
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 log = logging.getLogger("coldstart.engine")
@@ -327,12 +327,28 @@ def running(pid: int) -> bool:
     return state != "Z"
 
 
+def _lock_fd(path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """The one host-wide exclusive lock (flock on ``path``, created 0600), held while the block runs and
+    released on exit (also when the process dies: the kernel drops the flock with the fd). Blocking: from
+    async code use ``host_lock``."""
+    fd = _lock_fd(path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 @contextlib.asynccontextmanager
 async def host_lock(path: Path) -> AsyncIterator[None]:
-    """A host-wide exclusive lock (flock on ``path``), waited for in a thread; released on exit (also when
-    the process dies: the kernel drops the flock with the fd)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    """``file_lock`` for async code: the flock is waited for in a thread."""
+    fd = _lock_fd(path)
     try:
         await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
         yield

@@ -267,7 +267,7 @@ class CriuCheckpointer(Checkpointer):
         self._info = CheckpointerInfo(
             name=self.name,
             version=".".join(map(str, version)),
-            capabilities=frozenset({"leave-running", "pid-namespace", "net-namespace", "tcp-close"}),
+            capabilities=frozenset({"leave-running", "pid-namespace", "net-namespace", "tcp-established"}),
         )
         return self._info
 

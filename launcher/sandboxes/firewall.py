@@ -31,7 +31,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from coldstart.launcher.errors import NetnsError
+from coldstart.launcher.errors import FirewallError
 
 log = logging.getLogger("coldstart.netns")
 
@@ -44,10 +44,6 @@ _BASE = [
 ]
 _TAG = re.compile(r"--comment (?:\")?coldstart-(\d+)")
 _warned = False
-
-
-class FirewallError(NetnsError):
-    """iptables failed (it needs root)."""
 
 
 def available() -> bool:

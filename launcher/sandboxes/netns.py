@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import ipaddress
 import logging
 import os
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coldstart.launcher.errors import NetnsError
+from coldstart.launcher.process import file_lock
 from coldstart.launcher.sandboxes.firewall import ensure_replica_subnet_guarded
 
 log = logging.getLogger("coldstart.netns")
@@ -77,10 +77,9 @@ class NetNamespace:
         token = secrets.token_hex(4)
         name, host_if = f"cs-{os.getpid()}-{token}", f"csh{token}"
         STATE_DIR.mkdir(parents=True, exist_ok=True)
-        with open(STATE_DIR / "netns.lock", "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with file_lock(STATE_DIR / "netns.lock"):
             ensure_replica_subnet_guarded()  # only root (the launcher) may connect to replicas
-            host_ip, guest_ip = _next_subnet(lock)
+            host_ip, guest_ip = _next_subnet()
             ns = cls(name, host_if, host_ip, guest_ip)
             with contextlib.ExitStack() as undo:
                 undo.callback(ns.delete)
@@ -116,8 +115,9 @@ async def create_netns() -> NetNamespace:
     return await asyncio.to_thread(NetNamespace.create)
 
 
-def _next_subnet(lock_file: object) -> tuple[str, str]:
-    """The next free /30 after the last one handed out (round-robin), skipping addresses in use."""
+def _next_subnet() -> tuple[str, str]:
+    """The next free /30 after the last one handed out (round-robin), skipping addresses in use. Called
+    with netns.lock held."""
     counter = STATE_DIR / "netns.next"
     try:
         start = int(counter.read_text().strip() or 0)

@@ -44,6 +44,7 @@ from coldstart.engine_adapters.errors import AdapterError
 from coldstart.launcher.boot import cold_boot, wait_healthy
 from coldstart.launcher.checkpointers.base import Checkpointer
 from coldstart.launcher.config import Canary
+from coldstart.launcher.control import control_client
 from coldstart.launcher.errors import (
     BootTimeout,
     ColdstartError,
@@ -152,9 +153,7 @@ class SnapshotManager:
             undo.push_async_callback(sandbox.stop, 2.0)
             started = time.monotonic()
             # Boot traffic on a client that keeps no connection alive: nothing left open to drain.
-            async with httpx.AsyncClient(
-                trust_env=False, timeout=300.0, limits=httpx.Limits(max_keepalive_connections=0)
-            ) as boot_client:
+            async with control_client() as boot_client:
                 await cold_boot(sandbox, adapter, engine_config, boot_client, timeout_s=boot_timeout_s)
             self.metrics.cold_boots.inc()
             self.metrics.phase_seconds.labels("boot").observe(time.monotonic() - started)
@@ -199,9 +198,7 @@ class SnapshotManager:
         timings["model_digests"] = time.monotonic() - t
         # Control traffic on a client that keeps no connection alive: nothing of ours is left open in the
         # engine when it is checkpointed (gVisor refuses open and TIME_WAIT sockets).
-        async with httpx.AsyncClient(
-            trust_env=False, timeout=300.0, limits=httpx.Limits(max_keepalive_connections=0)
-        ) as control:
+        async with control_client() as control:
             t = time.monotonic()
             answer = await self._run_canary(control, sandbox.base_url)
             answer.require_meaningful(adapter.name)

@@ -35,10 +35,8 @@ second waits and finds the first one's committed copy (fetched once).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -51,6 +49,7 @@ from coldstart.imagefs.index import ImageIndex
 from coldstart.imagefs.refs import Published, Ref, find_ref, materialize, publish, remove_ref
 from coldstart.imagefs.tiers import DirectoryTier, MemoryTier, Tier, open_tier
 from coldstart.launcher.errors import RemoteSnapshotError, RestoreReason, SnapshotError, UsageError
+from coldstart.launcher.process import file_lock
 from coldstart.launcher.snapshots.store import MANIFEST, Snapshot, SnapshotStore
 
 log = logging.getLogger("coldstart.snapshots")
@@ -352,15 +351,8 @@ class SnapshotTiers:
         return snapshot, report
 
 
-@contextlib.contextmanager
-def _pull_lock(store: SnapshotStore, key: str) -> Iterator[None]:
-    store.state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(store.state_dir / f"{key}.pull.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+def _pull_lock(store: SnapshotStore, key: str) -> contextlib.AbstractContextManager[None]:
+    return file_lock(store.state_dir / f"{key}.pull.lock")
 
 
 def remote_for(

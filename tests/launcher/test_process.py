@@ -110,3 +110,26 @@ def test_children_die_with_a_launcher_killed_by_sigkill(tmp_path: Path) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     until(lambda: not running(child), "the child dies with its launcher", timeout=10)
+
+
+def test_criu_advertises_the_tcp_mode_it_dumps_with() -> None:
+    """It advertised "tcp-close" while dumping and restoring with --tcp-established."""
+    from coldstart.launcher.checkpointers import criu
+    from coldstart.launcher.errors import CheckpointerUnavailable
+
+    try:
+        capabilities = criu.CriuCheckpointer().probe().capabilities
+    except CheckpointerUnavailable as exc:
+        pytest.skip(str(exc))
+    assert "--tcp-established" in criu.DUMP_FLAGS and "--tcp-established" in criu.RESTORE_FLAGS
+    assert "tcp-established" in capabilities and "tcp-close" not in capabilities
+
+
+def test_firewall_error_is_in_the_one_tree() -> None:
+    from coldstart.launcher import errors
+    from coldstart.launcher.sandboxes import firewall
+
+    assert firewall.FirewallError is errors.FirewallError and issubclass(
+        errors.FirewallError, errors.NetnsError
+    )
+    assert "FirewallError" in (errors.__doc__ or "")
