@@ -4,10 +4,11 @@ deployment.
 Every ``every_s`` seconds the planner turns what the gateway sees into the sizing LP's forecast and asks it
 how many idle units to hold:
 
-    busy replicas (requests in flight, by Little's law)  -> the random-walk part: std = sqrt(busy)
-    requests/s of deployments with no replica up         -> spikes: each such arrival needs a new unit
-    the unit's lead time (CPU slot ~0 s, local GPU ~2 s   -> one instance type; its supply cap is the units
-      health check, a cluster node: minutes)                not held by replicas
+    deployments with no replica up, arriving at rate r   -> each needs one unit within the horizon H with
+                                                            p = 1 - exp(-r H): mean sum p, variance sum p(1-p)
+    requests in flight on the replicas that are up        -> their fluctuation: variance += busy
+    the unit's lead time L (CPU slot ~0 s, local GPU ~2 s -> one instance type; its supply cap is the units
+      health check, a cluster node: minutes)                not held by replicas; H = 2 max(L, 1 s)
 
 The plan (units to hold and the LP's one-line explanation) is set on the host (``set_buffer``: the pool's
 ``set_target`` on one host, ``request_resources`` on Ray) and shown in ``/health`` and by
@@ -59,28 +60,35 @@ def plan_buffer(
     """Size the buffer of idle units for what was observed (pure apart from the LP solve)."""
     observed = list(observed)
     rates = {o.name: o.rate_per_s for o in observed}
-    busy = sum(o.busy for o in observed)
+    busy = sum(o.busy for o in observed if o.up)
     at_zero = sum(o.rate_per_s for o in observed if not o.up)
     if free_units <= 0:
         return BufferPlan(0, "no unit free to hold: every unit runs a replica", rates)
     if busy == 0 and at_zero == 0:
         return BufferPlan(0, "no demand in the last minute: hold nothing", rates)
+    if lead_time_s <= WAIT_BUDGET_S:  # the LP would tie holding with ordering: nothing to buy
+        return BufferPlan(
+            0, f"a {kind} unit comes in {lead_time_s:.1f} s, within the wait budget: hold nothing", rates
+        )
     try:
         from coldstart.pool.catalog import InstanceType
         from coldstart.pool.sizing import Forecast, SizingInput, size_buffer
     except ImportError as exc:  # the pool extra (OR-Tools) is not installed
         return BufferPlan(0, f"sizing LP unavailable ({exc}); install coldstart[pool]", rates)
+    from coldstart.pool.errors import InfeasibleSizingError
+
+    horizon = 2 * max(lead_time_s, 1.0)
+    needs = [1 - math.exp(-o.rate_per_s * horizon) for o in observed if not o.up]
+    mean = sum(needs)
+    std = math.sqrt(busy + sum(p * (1 - p) for p in needs))
     unit = InstanceType(f"{kind}-unit", price_per_hour=1.0, lead_time_s=lead_time_s, supply_cap=free_units)
-    forecast = Forecast(
-        mean=0.0,
-        std=math.sqrt(busy),
-        horizon_s=HORIZON_S,
-        spike_rate_per_s=at_zero,
-        spike_size=1.0 if at_zero else 0.0,
-    )
-    plan = size_buffer(
-        SizingInput(forecast, [unit], confidence=CONFIDENCE, wait_budget_s=WAIT_BUDGET_S), explain=True
-    )
+    forecast = Forecast(mean=mean, std=std, horizon_s=horizon)
+    try:
+        plan = size_buffer(
+            SizingInput(forecast, [unit], confidence=CONFIDENCE, wait_budget_s=WAIT_BUDGET_S), explain=True
+        )
+    except InfeasibleSizingError:
+        return BufferPlan(free_units, f"demand may outgrow the {free_units} free unit(s): hold them all", rates)
     target = min(plan.hold_total, free_units)
     why = plan.lines[0] if plan.lines else "the LP holds nothing"
     summary = (

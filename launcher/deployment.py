@@ -120,7 +120,9 @@ class Deployment:
         self.router = Router(name, policy)
         self.replicas: dict[str, Replica] = {}
         self.arrivals = ArrivalRate()
-        self.on_demand: Callable[[Deployment, int], None] = lambda _d, _n: None  # set by the gateway
+        # Set by the gateway: demand changed (with n requests about to queue); others wait for a unit.
+        self.on_demand: Callable[[Deployment, int], None] = lambda _d, _n: None
+        self.contended: Callable[[Deployment], bool] = lambda _d: False
         # Back-off after failed boots.
         self.retry_at = 0.0
         self.failed_boots = 0
@@ -172,12 +174,12 @@ class Deployment:
         started = time.monotonic()
         if avoid is None:
             self.arrivals.note(started)
-        replica = pick(self.replicas.values(), self.policy, avoid)
+        replica = self._pick(avoid)
         if replica is not None and replica.in_flight >= self.policy.target_concurrency:
             # Every ready replica is at its target: this request is demand for another one, and it waits
             # for that one rather than queue inside a busy engine (while max_replicas allows).
             self.on_demand(self, 1)
-            replica = pick(self.replicas.values(), self.policy, avoid)
+            replica = self._pick(avoid)
         if replica is None:
             self._refuse_if_failing()
             with self.router.queued():
@@ -193,7 +195,7 @@ class Deployment:
 
     async def _wait_for_replica(self, avoid: Replica | None, started: float) -> Replica:
         deadline = started + self.policy.queue_timeout
-        while (replica := pick(self.replicas.values(), self.policy, avoid)) is None:
+        while (replica := self._pick(avoid)) is None:
             self.on_demand(self, 0)
             self._refuse_if_failing()
             left = deadline - time.monotonic()
@@ -204,6 +206,9 @@ class Deployment:
                 )
             await self.router.changed(min(left, 1.0))
         return replica
+
+    def _pick(self, avoid: Replica | None) -> Replica | None:
+        return pick(self.replicas.values(), self.policy, avoid, overcommit=not self.contended(self))
 
     def _refuse_if_failing(self) -> None:
         now = time.monotonic()

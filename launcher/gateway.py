@@ -85,6 +85,7 @@ class Gateway:
             for name in (d.name, *d.aliases):
                 self._names.setdefault(name, d)
             d.on_demand = self._on_demand
+            d.contended = self._contended
         self.host = host
         self.metrics = metrics
         self.http = http
@@ -194,6 +195,15 @@ class Gateway:
             if r.state is not ReplicaState.DRAINING and r.state is not ReplicaState.FAILED
         ]
 
+    def _contended(self, deployment: Deployment) -> bool:
+        """Deployments share too few units for all of them at once: then no replica takes more than its
+        ``target_concurrency`` (the rest wait in the router), so a replica that must yield its unit
+        finishes a handful of requests, not a flood queued inside its engine."""
+        capacity = self.host.capacity()
+        if len(self.deployments) < 2 or capacity is None:
+            return False
+        return capacity < sum(d.policy.max_replicas for d in self.deployments.values())
+
     def _on_demand(self, deployment: Deployment, arriving: int) -> None:
         self.schedule(deployment, arriving)
 
@@ -265,14 +275,7 @@ class Gateway:
         replica.transition(ReplicaState.DRAINING, reason=f"evicted for {d.name}")
         self._promised[d.name] += 1
         self._swaps[d.name].append(Swap(owner.name, replica.id, now))
-        task = self._request_stop(owner, replica, drain=True, drain_timeout=None)
-
-        def freed(_task: asyncio.Task[None]) -> None:
-            self._promised[d.name] -= 1
-            self._reserved[d.name] += 1
-            self.schedule()
-
-        task.add_done_callback(freed)
+        self._request_stop(owner, replica, drain=True, drain_timeout=None, freed_for=d)
         return True
 
     def _unit_failed(self, replica_id: str, reason: str) -> None:
@@ -369,20 +372,35 @@ class Gateway:
         )
 
     def _request_stop(
-        self, d: Deployment, replica: Replica, *, drain: bool, drain_timeout: float | None = -1.0
+        self,
+        d: Deployment,
+        replica: Replica,
+        *,
+        drain: bool,
+        drain_timeout: float | None = -1.0,
+        freed_for: Deployment | None = None,
     ) -> asyncio.Task[None]:
         """The replica's one stop task (started now, or the one already running). Not owned by
         ``self.tasks``: ``close()`` waits for stops instead of cancelling them half-way.
-        ``drain_timeout``: -1 = the policy's, None = until every request in flight has finished."""
+        ``drain_timeout``: -1 = the policy's, None = until every request in flight has finished.
+        ``freed_for``: the deployment its unit is reserved for once it is free (an eviction)."""
         task = self._stops.get(replica.id)
         if task is None:
             timeout = d.policy.drain_timeout if drain_timeout == -1.0 else drain_timeout
-            task = asyncio.create_task(self._stop(d, replica, drain, timeout), name=f"stop {replica.id}")
+            stop = self._stop(d, replica, drain, timeout, freed_for)
+            task = asyncio.create_task(stop, name=f"stop {replica.id}")
             self._stops[replica.id] = task
             task.add_done_callback(lambda _t: self._stops.pop(replica.id, None))
         return task
 
-    async def _stop(self, d: Deployment, replica: Replica, drain: bool, drain_timeout: float | None) -> None:
+    async def _stop(
+        self,
+        d: Deployment,
+        replica: Replica,
+        drain: bool,
+        drain_timeout: float | None,
+        freed_for: Deployment | None,
+    ) -> None:
         if replica.state is ReplicaState.READY:
             replica.transition(ReplicaState.DRAINING, reason="shutdown")
         if drain:
@@ -402,6 +420,9 @@ class Gateway:
                 replica.transition(ReplicaState.STOPPED)
             d.replicas.pop(replica.id, None)
             self._halting.discard(replica.id)
+            if freed_for is not None:  # the unit is held for the deployment it was freed for
+                self._promised[freed_for.name] -= 1
+                self._reserved[freed_for.name] += 1
             d.router.wake()
         self.schedule()
 

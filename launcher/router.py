@@ -4,8 +4,10 @@ Routing while capacity is coming: a replica at ``target_concurrency`` takes no m
 replica of the deployment is starting; the waiters stay queued here and spread over every replica as it
 becomes ready (a burst from zero would otherwise bind every waiter to the first ready replica, leave the
 second idle, and the idle timer would stop it). With nothing starting, the least-busy replica takes the
-request. DRAINING replicas (scaled down, evicted for another deployment, or yielding their unit under
-contention) take none.
+request -- unless deployments share too few units for all of them: then requests beyond the target wait
+in this queue, so a replica asked to yield its unit finishes only its ``target_concurrency`` requests, not
+a flood queued inside its engine (raise ``target_concurrency`` for engines that batch many). DRAINING replicas (scaled down, evicted for another deployment, or yielding their unit
+under contention) take none.
 
 The queue is bounded (``max_queue``: 503 ``queue_full``) and so is each wait (``queue_timeout``: 503
 ``queue_timeout``). Waiters re-evaluate whenever ``wake()`` is called (a replica became ready, got room,
@@ -27,9 +29,17 @@ from coldstart.launcher.replica import Replica, ReplicaState
 STARTING = (ReplicaState.NEW, ReplicaState.BOOTING, ReplicaState.RESTORING, ReplicaState.SNAPSHOTTING)
 
 
-def pick(replicas: Iterable[Replica], policy: ScalingPolicy, avoid: Replica | None = None) -> Replica | None:
+def pick(
+    replicas: Iterable[Replica],
+    policy: ScalingPolicy,
+    avoid: Replica | None = None,
+    *,
+    overcommit: bool = True,
+) -> Replica | None:
     """The READY replica with the fewest requests in flight, other than ``avoid`` where there is another;
-    None when every one is at its target while another replica is starting (wait for that one)."""
+    None when every one is at its target while another replica is starting (wait for that one), or when
+    ``overcommit`` is off (other deployments wait for a unit: requests beyond the target wait here, where
+    a yield does not have to finish them, instead of in the engine's own queue)."""
     replicas = list(replicas)
     ready = [r for r in replicas if r.state is ReplicaState.READY]
     if avoid is not None and len(ready) > 1:
@@ -39,6 +49,8 @@ def pick(replicas: Iterable[Replica], policy: ScalingPolicy, avoid: Replica | No
     best = min(ready, key=lambda r: r.in_flight)
     if best.in_flight < policy.target_concurrency:
         return best
+    if not overcommit:
+        return None
     return None if any(r.state in STARTING for r in replicas) else best
 
 

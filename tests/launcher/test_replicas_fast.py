@@ -410,3 +410,177 @@ async def test_a_client_slow_to_send_its_headers_is_disconnected() -> None:
             assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the proxy
         for _, writer in [*slow, (idle_reader, idle_writer)]:
             writer.close()
+
+
+# ---------------------------------------------------------------------------- many models, one pool
+@run
+async def test_unknown_model_is_a_404_that_names_the_served_models() -> None:
+    async with gateway_launched({"a": {}, "b": {"initial_replicas": 0}}) as h:
+        answer = await h.chat("nope")
+        assert answer.status_code == 404
+        error = _error(answer)
+        assert error["code"] == "model_not_found" and "'a'" in error["message"] and "'b'" in error["message"]
+        models = (await h.client.get("/v1/models")).json()["data"]
+        await h.ready()
+        models = {m["id"]: m["state"] for m in (await h.client.get("/v1/models")).json()["data"]}
+        assert models == {"a": "ready", "b": "at_zero"}
+
+
+@run
+async def test_alternating_models_on_one_unit_swap_and_never_share_it() -> None:
+    async with gateway_launched(
+        {"a": {"restore_s": 0.1}, "b": {"restore_s": 0.1, "initial_replicas": 0}}
+    ) as h:
+        await h.ready()
+        peak = 0
+
+        def live() -> int:
+            return sum(1 for r in h.gateway.replicas() if r.state is not ReplicaState.STOPPED)
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, live())
+                await asyncio.sleep(0.002)
+
+        watcher = asyncio.create_task(watch())
+        for model in ("b", "a", "b", "a"):
+            answer = await h.chat(model)
+            assert answer.status_code == 200, answer.text
+            assert h.model_of(answer.json()["port"]) == model
+        watcher.cancel()
+        assert peak == 1  # one unit: never two replicas at once, also while swapping
+        metrics = (await h.client.get("/metrics")).text
+        assert 'coldstart_swaps_total{model="b"} 2.0' in metrics
+        assert 'coldstart_evictions_total{model="a"} 2.0' in metrics
+        assert h.fakes["a"].restores == 3 and h.fakes["b"].restores == 2
+
+
+@run
+async def test_concurrent_requests_for_two_models_on_one_unit_all_answered_one_replica_at_a_time() -> None:
+    async with gateway_launched(
+        {"a": {"restore_s": 0.05}, "b": {"restore_s": 0.05, "initial_replicas": 0}}, min_residency=0.2
+    ) as h:
+        await h.ready()
+        peak = 0
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, sum(1 for r in h.gateway.replicas() if r.state is not ReplicaState.STOPPED))
+                await asyncio.sleep(0.002)
+
+        watcher = asyncio.create_task(watch())
+        answers = await asyncio.gather(*(h.chat(m, sleep=0.02) for m in ["a", "b"] * 10))
+        watcher.cancel()
+        assert [a.status_code for a in answers] == [200] * 20
+        assert all(h.model_of(a.json()["port"]) == m for a, m in zip(answers, ["a", "b"] * 10, strict=True))
+        assert peak == 1
+
+
+@run
+async def test_an_eviction_never_cuts_a_request_in_flight() -> None:
+    async with gateway_launched(
+        {"a": {"restore_s": 0.05}, "b": {"restore_s": 0.05, "initial_replicas": 0}}, min_residency=0.0
+    ) as h:
+        await h.ready()
+        long = asyncio.create_task(h.chat("a", sleep=1.0))
+        await h.until(lambda: h.sandbox("r1").engine.in_flight == 1, "a's request in its engine")
+        b = await h.chat("b")  # a yields its unit: its request in flight finishes first
+        assert b.status_code == 200
+        answer = await long
+        assert answer.status_code == 200, answer.text  # not cut by the eviction
+        assert h.model_of(answer.json()["port"]) == "a"
+
+
+@run
+async def test_a_flood_for_one_model_does_not_starve_another() -> None:
+    # 100 requests for a, then 5 for b, on one unit: b's are answered after one swap plus their own
+    # service time -- while most of a's queue still waits -- not after a's 100.
+    async with gateway_launched(
+        {"a": {"restore_s": 0.1}, "b": {"restore_s": 0.1, "initial_replicas": 0}}, min_residency=0.2
+    ) as h:
+        await h.ready()
+        done: list[str] = []
+
+        async def chat(model: str) -> httpx.Response:
+            answer = await h.chat(model, sleep=0.05)
+            done.append(model)
+            return answer
+
+        flood = [asyncio.create_task(chat("a")) for _ in range(100)]
+        await h.until(lambda: h.deployment("a").router.waiting > 50, "a's queue filled")
+        b_answers = await asyncio.gather(*(chat("b") for _ in range(5)))
+        assert [a.status_code for a in b_answers] == [200] * 5
+        last_b = max(i for i, m in enumerate(done) if m == "b")
+        a_before_b = done[:last_b].count("a")
+        a_answers = await asyncio.gather(*flood)
+        assert [a.status_code for a in a_answers] == [200] * 100
+        # a's replica yielded after its residency with its 4 in flight; b never waited for a's queue.
+        assert a_before_b < 50, done
+        metrics = (await h.client.get("/metrics")).text
+        assert 'coldstart_swaps_total{model="b"} 1.0' in metrics
+
+
+@run
+async def test_idle_replica_of_lowest_priority_is_evicted_first() -> None:
+    async with gateway_launched(
+        {
+            "hi": {"priority": 5},
+            "lo": {"priority": 0},
+            "new": {"initial_replicas": 0},
+        },
+        units=2,
+    ) as h:
+        await h.ready(2)
+        answer = await h.chat("new")
+        assert answer.status_code == 200
+        assert {r.deployment for r in h.gateway.replicas() if r.state is ReplicaState.READY} == {"hi", "new"}
+
+
+@run
+async def test_min_residency_keeps_a_just_placed_replica() -> None:
+    async with gateway_launched({"a": {}, "b": {"initial_replicas": 0}}, min_residency=0.8) as h:
+        await h.ready()
+        placed = h.deployment("a").replicas["r1"].ready_at or 0.0
+        answer = await h.chat("b")
+        assert answer.status_code == 200
+        swap_started = h.deployment("b").replicas  # b is placed only once a's residency is over
+        assert time.monotonic() - placed >= 0.8, swap_started
+
+
+@run
+async def test_a_model_whose_boots_fail_the_same_way_gets_503s_with_the_reason_others_are_served() -> None:
+    async with gateway_launched(
+        {"good": {}, "bad": {"initial_replicas": 0, "queue_timeout": 30}}, units=2
+    ) as h:
+        fake = h.fakes["bad"]
+
+        async def broken(*_args: Any, **_kw: Any) -> Any:
+            raise RuntimeError("CUDA out of memory: tried to allocate 2 GiB")
+
+        fake.restore = broken  # type: ignore[method-assign]
+        await h.ready()
+        started = time.monotonic()
+        answer = await h.chat("bad")
+        assert answer.status_code == 503, answer.text
+        assert _error(answer)["code"] == "boot_failed"
+        assert "CUDA out of memory" in _error(answer)["message"]
+        assert int(answer.headers["retry-after"]) >= 1
+        assert time.monotonic() - started < 10  # not the 30 s queue timeout
+        again = await h.chat("bad")  # backing off: refused at once, same reason
+        assert again.status_code == 503 and "CUDA out of memory" in _error(again)["message"]
+        assert (await h.chat("good")).status_code == 200
+        models = {m["id"]: m["state"] for m in (await h.client.get("/v1/models")).json()["data"]}
+        assert models["bad"] == "failing"
+
+
+@run
+async def test_health_shows_every_deployment_and_the_buffer_plan() -> None:
+    async with gateway_launched({"a": {}, "b": {"initial_replicas": 0}}, units=2) as h:
+        await h.ready()
+        body = (await h.client.get("/health")).json()
+        assert set(body["deployments"]) == {"a", "b"}
+        assert body["deployments"]["a"]["state"] == "ready"
+        assert body["units"] == {"host": "local", "capacity": 2, "held": 1}
+        assert set(body["buffer"]) == {"target", "explanation", "rates"}
