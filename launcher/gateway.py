@@ -56,17 +56,6 @@ STOP_GRACE_S = 10.0
 _SERVING = (ReplicaState.READY, ReplicaState.DRAINING)
 
 
-def control_client() -> httpx.AsyncClient:
-    """The control-plane client (health, warm-up, hooks). ``trust_env=False``: never via an HTTP proxy. No
-    keep-alive: each call's connection is closed by us when it ends, so the engine holds no established or
-    TIME_WAIT socket when it is checkpointed (gVisor refuses to save them)."""
-    return httpx.AsyncClient(
-        trust_env=False,
-        timeout=httpx.Timeout(300.0, connect=5.0),
-        limits=httpx.Limits(max_keepalive_connections=0),
-    )
-
-
 class Gateway:
     def __init__(
         self,
@@ -547,4 +536,4 @@ class Gateway:
         return any(r.state in STARTING for r in self.replicas())
 
 
-__all__ = ["Gateway", "control_client"]
+__all__ = ["Gateway"]

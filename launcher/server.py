@@ -31,10 +31,11 @@ import uvicorn
 from coldstart.engine_adapters.base import EngineAdapter
 from coldstart.engine_adapters.registry import get_adapter
 from coldstart.launcher.config import GatewayConfig, ServeConfig, parse_bytes
+from coldstart.launcher.control import control_client
 from coldstart.launcher.deployment import Deployment, Snapshots
 from coldstart.launcher.deployments import single
 from coldstart.launcher.errors import CheckpointerUnavailable, GpuRefused, PortInUse, UsageError
-from coldstart.launcher.gateway import Gateway, control_client
+from coldstart.launcher.gateway import Gateway
 from coldstart.launcher.image import image_mounted, with_mountpoint
 from coldstart.launcher.local_host import LocalHost
 from coldstart.launcher.logs import configured_logging

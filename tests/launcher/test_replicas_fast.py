@@ -1,4 +1,4 @@
-"""The gateway (``Gateway``, ``Deployment``, ``LocalHost`` over a real CPU-slot pool) and ``Proxy`` constructed
+"""The gateway (``Gateway``, ``Deployment``, ``LocalHost`` over a real CPU-slot pool) and ``Proxy`` built
 for real over fake sandboxes (``tests/fake_engine.py``): the proxy is served by uvicorn on a loopback port and
 called over HTTP, each replica is a small HTTP server. Routing, queueing, scaling, liveness, swaps and
 fairness between deployments in seconds; the real engines are in ``test_scaling_and_faults.py``,
@@ -23,8 +23,9 @@ from fake_engine import FakeAdapter, FakeSandbox, FakeSnapshots
 
 from coldstart.engine_adapters.base import EngineConfig
 from coldstart.launcher.autoscaler import ScalingPolicy
+from coldstart.launcher.control import control_client
 from coldstart.launcher.deployment import Deployment
-from coldstart.launcher.gateway import Gateway, control_client
+from coldstart.launcher.gateway import Gateway
 from coldstart.launcher.liveness import HEALTH_FAILURES
 from coldstart.launcher.local_host import LocalHost
 from coldstart.launcher.metrics import Metrics
