@@ -13,7 +13,9 @@ to decide whether it wants the rest), then the index, then chunks -- all through
 
 ``materialize`` writes a published tree into a local directory: chunks fetched ahead and in parallel
 (``workers`` threads, a bounded window so memory stays ~``window`` chunks), each file written and hashed in
-order, so a file's SHA-256 is known the moment its last byte lands (no second pass over the bytes).
+order, so a file's SHA-256 is known the moment its last byte lands (no second pass over the bytes). The
+index's mode bits are not trusted (a crafted published tree put a mode-04755 root-owned file on a pulling
+host): setuid, setgid, sticky and group/other write are stripped (``SAFE_MODE_BITS``).
 
 ``gc`` deletes chunks no ref and no ``images/*.cidx`` names; chunks younger than ``min_age_s`` survive (a
 publish in progress writes its chunks before its ref).
@@ -40,6 +42,9 @@ from coldstart.imagefs.index import ImageIndex
 from coldstart.imagefs.store import DEFAULT_CHUNK_SIZE, ChunkStore, is_hex_digest, write_atomic
 
 REF_FORMAT = 1
+# The mode bits materialize keeps from an index: rwx for the owner, r-x for group and others. No setuid,
+# setgid or sticky bit and no group/other write, whatever the publisher wrote.
+SAFE_MODE_BITS = 0o755
 REF_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
@@ -300,7 +305,7 @@ def materialize(
                             progress(len(data))
                     if f.tell() != size:
                         raise IndexFormatError(f"{path}: wrote {f.tell()} bytes, index says {size}")
-                os.chmod(target, index.mode[inode] & 0o7777)
+                os.chmod(target, index.mode[inode] & SAFE_MODE_BITS)
                 out[path] = FileDigest(size, hasher.hexdigest() if hasher is not None else None)
         finally:
             for fut in pending:

@@ -24,7 +24,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,7 +102,25 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def private_dir(path: Path) -> Path:
+    """``path`` (and missing parents) as a folder only its owner can enter (0700), also when it existed:
+    a snapshot's page images hold the engine's memory, its environment (``HF_TOKEN=...``) included."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o777 != 0o700:
+        os.chmod(path, 0o700)
+    return path
+
+
+def _private_files(root: Path, rels: Iterable[str]) -> None:
+    for rel in rels:
+        os.chmod(root / rel, 0o600)
+
+
 class SnapshotStore:
+    """Snapshots on local disk. The store's folder, every snapshot folder and ``.state`` are 0700 and the
+    files of a snapshot 0600: CRIU and runsc write page images readable by all (0644 in 0755 folders), and
+    they hold the engine's memory and environment."""
+
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.state_dir = self.root / ".state"
@@ -152,8 +170,9 @@ class SnapshotStore:
     @contextlib.contextmanager
     def begin(self, key: str) -> Iterator[PendingSnapshot]:
         """A temporary folder to write a snapshot into; removed unless ``commit`` moved it into place."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)
         pending = PendingSnapshot(key, self.root / f".tmp-{key}-{os.getpid()}-{secrets.token_hex(3)}")
+        private_dir(pending.path)
         pending.image_dir.mkdir(parents=True)
         try:
             yield pending
@@ -167,6 +186,7 @@ class SnapshotStore:
         files: dict[str, dict[str, Any]] = {}
         for file in sorted(p for p in pending.image_dir.rglob("*") if p.is_file() and not p.is_symlink()):
             rel = file.relative_to(pending.path).as_posix()
+            os.chmod(file, 0o600)
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
             files[rel] = {"size": file.stat().st_size, "sha256": sha256_file(file)}
@@ -192,8 +212,9 @@ class SnapshotStore:
         itself is as atomic as ever."""
         if manifest.get("format") != FORMAT or manifest.get("key") != pending.key:
             raise SnapshotCorrupt(f"snapshot {pending.key}: pulled manifest has another format or key")
+        _private_files(pending.path, manifest["files"])
         write_text_atomic(pending.path / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.state_dir)
         stamp = self.state_dir / f"{pending.key}.unsynced"
         write_text_atomic(stamp, _boot_id())
         snapshot = self._install(pending, manifest, self._verified_cache(pending.key))
@@ -260,7 +281,7 @@ class SnapshotStore:
 
     # -- housekeeping -----------------------------------------------------------------------------
     def touch_used(self, snapshot: Snapshot) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.state_dir)
         (self.state_dir / f"{snapshot.key}.used").touch()
 
     def last_used(self, snapshot: Snapshot) -> float:

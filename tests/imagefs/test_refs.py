@@ -107,3 +107,23 @@ def test_http_tier_errors_are_tier_errors(tmp_path: Path, chunk_server) -> None:
             tier.get("0" * 64)
     with pytest.raises(TierError):
         HttpTier("http://127.0.0.1:9").get_ref("snapshot.x")
+
+
+def test_materialize_strips_setuid_setgid_sticky_and_group_other_write(tmp_path: Path) -> None:
+    """A published tree's mode bits are the publisher's word: a crafted one put a mode-04755 root-owned
+    file on the pulling host. Materialized files keep at most rwxr-xr-x."""
+    src = tmp_path / "src"
+    src.mkdir()
+    modes = {"suid": 0o4755, "sgid": 0o2755, "sticky": 0o1644, "world-writable": 0o666, "plain": 0o640}
+    for name, mode in modes.items():
+        (src / name).write_bytes(name.encode())
+        os.chmod(src / name, mode)
+    store = tmp_path / "store"
+    done = publish(src, store, "snapshot.modes", chunk_size=CHUNK)
+    tier = DirectoryTier(store)
+    index = ImageIndex.from_bytes(tier.get(done.ref.index) or b"")
+    out = tmp_path / "out"
+    out.mkdir()
+    materialize(index, lambda d: tier.get(d) or b"", out)
+    got = {name: (out / name).stat().st_mode & 0o7777 for name in modes}
+    assert got == {"suid": 0o755, "sgid": 0o755, "sticky": 0o644, "world-writable": 0o644, "plain": 0o640}

@@ -275,3 +275,24 @@ def test_vacuous_canary_is_refused() -> None:
 
     with pytest.raises(VacuousCanary, match="no text, no token ids and no logprobs"):
         CanaryAnswer.from_response(_chat("")).require_meaningful()
+
+
+def test_store_folders_are_0700_and_snapshot_files_0600(tmp_path: Path) -> None:
+    """Page images hold the engine's memory and environment (HF_TOKEN=...): CRIU wrote them 0644 into
+    0755 folders, readable by any local user."""
+    root = tmp_path / "snapshots"
+    root.mkdir(mode=0o755)  # an existing folder is made private too
+    store = SnapshotStore(root)
+    ident = identity()
+    with store.begin(ident.key) as pending:
+        page = pending.image_dir / "pages-1.img"
+        page.write_bytes(b"HF_TOKEN=hf_secret")
+        os.chmod(page, 0o644)
+        snap = store.commit(pending, {"identity": ident.to_json()})
+    store.touch_used(snap)
+    assert root.stat().st_mode & 0o777 == 0o700
+    assert snap.path.stat().st_mode & 0o777 == 0o700 and store.state_dir.stat().st_mode & 0o777 == 0o700
+    for file in snap.path.rglob("*"):
+        if file.is_file():
+            assert file.stat().st_mode & 0o777 == 0o600, file
+    store.verify(snap, full=True)  # still whole after the chmod
