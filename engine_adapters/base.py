@@ -61,13 +61,18 @@ class EngineAdapter(abc.ABC):
     """Base class: subclasses set ``name`` and ``extra`` and implement ``launch_spec``."""
 
     name: ClassVar[str]
-    # The pip extra that installs this engine: ``pip install 'coldstart[<extra>]'``.
+    # The pip extra that installs this engine (``pip install 'coldstart[<extra>]'``); "" for engines that run
+    # from an environment of their own (vLLM, SGLang: never in coldstart's venv).
     extra: ClassVar[str]
     # Engine routes the public proxy must never forward (control plane, unauthenticated upstream).
     control_paths: ClassVar[frozenset[str]] = frozenset()
     # Readiness probe: 200 here means the engine serves requests.
     health_path: ClassVar[str] = "/health"
     health_timeout_s: ClassVar[float] = 2.0
+    # The largest request body the proxy forwards to this engine (a 413 above it), or None for the proxy's
+    # --max-body-size alone: an engine that tokenizes a huge prompt in its event loop stops answering its
+    # health probe meanwhile and is replaced as hung (``transformers serve`` with a 30 MB prompt).
+    max_request_bytes: ClassVar[int | None] = None
     # True where the engine runs from an environment of its own (``discovery``), found by the adapter or
     # named with ``--engine-python``; such adapters take ``engine_python`` in their constructor.
     own_environment: ClassVar[bool] = False

@@ -55,7 +55,7 @@ RESUME_ORDER = ["weights", "kv_cache"]
 
 class SglangAdapter(OwnEnvironmentAdapter):
     name: ClassVar[str] = "sglang"
-    extra: ClassVar[str] = "sglang"
+    extra: ClassVar[str] = ""  # no pip extra: SGLang runs from an environment of its own
     control_paths: ClassVar[frozenset[str]] = CONTROL_PATHS
     # /health is 200 while the model still loads; /health_generate runs a one-token generation.
     health_path: ClassVar[str] = "/health_generate"

@@ -30,6 +30,10 @@ class TransformersAdapter(HooksChannel):
     extra: ClassVar[str] = "transformers"
     # Routes of `transformers serve` that are not inference (model loading, hub listing).
     control_paths: ClassVar[frozenset[str]] = frozenset({"/load_model"})
+    # It tokenizes and generates in its event loop: a 30 MB prompt (under --max-body-size) blocked
+    # /health until the liveness probe failed and the replica was killed. 2 MiB is ~500k tokens, beyond
+    # any context a CPU model serves here.
+    max_request_bytes: ClassVar[int | None] = 2 << 20
 
     def check_installed(self) -> None:
         require_package("transformers", self.name, self.extra)

@@ -115,7 +115,7 @@ def _meminfo_gib() -> tuple[float, float]:
 
 class VllmAdapter(OwnEnvironmentAdapter):
     name: ClassVar[str] = "vllm"
-    extra: ClassVar[str] = "vllm"
+    extra: ClassVar[str] = ""  # no pip extra: vLLM runs from an environment of its own
     control_paths: ClassVar[frozenset[str]] = CONTROL_PATHS
     entry: ClassVar[Path] = ENTRY
     health_timeout_s: ClassVar[float] = 5.0

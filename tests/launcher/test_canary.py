@@ -62,3 +62,12 @@ def test_nothing_to_compare_names_the_engine_and_the_fix() -> None:
     assert "\n" not in message
     assert message.startswith("transformers's canary answer has no text, no token ids and no logprobs")
     assert "[canary] prompt" in message and "vllm" in message
+
+
+def test_transformers_bounds_its_request_size() -> None:
+    """``transformers serve`` blocked its health probe on a 30 MB prompt: the proxy refuses above this."""
+    from coldstart.engine_adapters.registry import get_adapter
+
+    limit = get_adapter("transformers").max_request_bytes
+    assert limit is not None and limit < 30 << 20
+    assert get_adapter("custom").max_request_bytes is None  # the proxy's --max-body-size alone

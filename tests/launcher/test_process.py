@@ -133,3 +133,37 @@ def test_firewall_error_is_in_the_one_tree() -> None:
         errors.FirewallError, errors.NetnsError
     )
     assert "FirewallError" in (errors.__doc__ or "")
+
+
+def test_nofile_limit_raised_and_local_emfile_is_not_an_engine_failure() -> None:
+    """A launcher at a soft limit of 1024 ran out of descriptors under 2,000 idle connections, and its
+    health probes' EMFILE counted against healthy engines. In a child limited to 64 descriptors: the
+    probe's error is recognised as local, and ``raise_nofile_limit`` lifts the soft limit to the hard."""
+    script = textwrap.dedent(
+        """
+        import resource, socket, httpx
+        from coldstart.launcher.process import is_local_exhaustion, raise_nofile_limit
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        server = socket.create_server(("127.0.0.1", 0))
+        held = []
+        try:
+            while True:
+                held.append(socket.socket())
+        except OSError:
+            pass
+        try:
+            httpx.get(f"http://127.0.0.1:{server.getsockname()[1]}/health", timeout=2)
+        except Exception as exc:
+            print("local" if is_local_exhaustion(exc) else f"not local: {exc!r}")
+        for s in held:
+            s.close()
+        try:
+            httpx.get("http://127.0.0.1:1/health", timeout=2)
+        except Exception as exc:
+            print("local" if is_local_exhaustion(exc) else "engine")
+        old, new = raise_nofile_limit()
+        print(old, new == resource.getrlimit(resource.RLIMIT_NOFILE)[0] and new > 64)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split("\n")[:3] == ["local", "engine", "64 True"], done.stdout + done.stderr
