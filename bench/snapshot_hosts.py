@@ -81,7 +81,7 @@ def first_token_s(launcher: Launcher) -> float:
 
 
 def how(log: str, ahead: bool = False) -> str:
-    if "how=cold boot" in log:
+    if "how=cold_boot" in log:
         return "COLD BOOT"
     pulled = re.search(r"pulled from \S+: [\d.]+ MB \(([\d.]+) MB over the network\) in ([\d.]+)s", log)
     restored = re.search(r"restored from \w+ in ([\d.]+)s", log)

@@ -514,6 +514,7 @@ class Gateway:
                             "state": r.state.value,
                             "in_flight": r.in_flight,
                             "how": str(r.how) if r.how else None,
+                            "memory_bytes": r.memory,
                         }
                         for r in d.replicas.values()
                     ],

@@ -94,7 +94,7 @@ class Served:
 
     def lifecycle(self) -> list[tuple[str, str, str]]:
         """(replica, from, to) for every transition in the log."""
-        return re.findall(r"replica (r\d+) (\w+) -> (\w+) after", self.log())
+        return re.findall(r"replica (r\d+)(?: \([^)]*\))? (\w+) -> (\w+) after", self.log())
 
     def stop(self) -> int:
         if self.proc.poll() is None:

@@ -114,8 +114,10 @@ def test_engine_control_routes_are_not_reachable(server: Served, path: str) -> N
 def test_metrics_count_requests_and_boots(server: Served, client: openai.OpenAI) -> None:
     client.completions.create(model="tiny", prompt="x", max_tokens=1)
     text = httpx.get(f"{server.url}/metrics").text
-    assert "coldstart_cold_boots_total 1.0" in text
-    assert 'coldstart_requests_total{route="/v1/completions",status="200"}' in text
-    allocation = float(re.search(r"^coldstart_gpu_allocation_utilization (\S+)$", text, re.M)[1])  # type: ignore[index]
-    busy = float(re.search(r"^coldstart_gpu_busy_utilization (\S+)$", text, re.M)[1])  # type: ignore[index]
+    assert 'coldstart_cold_boots_total{model="tiny"} 1.0' in text
+    assert 'coldstart_requests_total{model="tiny",route="/v1/completions",status="200"}' in text
+    allocation = float(
+        re.search(r'^coldstart_gpu_allocation_utilization{model="tiny"} (\S+)$', text, re.M)[1]
+    )  # type: ignore[index]
+    busy = float(re.search(r'^coldstart_gpu_busy_utilization{model="tiny"} (\S+)$', text, re.M)[1])  # type: ignore[index]
     assert 0 < busy <= allocation <= 1  # a replica up is counted; a request in flight is a subset of that

@@ -335,7 +335,7 @@ def test_host_b_restores_through_the_cache_server_then_from_its_local_copy(host_
             b.stop()
         log = _events(b.log())
         assert f"snapshot {key} pulled from {server.url}" in log, log
-        assert f"restored from {key}" in log and "cold boot" not in log, log
+        assert f"restored from {key}" in log and "how=cold_boot" not in log, log
         # Second restore on B: from its local copy, nothing pulled.
         again = Launcher(hosts.b, tiny_model, "b1", *tiers, checkpointer=CHECKPOINTER)
         try:
@@ -397,7 +397,7 @@ def test_no_tier_left_mid_pull_cold_boots_never_a_broken_replica(host_a, tiny_mo
             b.stop()
         log = _events(b.log())
         assert "restore failed (fetch)" in log and "failed to start" not in log, log
-        assert "how=cold boot" in log, log
+        assert "how=cold_boot" in log, log
         leftovers = [p.name for p in (b.dir / "snapshots").iterdir() if p.name.startswith(".tmp-")]
         assert leftovers == []
     finally:
@@ -471,6 +471,6 @@ def test_host_b_pulls_ahead_at_launch_and_restores_locally(host_a, tiny_model: P
             b.stop()
         log = _events(b.log())
         assert log.index("pulled from") < log.index("new -> restoring"), log
-        assert f"restored from {key}" in log and "cold boot" not in log, log
+        assert f"restored from {key}" in log and "how=cold_boot" not in log, log
     finally:
         server.stop()

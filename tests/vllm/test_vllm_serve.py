@@ -172,7 +172,7 @@ def test_openai_client_chat_completion_and_streaming(served: Served) -> None:
 
 
 def test_first_boot_left_a_snapshot_of_a_paused_cpu_engine(served: Served) -> None:
-    assert ready_lines(served, "cold boot") >= 1
+    assert ready_lines(served, "cold_boot") >= 1
     engine = snapshot_manifest(served)["identity"]["engine"]
     assert (engine["engine"], engine["device"], engine["control"]) == ("vllm", "cpu", "pause")
     assert engine["engine_version"].startswith("vllm")
@@ -208,9 +208,9 @@ def test_damaged_snapshot_is_refused_with_its_reason_and_a_cold_boot_answers(ser
     with open(pages, "r+b") as f:  # same size, different bytes: only the digest can tell
         f.seek(pages.stat().st_size // 2)
         f.write(b"\xde\xad\xbe\xef" * 16)
-    cold = ready_lines(served, "cold boot")
+    cold = ready_lines(served, "cold_boot")
     assert greedy_ids(served)[0] == ids
-    assert ready_lines(served, "cold boot") == cold + 1
+    assert ready_lines(served, "cold_boot") == cold + 1
     log = served.log()
     assert re.search(r"restore .*failed.*digest|digest.*restore", log, re.IGNORECASE), log[-3000:]
     metrics = httpx.get(f"{served.url}/metrics", timeout=10).text
