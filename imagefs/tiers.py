@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from pathlib import Path
@@ -25,6 +27,15 @@ from coldstart.imagefs.store import ChunkStore
 
 CONNECT_TIMEOUT_S = 2.0
 READ_TIMEOUT_S = 15.0
+# A hostile or broken server must not hold a reader forever or fill its memory: a ref dripping one byte per
+# 5 s kept a replica "restoring" for 150 s, and a 1.5 GB ref took the launcher to 1.55 GB RSS. Every HTTP
+# answer is read within REQUEST_DEADLINE_S in all (READ_TIMEOUT_S bounds only the silence between bytes)
+# and up to a size cap per kind: refs are ~1 KB, a ref listing a few KB per hundred names, a chunk is
+# DEFAULT_CHUNK_SIZE and an index or manifest "chunk" a few MB for the largest images seen.
+REQUEST_DEADLINE_S = 60.0
+MAX_REF_BYTES = 1 << 20
+MAX_LISTING_BYTES = 16 << 20
+MAX_OBJECT_BYTES = 256 << 20
 
 
 class Tier(ABC):
@@ -165,7 +176,8 @@ class HttpTier(Tier):
     body handling. A connection that fails is dropped; a request on a reused keep-alive connection that
     the server had closed is retried once on a fresh one."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, deadline_s: float = REQUEST_DEADLINE_S) -> None:
+        self.deadline_s = deadline_s
         self.base = url.rstrip("/")
         self.name = self.base
         parts = urlsplit(self.base)
@@ -199,14 +211,42 @@ class HttpTier(Tier):
         if conn is not None:
             conn.close()
 
-    def _request(self, path: str) -> tuple[int, bytes]:
+    def _read(self, response: http.client.HTTPResponse, path: str, limit: int, started: float) -> bytes:
+        """The body, at most ``limit`` bytes, all of it within ``deadline_s`` of ``started``; else
+        ``TierError`` (the connection is dropped: the rest of the body is never read)."""
+        length = response.getheader("Content-Length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise TierError(f"{self.name}: {path} is {int(length)} bytes, more than the {limit} allowed")
+        parts: list[bytes] = []
+        got = 0
+        while True:
+            piece = response.read1(1 << 20)  # what has arrived: a slow server cannot hold one read
+            if not piece:
+                if length is not None and length.isdigit() and got != int(length):
+                    # the connection ended early (or close() shut it under this read)
+                    raise TierError(f"{self.name}: {path} ended after {got} of {int(length)} bytes")
+                response.read()  # nothing left: marks the answer done, so the connection can be reused
+                return b"".join(parts)
+            got += len(piece)
+            if got > limit:
+                raise TierError(f"{self.name}: {path} is more than the {limit} bytes allowed")
+            if time.monotonic() - started > self.deadline_s:
+                raise TierError(f"{self.name}: {path} took more than {self.deadline_s:g} s (a slow tier)")
+            parts.append(piece)
+
+    def _request(self, path: str, limit: int = MAX_OBJECT_BYTES) -> tuple[int, bytes]:
         for attempt in (0, 1):
             reused = False
             try:
+                started = time.monotonic()
                 conn, reused = self._connection()
                 conn.request("GET", self._prefix + path)
                 response = conn.getresponse()
-                body = response.read()
+                try:
+                    body = self._read(response, path, limit, started)
+                except TierError:
+                    self._drop()
+                    raise
                 if response.will_close:
                     self._drop()
                 return response.status, body
@@ -218,6 +258,9 @@ class HttpTier(Tier):
             except (OSError, http.client.HTTPException) as exc:
                 self._drop()
                 raise TierError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
+            except (AttributeError, ValueError) as exc:  # close() from another thread, mid-read
+                self._drop()
+                raise TierError(f"{self.name}: connection closed while reading {path}") from exc
         raise AssertionError("unreachable")
 
     def get(self, digest_hex: str) -> bytes | None:
@@ -229,26 +272,33 @@ class HttpTier(Tier):
         return body
 
     def get_ref(self, name: str) -> bytes | None:
-        status, body = self._get(f"/refs/{name}")
+        status, body = self._get(f"/refs/{name}", MAX_REF_BYTES)
         return None if status == 404 else body
 
     def list_refs(self, prefix: str = "") -> list[str]:
-        _, body = self._get("/refs?" + urlencode({"prefix": prefix}))
+        _, body = self._get("/refs?" + urlencode({"prefix": prefix}), MAX_LISTING_BYTES)
         try:
             names = json.loads(body)
         except ValueError as exc:
             raise TierError(f"{self.name}: /refs did not answer a JSON list") from exc
         return [str(n) for n in names]
 
-    def _get(self, path: str) -> tuple[int, bytes]:
-        status, body = self._request(path)
+    def _get(self, path: str, limit: int) -> tuple[int, bytes]:
+        status, body = self._request(path, limit)
         if status not in (200, 404):
             raise TierError(f"{self.name}: HTTP {status} for {path}")
         return status, body
 
     def close(self) -> None:
+        """Close every connection, also one another thread is reading from (shut down first: a plain
+        close does not wake a thread blocked in recv), so a pull in progress fails at once."""
         with self._lock:
             for conn in self._all:
+                if conn.sock is not None:
+                    try:
+                        conn.sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
                 conn.close()
             self._all.clear()
 

@@ -25,6 +25,11 @@ what is left to win is fetching in parallel, and a file filled ahead is also wha
 this host reads at local-disk speed (the warm path is a local restore, ratio 1.0), with every chunk
 verified before CRIU opens a file instead of an EIO in the middle of a restore.
 
+Bounds: a pull ends within ``pull_deadline_s`` (600 s), each tier answer within its own deadline and size
+cap (``imagefs.tiers.REQUEST_DEADLINE_S``, ``MAX_REF_BYTES``...: a ref dripping one byte per 5 s kept a
+replica restoring for 150 s, a 1.5 GB ref took the launcher to 1.55 GB), and ``close()`` (the launcher
+stopping) fails every pull in progress at once, its sockets shut down under it.
+
 Faults: an unreachable tier is skipped (the fetcher's cooldown) and the next one answers; a chunk failing
 its digest is discarded and fetched from the next tier; when no tier has a chunk the pull fails with
 ``RemoteSnapshotError(FETCH)`` and leaves nothing behind (the pending folder is removed; the chunk cache
@@ -37,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -57,6 +63,8 @@ log = logging.getLogger("coldstart.snapshots")
 REF_PREFIX = "snapshot."
 DEFAULT_WORKERS = 8
 MEMORY_BYTES = 32 << 20  # the fetcher's memory tier: the manifest and index; pages go straight to files
+# A 1 GB CRIU image pulled here in 3-5 s from a cache server; 600 s is a tier that has stopped delivering.
+DEFAULT_PULL_DEADLINE_S = 600.0
 
 Gate = Callable[[dict[str, Any]], list[str]]  # manifest -> why it cannot restore here ([] = it can)
 
@@ -108,6 +116,7 @@ class SnapshotTiers:
         *,
         workers: int = DEFAULT_WORKERS,
         verify_files: bool = False,
+        pull_deadline_s: float = DEFAULT_PULL_DEADLINE_S,
     ) -> None:
         if not tiers and publish_to is None:
             raise UsageError("remote snapshots need --snapshot-tiers or --snapshot-publish")
@@ -121,6 +130,33 @@ class SnapshotTiers:
         self.publish_to = Path(publish_to) if publish_to else None
         self.workers = workers
         self.verify_files = verify_files
+        self.pull_deadline_s = pull_deadline_s
+        self._closing = threading.Event()
+        self._open: set[Fetcher] = set()  # fetchers of pulls in progress: close() shuts their tiers
+        self._open_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Fail every pull in progress now and refuse new ones (the launcher is stopping): their tiers'
+        connections are shut down under them, and the threads they run in end."""
+        self._closing.set()
+        with self._open_lock:
+            fetchers = list(self._open)
+        for fetcher in fetchers:
+            self._shut(fetcher)
+
+    def _shut(self, fetcher: Fetcher) -> None:
+        for tier in self._remotes(fetcher):
+            tier.close()
+
+    def _check(self, key: str, deadline: float) -> None:
+        if self._closing.is_set():
+            raise RemoteSnapshotError(RestoreReason.FETCH, f"snapshot {key}: pull cancelled (stopping)")
+        if time.monotonic() > deadline:
+            raise RemoteSnapshotError(
+                RestoreReason.FETCH,
+                f"snapshot {key}: not pulled within {self.pull_deadline_s:g} s: a tier stopped delivering "
+                "(check --snapshot-tiers)",
+            )
 
     # -- publishing -------------------------------------------------------------------------------
     def publish(self, snapshot: Snapshot, store: SnapshotStore | None = None) -> Published:
@@ -178,9 +214,13 @@ class SnapshotTiers:
             else None
         )
         fetcher = Fetcher(MemoryTier(MEMORY_BYTES), disk, remotes)
+        with self._open_lock:
+            self._open.add(fetcher)
         try:
             yield fetcher
         finally:
+            with self._open_lock:
+                self._open.discard(fetcher)
             fetcher.close()
 
     def _remotes(self, fetcher: Fetcher) -> list[Tier]:
@@ -253,8 +293,10 @@ class SnapshotTiers:
         *,
         progress: Callable[[int], None] | None = None,
     ) -> tuple[Snapshot, PullReport]:
-        """Find, gate and fetch snapshot ``key`` into ``store``; one puller per key per host at a time."""
+        """Find, gate and fetch snapshot ``key`` into ``store``; one puller per key per host at a time.
+        Fails with ``RemoteSnapshotError(FETCH)`` past ``pull_deadline_s`` or once ``close()`` was called."""
         t0 = time.monotonic()
+        self._check(key, t0 + self.pull_deadline_s)
         with _pull_lock(store, key):
             waited = time.monotonic() - t0
             try:
@@ -266,9 +308,21 @@ class SnapshotTiers:
                 return local, report
             try:
                 with self._fetcher() as fetcher:
-                    snapshot, report = self._pull(fetcher, key, store, gate, progress)
+                    # At the deadline the tiers are shut under a read that still waits (a dripping tier).
+                    timer = threading.Timer(
+                        max(0.0, t0 + self.pull_deadline_s - time.monotonic()), self._shut, (fetcher,)
+                    )
+                    timer.daemon = True
+                    timer.start()
+                    try:
+                        snapshot, report = self._pull(fetcher, key, store, gate, progress, t0)
+                    finally:
+                        timer.cancel()
                     report.phases["lock"] = waited
                     t = time.monotonic()
+            except RemoteSnapshotError:
+                self._check(key, t0 + self.pull_deadline_s)  # tiers shut by close() or the deadline: say so
+                raise
             except OSError as exc:  # this host's disk (full, read-only): the replica cold-boots
                 raise RemoteSnapshotError(
                     RestoreReason.FETCH, f"snapshot {key}: cannot write it here: {exc}"
@@ -283,10 +337,22 @@ class SnapshotTiers:
         store: SnapshotStore,
         gate: Gate | None,
         progress: Callable[[int], None] | None,
+        started: float,
     ) -> tuple[Snapshot, PullReport]:
         phases: dict[str, float] = {}
+        deadline = started + self.pull_deadline_s
+
+        def get(digest_hex: str) -> bytes:
+            self._check(key, deadline)
+            try:
+                return fetcher.get(digest_hex)
+            except ImageError:
+                self._check(key, deadline)  # a tier shut by close(): say so, not "unavailable"
+                raise
+
         t = time.monotonic()
         found = self._find(fetcher, key)
+        self._check(key, deadline)
         if found is None:
             raise RemoteSnapshotError(
                 RestoreReason.MISSING, f"no snapshot {key} locally or on tiers {', '.join(self.tiers)}"
@@ -302,7 +368,7 @@ class SnapshotTiers:
             )
         t = time.monotonic()
         try:
-            index = ImageIndex.from_bytes(fetcher.get(found.ref.index), f"snapshot {key} index")
+            index = ImageIndex.from_bytes(get(found.ref.index), f"snapshot {key} index")
         except ImageError as exc:
             raise RemoteSnapshotError(
                 RestoreReason.FETCH, f"snapshot {key}: index unavailable: {exc}"
@@ -315,7 +381,7 @@ class SnapshotTiers:
             try:
                 written = materialize(
                     index,
-                    fetcher.get,
+                    get,
                     pending.image_dir,
                     workers=self.workers,
                     progress=progress,
