@@ -9,14 +9,13 @@ HEALTH_FAILURES x (interval + timeout) (10 s by default), its engine killed (whi
 requests with an error), and demand starts a replacement.
 
 A probe that fails on *our* side (the launcher out of file descriptors: EMFILE/ENFILE) says nothing about the
-engine and is not counted; it is logged at most once a minute.
+engine and is not counted (``process.is_local_exhaustion``); it is logged at most once a minute.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import socket
 import time
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from coldstart.launcher.process import is_local_exhaustion
 from coldstart.launcher.replica import FailureKind, Replica
 
 if TYPE_CHECKING:
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("coldstart.lifecycle")
 
 HEALTH_FAILURES = 2  # consecutive failed liveness probes that fail a replica
-_LOCAL_ERRNOS = (errno.EMFILE, errno.ENFILE)
 _LOG_EVERY_S = 60.0
 
 
@@ -41,21 +40,12 @@ class _LocalProbeError(Exception):
     """The probe could not be sent for a reason of ours, not the engine's."""
 
 
-def _local_cause(exc: BaseException) -> OSError | None:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in _LOCAL_ERRNOS:
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
 def _check_own_descriptors() -> None:
-    """Raise ``_LocalProbeError`` when this process cannot open a socket (out of file descriptors)."""
+    """Raise ``_LocalProbeError`` when this process cannot open a socket (out of descriptors or memory)."""
     try:
         socket.socket().close()
     except OSError as exc:
-        if exc.errno in _LOCAL_ERRNOS:
+        if is_local_exhaustion(exc):
             raise _LocalProbeError(str(exc)) from exc
         raise
 
@@ -70,6 +60,7 @@ class Liveness:
         self.on_dead = on_dead
         self._poke: dict[str, asyncio.Event] = {}
         self._local_logged_at = 0.0
+        self.local_errors = 0  # probes that could not be sent for a reason of ours (not counted as misses)
 
     def suspect(self, replica: Replica, why: str) -> None:
         """A request saw trouble reaching the replica (connection error, read timeout): probe it now."""
@@ -137,8 +128,8 @@ class Liveness:
         except TimeoutError:
             return f"health probe got no answer within {timeout:.0f} s (engine hung?)"
         except Exception as exc:  # an adapter's probe that raises says why it is not alive
-            if (local := _local_cause(exc)) is not None:
-                raise _LocalProbeError(str(local)) from exc
+            if is_local_exhaustion(exc):
+                raise _LocalProbeError(str(exc)) from exc
             return f"health probe failed: {exc}"
         if (code := sandbox.exit_code()) is not None:
             return f"engine exited with status {code}"
@@ -148,6 +139,7 @@ class Liveness:
         return "health probe failed"
 
     def _log_local(self, replica: Replica, exc: Exception) -> None:
+        self.local_errors += 1
         now = time.monotonic()
         if now - self._local_logged_at >= _LOG_EVERY_S:
             self._local_logged_at = now

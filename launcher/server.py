@@ -17,7 +17,6 @@ import errno
 import logging
 import math
 import os
-import resource
 import shutil
 import signal
 import socket
@@ -41,6 +40,7 @@ from coldstart.launcher.local_host import LocalHost
 from coldstart.launcher.logs import configured_logging
 from coldstart.launcher.metrics import Metrics, ModelMetrics
 from coldstart.launcher.placement import ReplicaHost
+from coldstart.launcher.process import raise_nofile_limit
 from coldstart.launcher.proxy import Proxy
 from coldstart.launcher.sandboxes.leftovers import log_cleanup
 from coldstart.launcher.settings import engine_config, scaling_policy, snapshot_settings
@@ -123,14 +123,6 @@ def make_snapshots(config: ServeConfig, adapter: EngineAdapter, metrics: ModelMe
             extra={"event": "snapshots_off", "model": config.public_model_name},
         )
         return None
-
-
-def raise_nofile_limit() -> None:
-    """Raise the soft limit on open files to the hard one: with the default 1024, 2,000 idle client
-    connections starved the health probes (EMFILE) and healthy replicas were replaced."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def memory_budget(server: ServeConfig) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
+import resource
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
@@ -585,3 +587,24 @@ async def test_health_shows_every_deployment_and_the_buffer_plan() -> None:
         assert body["deployments"]["a"]["state"] == "ready"
         assert body["units"] == {"host": "local", "capacity": 2, "held": 1}
         assert set(body["buffer"]) == {"target", "explanation", "rates"}
+
+
+@run
+async def test_the_launcher_out_of_descriptors_is_not_an_engine_failure() -> None:
+    async with launched(health_interval=0.05, health_timeout=0.5) as h:
+        await h.ready()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        held: list[int] = []
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 64, hard))
+            with contextlib.suppress(OSError):
+                while True:
+                    held.append(os.open("/dev/null", os.O_RDONLY))
+            liveness = h.gateway.liveness
+            await h.until(lambda: liveness.local_errors >= 5, "five probes failing with EMFILE on our side")
+        finally:
+            for fd in held:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert h.states() == {"r1": ReplicaState.READY}
+        assert (await h.chat()).status_code == 200
