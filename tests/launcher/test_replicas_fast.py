@@ -608,3 +608,25 @@ async def test_the_launcher_out_of_descriptors_is_not_an_engine_failure() -> Non
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         assert h.states() == {"r1": ReplicaState.READY}
         assert (await h.chat()).status_code == 200
+
+
+@run
+async def test_a_unit_failure_fails_the_replica_on_it_and_a_new_one_serves() -> None:
+    async with launched() as h:
+        await h.ready()
+        host = h.gateway.host
+        assert isinstance(host, LocalHost)
+        pool = host.pool
+        unit = h.deployment().replicas["r1"].unit
+        assert unit is not None and unit.device is not None
+        failing = unit.device.id
+        pool.provider.poll_failures = lambda devices: {  # type: ignore[method-assign]
+            d.id: "XID 79: GPU has fallen off the bus" for d in devices if d.id == failing
+        }
+        await pool.monitor_once()  # what the pool's monitor does every few seconds
+        await h.until(lambda: "r1" not in h.states(), "r1 failed and stopped")
+        metrics = (await h.client.get("/metrics")).text
+        assert 'coldstart_replica_failures_total{kind="unit",model="fake"} 1.0' in metrics
+        pool.provider.poll_failures = lambda devices: {}  # type: ignore[method-assign]
+        assert (await h.chat()).status_code == 200
+        assert "r2" in h.states()
