@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from coldstart.launcher.checkpointers.base import Checkpointer, CheckpointerInfo
+from coldstart.launcher.config import CheckpointerName
 from coldstart.launcher.errors import CheckpointerUnavailable, UsageError
 
 
@@ -31,14 +32,19 @@ def _cuda() -> Checkpointer:
     return CudaCheckpointer(_criu())
 
 
-CHECKPOINTERS: dict[str, Callable[[], Checkpointer]] = {"cuda": _cuda, "criu": _criu, "runsc": _runsc}
-AUTO_ORDER = ("cuda", "criu", "runsc")
-SPECIAL = ("auto", "off")
+# Keyed by the one list of names (config.CheckpointerName; a StrEnum, so plain strings look up too).
+CHECKPOINTERS: dict[str, Callable[[], Checkpointer]] = {
+    CheckpointerName.CUDA: _cuda,
+    CheckpointerName.CRIU: _criu,
+    CheckpointerName.RUNSC: _runsc,
+}
+AUTO_ORDER = (CheckpointerName.CUDA, CheckpointerName.CRIU, CheckpointerName.RUNSC)
+SPECIAL = (CheckpointerName.AUTO, CheckpointerName.OFF)
 
 
 def get_checkpointer(name: str) -> Checkpointer:
     """A checkpointer by name (not probed yet); ``auto`` probes and returns the best working one."""
-    if name == "auto":
+    if name == CheckpointerName.AUTO:
         return best_available()
     factory = CHECKPOINTERS.get(name)
     if factory is None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 
 from coldstart.engine_adapters.vllm import LEAN_CPU_ARGS, LEAN_CPU_ENV
+from coldstart.launcher.config import CheckpointerName
 from coldstart.launcher.process import free_port
 
 
@@ -60,7 +61,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--snapshot",
         default="auto",
-        choices=["auto", "criu", "runsc", "off"],
+        choices=[n for n in CheckpointerName if n != CheckpointerName.CUDA],
         help="passed to coldstart-serve (default: auto)",
     )
     parser.add_argument(
