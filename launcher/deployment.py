@@ -61,6 +61,8 @@ class Snapshots(Protocol):
         self, sandbox: Sandbox, adapter: EngineAdapter, engine_config: EngineConfig, http: httpx.AsyncClient
     ) -> None: ...
 
+    async def close(self) -> None: ...
+
 
 def one_line(exc: BaseException) -> str:
     """The reason a boot failed, in one line: the engine's root cause when the error carries one."""

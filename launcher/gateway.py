@@ -124,6 +124,8 @@ class Gateway:
             await asyncio.gather(*self._stops.values(), return_exceptions=True)
         for d in self.deployments.values():
             d.router.wake()
+            if d.snapshots is not None:  # publishes and pulls under way finish, or are cancelled and said
+                await d.snapshots.close()
 
     # ---------------------------------------------------------------- what the proxy calls
     def lookup(self, model: object) -> Deployment | None:

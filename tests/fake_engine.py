@@ -237,3 +237,6 @@ class FakeSnapshots:
         self, sandbox: Sandbox, adapter: EngineAdapter, engine_config: EngineConfig, http: httpx.AsyncClient
     ) -> None:
         pass
+
+    async def close(self) -> None:
+        pass

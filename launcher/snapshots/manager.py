@@ -55,7 +55,7 @@ from coldstart.launcher.errors import (
     SnapshotCorrupt,
     SnapshotError,
 )
-from coldstart.launcher.metrics import Metrics
+from coldstart.launcher.metrics import Metrics, ModelMetrics
 from coldstart.launcher.process import host_lock
 from coldstart.launcher.sandboxes.base import Sandbox
 from coldstart.launcher.snapshots.canary import DEFAULT_CANARY, CanaryAnswer, canary_request
@@ -88,7 +88,7 @@ def model_files(adapter: EngineAdapter, config: EngineConfig) -> list[Path]:
 
 
 class SnapshotManager:
-    """One serving identity's snapshots: what ``ReplicaManager`` calls (see ``replicas.Snapshots``)."""
+    """One serving identity's snapshots: what the gateway calls (see ``deployment.Snapshots``)."""
 
     def __init__(
         self,
@@ -96,7 +96,7 @@ class SnapshotManager:
         store: SnapshotStore,
         adapter: EngineAdapter,
         engine_config: EngineConfig,
-        metrics: Metrics | None = None,
+        metrics: ModelMetrics | None = None,
         *,
         image_digest: str | None = None,
         image_mount: Path | None = None,
@@ -106,7 +106,7 @@ class SnapshotManager:
     ) -> None:
         self.checkpointer = checkpointer
         self.store = store
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or Metrics().for_model("")
         self.info = checkpointer.probe()
         self.canary = canary_request(adapter, engine_config, canary)
         self.identity: SnapshotIdentity = snapshot_identity(
@@ -124,7 +124,8 @@ class SnapshotManager:
         self.remote = remote
         self.last_pull: PullReport | None = None
         self._remote_missing = threading.Event()  # set by prefetch() when no tier has this identity
-        self._publishing: set[asyncio.Task[None]] = set()
+        self._publishing: set[asyncio.Task[None]] = set()  # awaited by close(): a publish is not lost
+        self._prefetching: threading.Thread | None = None
 
     # -- what the replica manager calls ------------------------------------------------------------
     def has_snapshot(self) -> bool:
@@ -355,7 +356,22 @@ class SnapshotManager:
 
         thread = threading.Thread(target=run, name=f"prefetch-{key}", daemon=True)
         thread.start()
+        self._prefetching = thread
         return thread
+
+    async def close(self, timeout_s: float = 60.0) -> None:
+        """Finish what runs in the background before the launcher exits: publishes of snapshots taken here
+        (up to ``timeout_s``, then cancelled and said), the pull ahead (its own deadline bounds it) and the
+        store's fsync threads."""
+        if self._publishing:
+            done, pending = await asyncio.wait(self._publishing, timeout=timeout_s)
+            for task in pending:
+                log.warning("publish of snapshot %s cancelled at shutdown", self.identity.key)
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self._prefetching is not None:
+            await asyncio.to_thread(self._prefetching.join, timeout_s)
+        await asyncio.to_thread(self.store.join_background, timeout_s)
 
     async def _pull(self, adapter: EngineAdapter, engine_config: EngineConfig) -> Snapshot:
         """This identity's snapshot through the tiers into the local store; the gate (checkpointer,
@@ -490,7 +506,7 @@ def image_digest_of(path: Path | None) -> str | None:
 
 
 def snapshots_for(
-    settings: SnapshotSettings, adapter: EngineAdapter, engine_config: EngineConfig, metrics: Metrics
+    settings: SnapshotSettings, adapter: EngineAdapter, engine_config: EngineConfig, metrics: ModelMetrics
 ) -> SnapshotManager:
     """The ``SnapshotManager`` for ``--snapshot``, ``--snapshot-dir``, ``--image`` and a recipe's canary.
     The picked checkpointer (``auto`` included) refuses engine arguments it cannot snapshot."""

@@ -124,6 +124,7 @@ class SnapshotStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.state_dir = self.root / ".state"
+        self._background: list[threading.Thread] = []  # fsyncs of pulled snapshots: join_background()
 
     # -- reading ----------------------------------------------------------------------------------
     def has(self, key: str) -> bool:
@@ -218,10 +219,18 @@ class SnapshotStore:
         stamp = self.state_dir / f"{pending.key}.unsynced"
         write_text_atomic(stamp, _boot_id())
         snapshot = self._install(pending, manifest, self._verified_cache(pending.key))
-        threading.Thread(
+        thread = threading.Thread(
             target=_sync_then_unstamp, args=(snapshot, stamp), name=f"fsync-{pending.key}", daemon=True
-        ).start()
+        )
+        thread.start()
+        self._background.append(thread)
         return snapshot
+
+    def join_background(self, timeout_s: float) -> None:
+        """Wait for the fsync threads of pulled snapshots (called when the launcher stops)."""
+        for thread in self._background:
+            thread.join(timeout_s)
+        self._background = [t for t in self._background if t.is_alive()]
 
     def _install(self, pending: PendingSnapshot, manifest: dict[str, Any], cache: DigestCache) -> Snapshot:
         files: dict[str, dict[str, Any]] = manifest["files"]
