@@ -188,6 +188,7 @@ def origin_server(store: Path) -> Iterator[str]:
         str(store),
         "--port",
         str(port),
+        "--no-token",  # a local store of public test images
     ]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

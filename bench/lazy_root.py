@@ -296,6 +296,7 @@ class ChunkServer:
             str(store),
             "--port",
             str(port),
+            "--no-token",  # a local store of public test images
         ]
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)

@@ -55,9 +55,25 @@ def _parser() -> argparse.ArgumentParser:
     u = sub.add_parser("umount", help="unmount a mount point (lazy), e.g. after a crashed daemon")
     u.add_argument("mountpoint", type=Path)
 
-    s = sub.add_parser("serve", help="serve chunks over HTTP: a cache server (with --upstream) or an origin")
+    s = sub.add_parser(
+        "serve",
+        help="serve chunks over HTTP: a cache server (with --upstream) or an origin",
+        description="Serve a chunk store over HTTP. Requires a token: every request but /healthz must carry "
+        "it (Authorization: Bearer TOKEN, or a tier URL http://:TOKEN@host:port), since a store of "
+        "snapshots holds engines' memory and environment. --no-token serves without (public images only).",
+    )
     s.add_argument("--store", type=Path, required=True, help="chunk store directory")
-    s.add_argument("--upstream", help="fill misses from this URL (cache server or origin)")
+    s.add_argument(
+        "--upstream", help="fill misses from this URL (cache server or origin; http://:TOKEN@host:port)"
+    )
+    s.add_argument(
+        "--token-file",
+        type=Path,
+        help="file holding the token clients must send (required unless --no-token); keep it 0600",
+    )
+    s.add_argument(
+        "--no-token", action="store_true", help="serve without authentication (a store of public images only)"
+    )
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8700)
     return p
@@ -150,7 +166,21 @@ def _umount(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from coldstart.imagefs.server import ServerConfig, serve
 
-    serve(ServerConfig(store=str(args.store), upstream=args.upstream, host=args.host, port=args.port))
+    if args.token_file is None and not args.no_token:
+        raise UsageError(
+            "image serve needs --token-file FILE (clients use the tier URL http://:TOKEN@host:port) or "
+            "--no-token to serve without authentication"
+        )
+    token = None
+    if args.token_file is not None:
+        try:
+            token = args.token_file.read_text().strip()
+        except OSError as exc:
+            raise UsageError(f"--token-file {args.token_file}: {exc.strerror or exc}") from exc
+        if not token:
+            raise UsageError(f"--token-file {args.token_file} is empty: write a random token into it")
+    config = ServerConfig(str(args.store), args.upstream, args.host, args.port, token)
+    serve(config)
     return 0
 
 

@@ -20,7 +20,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from pathlib import Path
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from coldstart.imagefs.errors import TierError, UsageError
 from coldstart.imagefs.store import ChunkStore
@@ -36,6 +36,18 @@ REQUEST_DEADLINE_S = 60.0
 MAX_REF_BYTES = 1 << 20
 MAX_LISTING_BYTES = 16 << 20
 MAX_OBJECT_BYTES = 256 << 20
+
+
+def split_token(url: str) -> tuple[str, str | None]:
+    """(the URL without its user part, the token in it): ``http://:TOKEN@host`` or ``http://TOKEN@host``."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, None
+    netloc = parts.hostname or ""
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    token = parts.password or parts.username or None
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)), token
 
 
 class Tier(ABC):
@@ -178,7 +190,11 @@ class HttpTier(Tier):
 
     def __init__(self, url: str, *, deadline_s: float = REQUEST_DEADLINE_S) -> None:
         self.deadline_s = deadline_s
-        self.base = url.rstrip("/")
+        # The server's token travels in the URL's user part (http://:TOKEN@host:port) and is sent as a
+        # bearer token; the name (logs, reports) is the URL without it.
+        public, token = split_token(url)
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.base = public.rstrip("/")
         self.name = self.base
         parts = urlsplit(self.base)
         if parts.hostname is None:
@@ -240,7 +256,7 @@ class HttpTier(Tier):
             try:
                 started = time.monotonic()
                 conn, reused = self._connection()
-                conn.request("GET", self._prefix + path)
+                conn.request("GET", self._prefix + path, headers=self._headers)
                 response = conn.getresponse()
                 try:
                     body = self._read(response, path, limit, started)
@@ -268,7 +284,7 @@ class HttpTier(Tier):
         if status == 404:
             return None
         if status != 200:
-            raise TierError(f"{self.name}: HTTP {status} for chunk {digest_hex}")
+            raise TierError(f"{self.name}: HTTP {status} for chunk {digest_hex}{_hint(status)}")
         return body
 
     def get_ref(self, name: str) -> bytes | None:
@@ -286,7 +302,7 @@ class HttpTier(Tier):
     def _get(self, path: str, limit: int) -> tuple[int, bytes]:
         status, body = self._request(path, limit)
         if status not in (200, 404):
-            raise TierError(f"{self.name}: HTTP {status} for {path}")
+            raise TierError(f"{self.name}: HTTP {status} for {path}{_hint(status)}")
         return status, body
 
     def close(self) -> None:
@@ -301,6 +317,12 @@ class HttpTier(Tier):
                         pass
                 conn.close()
             self._all.clear()
+
+
+def _hint(status: int) -> str:
+    if status == 401:
+        return " (the server needs its token: give the tier as http://:TOKEN@host:port)"
+    return ""
 
 
 TIER_KINDS: dict[str, type[Tier]] = {"http": HttpTier, "https": HttpTier, "file": DirectoryTier}

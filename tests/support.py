@@ -26,6 +26,16 @@ def make_cached_model(size: str) -> Path:
     return make_model(CACHE / "models" / size, size)
 
 
+def write_token(path: Path) -> str:
+    """A random token for a ``coldstart image serve``, written 0600 to ``path``."""
+    import secrets
+
+    token = secrets.token_hex(16)
+    path.write_text(token)
+    path.chmod(0o600)
+    return token
+
+
 def free_port() -> int:
     """A free port whose + 1 is free too (engines with snapshot_hooks listen there for control calls)."""
     from coldstart.launcher.process import free_port_pair
@@ -113,9 +123,12 @@ class ChunkServer:
 
     def __init__(self, store: Path, upstream: str | None, log: Path, ready_timeout_s: float = 20.0) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.token = write_token(log.with_suffix(".token"))
+        self.public_url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://:{self.token}@127.0.0.1:{self.port}"  # the tier URL carries the server's token
         args = [sys.executable, "-m", "coldstart.imagefs.cli", "serve", "--store", str(store)]
-        args += ["--port", str(self.port)] + (["--upstream", upstream] if upstream else [])
+        args += ["--port", str(self.port), "--token-file", str(log.with_suffix(".token"))]
+        args += ["--upstream", upstream] if upstream else []
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + ready_timeout_s
@@ -123,7 +136,7 @@ class ChunkServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"chunk server exited: {log.read_text()}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/healthz", timeout=1, trust_env=False).status_code == 200:
+                if httpx.get(f"{self.public_url}/healthz", timeout=1, trust_env=False).status_code == 200:
                     return
             time.sleep(0.05)
         self.stop()

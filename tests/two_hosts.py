@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from support import write_token
 
 SUBNET = "10.213.0"
 PROXY_PORT = 8000
@@ -113,12 +114,12 @@ class Proc:
 
 class CacheServer(Proc):
     def __init__(self, host: Host, store: Path, log: Path, upstream: str | None = None) -> None:
+        token = write_token(log.with_suffix(".token"))
         argv = [sys.executable, "-m", "coldstart.imagefs.cli", "serve", "--store", str(store)]
-        argv += ["--host", host.ip, "--port", str(CACHE_PORT)] + (
-            ["--upstream", upstream] if upstream else []
-        )
+        argv += ["--host", host.ip, "--port", str(CACHE_PORT), "--token-file", str(log.with_suffix(".token"))]
+        argv += ["--upstream", upstream] if upstream else []
         super().__init__(host, argv, log)
-        self.url = f"http://{host.ip}:{CACHE_PORT}"
+        self.url = f"http://:{token}@{host.ip}:{CACHE_PORT}"  # the tier URL carries the server's token
         wait_until(lambda: _ok(f"{self.url}/healthz"), 30, "the cache server", self)
 
 

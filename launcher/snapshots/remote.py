@@ -53,7 +53,7 @@ from coldstart.imagefs.errors import ImageError
 from coldstart.imagefs.fetcher import Fetcher
 from coldstart.imagefs.index import ImageIndex
 from coldstart.imagefs.refs import Published, Ref, find_ref, materialize, publish, remove_ref
-from coldstart.imagefs.tiers import DirectoryTier, MemoryTier, Tier, open_tier
+from coldstart.imagefs.tiers import DirectoryTier, MemoryTier, Tier, open_tier, split_token
 from coldstart.launcher.errors import RemoteSnapshotError, RestoreReason, SnapshotError, UsageError
 from coldstart.launcher.process import file_lock
 from coldstart.launcher.snapshots.store import MANIFEST, Snapshot, SnapshotStore
@@ -355,7 +355,8 @@ class SnapshotTiers:
         self._check(key, deadline)
         if found is None:
             raise RemoteSnapshotError(
-                RestoreReason.MISSING, f"no snapshot {key} locally or on tiers {', '.join(self.tiers)}"
+                RestoreReason.MISSING,
+                f"no snapshot {key} locally or on tiers {', '.join(split_token(t)[0] for t in self.tiers)}",
             )
         phases["manifest"] = time.monotonic() - t
         t = time.monotonic()

@@ -61,7 +61,7 @@ def test_find_materialize_through_a_cache_server(tmp_path: Path, chunk_server) -
     http = HttpTier(cache.url)
     assert http.list_refs("snapshot.") == ["snapshot.k1"]
     found = find_ref([http], "snapshot.k1")
-    assert found is not None and found[1] == cache.url
+    assert found is not None and found[1] == cache.public_url
     ref = found[0]
     fetcher = Fetcher(MemoryTier(1 << 20), None, [http, DirectoryTier(origin)])
     index = ImageIndex.from_bytes(fetcher.get(ref.index))

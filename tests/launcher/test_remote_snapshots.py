@@ -78,12 +78,12 @@ def test_pull_through_cache_server_into_empty_host(tmp_path: Path, published) ->
     b = SnapshotStore(tmp_path / "b-snapshots")
     tiers = SnapshotTiers([server.url, str(origin)], cache_dir=tmp_path / "b-cache")
     found = tiers.find(KEY)
-    assert found is not None and found.tier == server.url and found.manifest["key"] == KEY
+    assert found is not None and found.tier == server.public_url and found.manifest["key"] == KEY
     snap, report = tiers.pull(KEY, b)
     same_files(a, b)
     assert report.bytes == snap.total_bytes
     assert report.remote_bytes <= report.bytes * 1.01 + 64 * 1024  # + the manifest and index
-    assert report.tiers[server.url]["bytes"] >= report.bytes  # all through the cache server
+    assert report.tiers[server.public_url]["bytes"] >= report.bytes  # all through the cache server
     # A second pull on B (another key's folder removed, chunks cached): nothing crosses the network.
     b.rm(KEY)
     _, again = tiers.pull(KEY, b)
@@ -154,7 +154,7 @@ def test_cache_server_killed_mid_pull_falls_back_to_origin(tmp_path: Path, publi
         KEY, b, progress=progress
     )
     same_files(a, b)
-    assert report.tiers[server.url]["errors"] >= 1
+    assert report.tiers[server.public_url]["errors"] >= 1
     assert report.tiers[f"dir:{origin}"]["bytes"] > 0
 
 
@@ -240,7 +240,7 @@ def test_cli_push_ls_inspect_pull_rm_gc(tmp_path: Path, chunk_server, capsys) ->
     b = ["--snapshot-dir", str(tmp_path / "b"), "--snapshot-tiers", server.url]
     assert cli.main([*b, "ls"]) == 0
     out = capsys.readouterr().out
-    assert ident.key[:12] in out and server.url in out
+    assert ident.key[:12] in out and server.public_url in out
     assert cli.main([*b, "inspect", ident.key[:8]]) == 1  # another host's fingerprint: refused, says why
     out = capsys.readouterr().out
     assert '"remote"' in out and "fits this host: no:" in out
