@@ -92,6 +92,7 @@ class Gateway:
         self._reserved: collections.Counter[str] = collections.Counter()  # freed units held for a taker
         self._swaps: dict[str, list[Swap]] = collections.defaultdict(list)
         self.plan = BufferPlan()
+        self.peak_held = 0  # most units held at once (never above the capacity)
         self._planned_at = 0.0
         self._accounted_at = time.monotonic()
         on_failure = getattr(host, "on_failure", None)
@@ -297,6 +298,7 @@ class Gateway:
                 replica.swap = self._swaps[d.name].pop(0)
         d.replicas[replica.id] = replica
         d.peak_live = max(d.peak_live, len(d.live()))
+        self.peak_held = max(self.peak_held, self._held())
         return self.tasks.spawn(self._bring_up(d, replica), f"bring up {replica.id} ({d.name})")
 
     async def _bring_up(self, d: Deployment, replica: Replica) -> None:
@@ -530,7 +532,12 @@ class Gateway:
                 }
                 for d in self.deployments.values()
             },
-            "units": {"host": self.host.name, "capacity": capacity, "held": self._held()},
+            "units": {
+                "host": self.host.name,
+                "capacity": capacity,
+                "held": self._held(),
+                "peak_held": self.peak_held,
+            },
             "buffer": self.plan.as_json(),
         }
 

@@ -435,24 +435,11 @@ async def test_alternating_models_on_one_unit_swap_and_never_share_it() -> None:
         {"a": {"restore_s": 0.1}, "b": {"restore_s": 0.1, "initial_replicas": 0}}
     ) as h:
         await h.ready()
-        peak = 0
-
-        def live() -> int:
-            return sum(1 for r in h.gateway.replicas() if r.state is not ReplicaState.STOPPED)
-
-        async def watch() -> None:
-            nonlocal peak
-            while True:
-                peak = max(peak, live())
-                await asyncio.sleep(0.002)
-
-        watcher = asyncio.create_task(watch())
         for model in ("b", "a", "b", "a"):
             answer = await h.chat(model)
             assert answer.status_code == 200, answer.text
             assert h.model_of(answer.json()["port"]) == model
-        watcher.cancel()
-        assert peak == 1  # one unit: never two replicas at once, also while swapping
+        assert h.gateway.peak_held == 1  # one unit: never two replicas at once, also while swapping
         metrics = (await h.client.get("/metrics")).text
         assert 'coldstart_swaps_total{model="b"} 2.0' in metrics
         assert 'coldstart_evictions_total{model="a"} 2.0' in metrics
@@ -465,20 +452,10 @@ async def test_concurrent_requests_for_two_models_on_one_unit_all_answered_one_r
         {"a": {"restore_s": 0.05}, "b": {"restore_s": 0.05, "initial_replicas": 0}}, min_residency=0.2
     ) as h:
         await h.ready()
-        peak = 0
-
-        async def watch() -> None:
-            nonlocal peak
-            while True:
-                peak = max(peak, sum(1 for r in h.gateway.replicas() if r.state is not ReplicaState.STOPPED))
-                await asyncio.sleep(0.002)
-
-        watcher = asyncio.create_task(watch())
         answers = await asyncio.gather(*(h.chat(m, sleep=0.02) for m in ["a", "b"] * 10))
-        watcher.cancel()
         assert [a.status_code for a in answers] == [200] * 20
         assert all(h.model_of(a.json()["port"]) == m for a, m in zip(answers, ["a", "b"] * 10, strict=True))
-        assert peak == 1
+        assert h.gateway.peak_held == 1
 
 
 @run
@@ -585,7 +562,7 @@ async def test_health_shows_every_deployment_and_the_buffer_plan() -> None:
         body = (await h.client.get("/health")).json()
         assert set(body["deployments"]) == {"a", "b"}
         assert body["deployments"]["a"]["state"] == "ready"
-        assert body["units"] == {"host": "local", "capacity": 2, "held": 1}
+        assert body["units"] == {"host": "local", "capacity": 2, "held": 1, "peak_held": 1}
         assert set(body["buffer"]) == {"target", "explanation", "rates"}
 
 
