@@ -17,13 +17,21 @@ order, so a file's SHA-256 is known the moment its last byte lands (no second pa
 index's mode bits are not trusted (a crafted published tree put a mode-04755 root-owned file on a pulling
 host): setuid, setgid, sticky and group/other write are stripped (``SAFE_MODE_BITS``).
 
+Integrity root: a ref names everything else by digest, so whoever can write a ref (a cache server, the
+network over plain HTTP) decides what a puller restores. Refs published with a key carry ``mac``, an
+HMAC-SHA256 over the ref's other fields; ``Ref.verify(key)`` refuses a ref whose mac is missing or wrong, so a
+puller holding the deployment's key trusts only refs its publishers signed (and, through the digests, their
+manifests, indexes and chunks).
+
 ``gc`` deletes chunks no ref and no ``images/*.cidx`` names; chunks younger than ``min_age_s`` survive (a
 publish in progress writes its chunks before its ref).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -71,9 +79,25 @@ class Ref:
     chunks: int
     chunk_size: int
     extra: dict[str, Any] = field(default_factory=dict)
+    mac: str | None = None  # HMAC-SHA256 hex of ``signed_bytes()`` with the publisher's key; None: unsigned
 
-    def to_json(self) -> bytes:
-        body = {
+    def signed_bytes(self) -> bytes:
+        """What ``mac`` covers: every field but ``mac``, canonical JSON."""
+        return json.dumps(self._body(), sort_keys=True, separators=(",", ":")).encode()
+
+    def signed(self, key: bytes) -> Ref:
+        return dataclasses.replace(self, mac=hmac.new(key, self.signed_bytes(), hashlib.sha256).hexdigest())
+
+    def verify(self, key: bytes, source: str) -> None:
+        """Raise ``RefError`` unless this ref carries a mac made with ``key``."""
+        if self.mac is None:
+            raise RefError(f"{source}: the ref is not signed, and this host trusts only signed refs")
+        want = hmac.new(key, self.signed_bytes(), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(want, self.mac):
+            raise RefError(f"{source}: the ref's signature does not match this host's trust key")
+
+    def _body(self) -> dict[str, Any]:
+        return {
             "format": REF_FORMAT,
             "name": self.name,
             "index": self.index,
@@ -83,6 +107,11 @@ class Ref:
             "chunk_size": self.chunk_size,
             "extra": self.extra,
         }
+
+    def to_json(self) -> bytes:
+        body = self._body()
+        if self.mac is not None:
+            body["mac"] = self.mac
         return json.dumps(body, sort_keys=True, indent=1).encode()
 
     @classmethod
@@ -97,6 +126,7 @@ class Ref:
                 chunks=int(body["chunks"]),
                 chunk_size=int(body["chunk_size"]),
                 extra=dict(body.get("extra") or {}),
+                mac=str(body["mac"]) if body.get("mac") is not None else None,
             )
             fmt = body.get("format")
         except (ValueError, KeyError, TypeError) as exc:
@@ -123,8 +153,10 @@ def publish(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     extra: dict[str, Any] | None = None,
+    key: bytes | None = None,
 ) -> Published:
-    """Publish directory ``src`` into the store as ``refs/<name>`` (replacing an older ref of that name)."""
+    """Publish directory ``src`` into the store as ``refs/<name>`` (replacing an older ref of that name),
+    signed with ``key`` when given (``Ref.mac``)."""
     started = time.monotonic()
     check_ref_name(name)
     store_root = Path(store_root)
@@ -153,6 +185,8 @@ def publish(
         chunk_size=chunk_size,
         extra=extra or {},
     )
+    if key is not None:
+        ref = ref.signed(key)
     write_atomic(ref_path(store_root, name), ref.to_json())  # last: a visible ref names only stored bytes
     return Published(ref, result.new_chunks + new_index + new_blobs, time.monotonic() - started)
 

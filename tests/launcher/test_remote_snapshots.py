@@ -25,7 +25,7 @@ import pytest
 from support import ChunkServer
 
 from coldstart.imagefs.store import ChunkStore
-from coldstart.launcher.errors import RemoteSnapshotError
+from coldstart.launcher.errors import RemoteSnapshotError, RestoreReason
 from coldstart.launcher.snapshots.remote import SnapshotTiers, ref_name
 from coldstart.launcher.snapshots.store import SnapshotStore
 
@@ -474,3 +474,41 @@ def test_host_b_pulls_ahead_at_launch_and_restores_locally(host_a, tiny_model: P
         assert f"restored from {key}" in log and "how=cold_boot" not in log, log
     finally:
         server.stop()
+
+
+def test_with_a_trust_key_only_signed_refs_are_pulled(tmp_path: Path, chunk_server) -> None:  # type: ignore[no-untyped-def]
+    """Refs and manifests came unsigned over plain HTTP: whoever could write a store (or the network) chose
+    what a host restored. With the deployment's trust key, publishing signs the ref and pulling refuses a
+    ref that is unsigned, signed with another key, or altered."""
+    import json as json_
+
+    from coldstart.imagefs.refs import ref_path
+    from coldstart.launcher.snapshots.remote import ref_name, remote_for
+
+    key_file = tmp_path / "trust.key"
+    key_file.write_bytes(os.urandom(32).hex().encode())
+    a = fake_snapshot(tmp_path / "a", pages_mb=1)
+    signed_store, unsigned_store = tmp_path / "signed", tmp_path / "unsigned"
+    publisher = remote_for(None, None, signed_store, trust_key_file=key_file)
+    assert publisher is not None
+    publisher.publish(a.lookup(KEY))  # type: ignore[arg-type]
+    SnapshotTiers([], publish_to=unsigned_store).publish(a.lookup(KEY))  # type: ignore[arg-type]
+
+    def puller(store: Path) -> SnapshotTiers:
+        tiers = remote_for([chunk_server(store).url], None, None, trust_key_file=key_file)
+        assert tiers is not None
+        return tiers
+
+    snap, _ = puller(signed_store).pull(KEY, SnapshotStore(tmp_path / "b1"))
+    assert snap.key == KEY
+    with pytest.raises(RemoteSnapshotError, match="not signed") as refused:
+        puller(unsigned_store).pull(KEY, SnapshotStore(tmp_path / "b2"))
+    assert refused.value.reason is RestoreReason.DIGEST
+    ref_file = ref_path(signed_store, ref_name(KEY))  # a ref altered after signing: another index
+    body = json_.loads(ref_file.read_text())
+    body["index"] = "0" * 64
+    ref_file.write_text(json_.dumps(body))
+    with pytest.raises(RemoteSnapshotError, match="signature does not match"):
+        puller(signed_store).pull(KEY, SnapshotStore(tmp_path / "b3"))
+    # without a key configured, unsigned refs are pulled as before
+    SnapshotTiers([chunk_server(unsigned_store).url]).pull(KEY, SnapshotStore(tmp_path / "b4"))
