@@ -241,6 +241,35 @@ async def spawn(
     return proc, OutputTail(proc.stdout, name, log_path=log_path)
 
 
+class PidHandle:
+    """A process the launcher did not fork (a CRIU-restored engine, PID 1 of its namespace), held by a
+    pidfd taken the moment its PID was learned: a signal sent through it reaches that process or nobody,
+    never a later process that reused the number (``kill(pid)`` could). Our own children need none: an
+    unreaped child's PID cannot be reused."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        try:
+            self._fd = os.pidfd_open(pid)
+        except OSError:  # already gone: every signal is a no-op
+            self._fd = -1
+
+    def send(self, sig: signal.Signals) -> bool:
+        """Signal the process; False when it has exited (or was gone when the handle was taken)."""
+        if self._fd < 0:
+            return False
+        try:
+            signal.pidfd_send_signal(self._fd, sig)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 async def terminate(proc: asyncio.subprocess.Process, grace_s: float) -> int:
     """SIGTERM the process group, wait ``grace_s``, then SIGKILL it; always reap. Returns the exit status."""
     if proc.returncode is None:

@@ -57,7 +57,7 @@ from coldstart.launcher.errors import (
     RestoreReason,
     SnapshotError,
 )
-from coldstart.launcher.process import OutputTail, host_lock, process_tree
+from coldstart.launcher.process import OutputTail, PidHandle, host_lock, process_tree
 from coldstart.launcher.sandboxes.base import NetnsSandbox, Sandbox
 from coldstart.launcher.sandboxes.netns import NetNamespace, create_netns
 
@@ -125,6 +125,7 @@ class CriuSandbox(NetnsSandbox):
         self._proc: asyncio.subprocess.Process | None = None  # unshare (cold) or criu restore
         self._pipe: OwnedPipe | None = None
         self._engine_pid: int | None = None  # host PID of the engine (PID 1 of its namespace)
+        self._engine: PidHandle | None = None  # the same, by pidfd: how it is signalled
         self._pidfile = self.workdir / "criu-restore.pid"
         self._restore_log: Path | None = None
         self._stopping: asyncio.Future[None] | None = None
@@ -139,6 +140,7 @@ class CriuSandbox(NetnsSandbox):
                 self._engine_pid = int(self._pidfile.read_text().strip())
             except (OSError, ValueError):
                 return None
+            self._engine = PidHandle(self._engine_pid)
         return self._engine_pid
 
     def host_pids(self) -> list[int]:
@@ -160,6 +162,8 @@ class CriuSandbox(NetnsSandbox):
         await self._pipe.start_reading()
         for _ in range(200):  # unshare forks the engine at once; wait until it is there (<< 1 s)
             self._engine_pid = first_child(self._proc.pid)
+            if self._engine_pid:
+                self._engine = PidHandle(self._engine_pid)
             if self._engine_pid or self._proc.returncode is not None:
                 break
             await asyncio.sleep(0.005)
@@ -220,12 +224,16 @@ class CriuSandbox(NetnsSandbox):
         if proc is not None and proc.returncode is None:
             # The engine, not unshare/criu, gets SIGTERM; they exit when it does. PID 1 of a namespace
             # only sees signals it handles (uvicorn does); SIGKILL of PID 1 kills the whole namespace.
-            engine = self.pid
-            kill_quietly(engine, signal.SIGTERM) if engine else kill_quietly(proc.pid, signal.SIGTERM)
+            self.pid  # noqa: B018 - learns the restored engine's PID (and pidfd) if not yet known
+            engine = self._engine
+            engine.send(signal.SIGTERM) if engine else kill_quietly(proc.pid, signal.SIGTERM)
             if not await wait_exit(proc, grace_s):
-                kill_quietly(self.pid, signal.SIGKILL)
-                kill_quietly(proc.pid, signal.SIGKILL)
+                if engine is not None:
+                    engine.send(signal.SIGKILL)
+                kill_quietly(proc.pid, signal.SIGKILL)  # our child, not reaped: its PID is still its own
                 await wait_exit(proc, 10.0)
+        if self._engine is not None:
+            self._engine.close()
         if self._pipe is not None:
             await self._pipe.close()
         if self.netns is not None:

@@ -167,3 +167,16 @@ def test_nofile_limit_raised_and_local_emfile_is_not_an_engine_failure() -> None
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.stdout.split("\n")[:3] == ["local", "engine", "64 True"], done.stdout + done.stderr
+
+
+def test_a_pid_handle_never_signals_a_reused_pid() -> None:
+    """Engines the launcher did not fork (CRIU-restored) were killed by PID number; through a pidfd a
+    signal reaches the process the handle was taken for, or nobody once it is gone."""
+    from coldstart.launcher.process import PidHandle
+
+    child = subprocess.Popen(["sleep", "30"])
+    handle = PidHandle(child.pid)
+    assert handle.send(signal.SIGTERM)
+    child.wait(10)  # reaped: the number is free for another process
+    assert not handle.send(signal.SIGKILL)
+    handle.close()
