@@ -23,7 +23,7 @@ import base64
 import hashlib
 import hmac
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,9 +53,9 @@ class ServerConfig:
     token: str | None = None  # None: no authentication (``--no-token``)
 
 
-def token_of(request_headers: dict[str, str] | object) -> str | None:
+def token_of(request_headers: Mapping[str, str]) -> str | None:
     """The token a request carries (Bearer, or basic auth's password), None without one."""
-    value = str(request_headers.get("authorization", ""))  # type: ignore[attr-defined]
+    value = request_headers.get("authorization", "")
     scheme, _, rest = value.partition(" ")
     if scheme.lower() == "bearer":
         return rest.strip()

@@ -44,6 +44,7 @@ _BASE = [
 ]
 _TAG = re.compile(r"--comment (?:\")?coldstart-(\d+)")
 _warned = False
+_base_checked = False  # the base rules were found or installed by this process
 
 
 def available() -> bool:
@@ -66,7 +67,11 @@ def _ensure(chain: str, rule: list[str]) -> None:
 
 
 def ensure_replica_subnet_guarded() -> None:
-    """Install the base rules once per host (idempotent; cheap when present)."""
+    """Install the base rules once per host (idempotent), checked once per launcher process: the check
+    is four ``iptables`` processes, which every replica start used to run on the restore path."""
+    global _base_checked
+    if _base_checked:
+        return
     if not available():
         _warn_once("not root: engines' addresses cannot be firewalled from other local users")
         return
@@ -74,6 +79,7 @@ def ensure_replica_subnet_guarded() -> None:
         _iptables("-N", CHAIN, check=False)  # a concurrent launcher may have created it meanwhile
     for chain, rule in _BASE:
         _ensure(chain, rule)
+    _base_checked = True
 
 
 def _loopback_rule(port: int) -> list[str]:
