@@ -1,0 +1,414 @@
+"""``RayHost``: replicas on the nodes of a Ray cluster (the ``ReplicaHost`` of ``launcher/placement.py``).
+
+    gateway (coldstart-serve --cluster ray://HEAD:10001)          node (coldstart node start ...)
+      RayHost.start(deployment, replica)
+        ReplicaActor.options(unit, name, detached).remote()  --->  Ray places it where a unit is free
+        actor.start()                                         --->  restore (node store / tiers) or cold boot
+                                                                    + snapshot + publish; relay on node IP
+        replica.sandbox = RayEngine(base_url=relay)           <---  StartReport
+        (snapshot published) pull_ahead on every other node   --->  the node pulls it into its store
+      proxy -> http://NODE_IP:RELAY_PORT -> engine's sandbox
+
+Membership, placement, unit accounting and node-failure detection are Ray's. A unit is a Ray resource:
+``coldstart_slot`` (CPU units, declared by ``coldstart node start --units N``) or ``GPU``. A replica is a
+named, detached actor in the ``coldstart`` namespace, ``<gateway id>.<deployment>.<replica id>``: a gateway
+that was killed and restarted with the same id finds what it left and removes it (``removed`` lists it).
+Adoption (serving from the old engines) is not done: a restarted gateway has no record of their state
+(in flight, warm, draining), and a restore is seconds.
+
+Placement prefers a node that already holds the deployment's snapshot (a soft node affinity that spills to
+any node with a free unit when that one has none): Ray custom resources cannot be added to a running node,
+and labels are fixed at ``ray start``, so the gateway keeps the map (snapshot key -> nodes that hold it) from
+what actors and pull-ahead tasks report. When a replica takes and publishes a snapshot, every other alive
+node pulls it ahead (``actor.pull_ahead``, a Ray task pinned to that node), so its first restore is local.
+
+The buffer: ``set_buffer(units)`` (the LP plan from ``pool.sizing``) asks Ray's autoscaler, through
+``ray.autoscaler.sdk.request_resources``, for capacity for the units in use plus that many free ones; on a
+static cluster the request is recorded and shown by ``ray status``, with an autoscaler (cloud, KubeRay) it
+keeps that many units' nodes up. ``request_resources`` needs a driver with a GCS client, which a Ray Client
+(``ray://``) session is not: it runs in a Ray task on the cluster.
+
+Death: the gateway keeps one long poll per replica open (``actor.wait_exit``); it returns the engine's exit
+status, or raises when the actor or its node died (``ActorDiedError``): either way ``exit_code()`` turns
+non-None (-1 for a lost actor or node) and the gateway's liveness watcher fails the replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from coldstart.launcher.cluster.actor import ReplicaActor, StartReport, pull_ahead
+from coldstart.launcher.cluster.errors import ClusterError, ClusterUnreachable, PlacementTimeout, ReplicaLost
+from coldstart.launcher.cluster.node import NAMESPACE, SLOT
+from coldstart.launcher.config import ServeConfig
+from coldstart.launcher.metrics import Metrics
+from coldstart.launcher.replica import ReplicaState, StartKind
+
+if TYPE_CHECKING:
+    from coldstart.launcher.deployment import Deployment
+    from coldstart.launcher.replica import Replica
+
+log = logging.getLogger("coldstart.cluster")
+
+STOP_TIMEOUT_S = 60.0  # an actor's own stop (SIGTERM, grace, SIGKILL) beyond which it is killed anyway
+NODES_TTL_S = 2.0  # ray.nodes() is a GCS call: capacity() reuses it this long
+
+
+@dataclass
+class Placement:
+    """Where one replica runs, as the gateway saw it (for ``/health``, the benchmark and tests)."""
+
+    actor_name: str
+    node_id: str
+    node_ip: str
+    how: StartKind
+    placed_s: float  # actor created -> running on its node (Ray's placement alone)
+    started_s: float  # placed -> engine serving (restore or boot)
+    restore_failed: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class RayEngine:
+    """The ``EngineHandle`` of a replica on a Ray node: the relay's address, the actor's fate."""
+
+    def __init__(self, actor: Any, report: StartReport) -> None:
+        self.actor = actor
+        self.report = report
+        self._exit: int | None = None
+        self._stopped = False
+
+    @property
+    def base_url(self) -> str:
+        return self.report.base_url
+
+    def exit_code(self) -> int | None:
+        return self._exit
+
+    async def stop(self, grace: float) -> None:
+        """The actor stops its relay and engine, then the actor itself is killed. Idempotent; a dead actor
+        or node is not an error here (there is nothing left to stop)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        import ray
+
+        with contextlib.suppress(Exception):  # RayError of any kind: the actor or its node is gone
+            await asyncio.wait_for(_awaitable(self.actor.stop.remote(grace)), grace + STOP_TIMEOUT_S)
+        with contextlib.suppress(Exception):
+            ray.kill(self.actor, no_restart=True)
+        if self._exit is None:
+            self._exit = 0
+
+
+class RayHost:
+    """Replicas as Ray actors on the cluster at ``address`` (``ray://HEAD:10001`` through Ray Client, or
+    ``HEAD:6379`` from a process on a Ray node)."""
+
+    name = "ray"
+    unit_lead_time_s = 60.0  # a new unit is a new node (autoscaler: minutes); the LP's lead time
+
+    def __init__(
+        self,
+        address: str,
+        server_config: ServeConfig,
+        metrics: Metrics,
+        *,
+        gateway_id: str | None = None,
+        autoscaling: bool = False,
+    ) -> None:
+        import ray
+
+        self.address = address
+        self.server_config = server_config
+        self.metrics = metrics
+        self.autoscaling = autoscaling
+        # One gateway, one prefix: a restarted gateway with the same listen address finds its own actors.
+        self.gateway_id = (
+            gateway_id
+            or "gw-" + hashlib.sha256(f"{server_config.host}:{server_config.port}".encode()).hexdigest()[:8]
+        )
+        try:
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ClusterUnreachable(
+                f"--cluster {address}: no Ray cluster answers there ({exc}); start one with "
+                "'coldstart node start --head' (Ray Client: ray://HEAD:10001)"
+            ) from exc
+        self._actor_cls = ray.remote(ReplicaActor)
+        self._pull = ray.remote(pull_ahead)
+        self.unit = "GPU" if ray.cluster_resources().get("GPU") else SLOT
+        self.allowed = _own_addresses(address)
+        self.placements: dict[str, Placement] = {}  # replica id -> where it runs
+        self.holders: dict[str, set[str]] = {}  # snapshot key -> node ids holding it
+        self.pulls: list[dict[str, Any]] = []  # pull-ahead reports (tests and the benchmark read them)
+        self._keys: dict[str, str] = {}  # deployment name -> its snapshot key (learnt from the first start)
+        self._handles: dict[str, RayEngine] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # exit watchers and pull-ahead fan-outs
+        self._nodes: tuple[float, list[dict[str, Any]]] = (0.0, [])
+        self._buffer = 0
+        self.removed = self.remove_left_behind()
+
+    # ---------------------------------------------------------------- ReplicaHost
+    def capacity(self) -> int | None:
+        """Units on the alive nodes now (None when an autoscaler may add nodes)."""
+        if self.autoscaling:
+            return None
+        return int(sum(n["Resources"].get(self.unit, 0) for n in self.alive_nodes()))
+
+    def memory_budget(self) -> int | None:
+        return None  # each node bounds its own units; the gateway does not see node memory
+
+    async def start(self, deployment: Deployment, replica: Replica) -> StartKind:
+        """Place the replica's actor on a node with a free unit, bring the engine up there (restore or cold
+        boot), set ``replica.sandbox`` and return how it started. Raises a ``ClusterError`` (or the
+        engine's own error from the node) after removing the actor."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        name = f"{self.gateway_id}.{deployment.name}.{replica.id}"
+        options: dict[str, Any] = {
+            "name": name,
+            "namespace": NAMESPACE,
+            "lifetime": "detached",
+            "num_cpus": 0,
+            "max_restarts": 0,
+            "max_concurrency": 64,
+        }
+        if self.unit == "GPU":
+            options["num_gpus"] = 1
+        else:
+            options["resources"] = {SLOT: 1}
+        if (node := self._preferred_node(deployment.name)) is not None:
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+                node, soft=True, _spill_on_unavailable=True
+            )
+        config = deployment.config
+        if config is None:
+            raise ClusterError(
+                f"deployment {deployment.name} has no ServeConfig: a cluster node rebuilds from it"
+            )
+        t0 = time.monotonic()
+        actor = self._actor_cls.options(**options).remote(config, replica.id, self.allowed)
+        try:
+            try:
+                await asyncio.wait_for(_awaitable(actor.ping.remote()), config.boot_timeout)
+            except TimeoutError as exc:
+                raise PlacementTimeout(
+                    f"replica {replica.id} of {deployment.name}: no node with a free {self.unit} unit "
+                    f"within {config.boot_timeout:.0f} s (add a node: coldstart node start)"
+                ) from exc
+            placed = time.monotonic() - t0
+            restoring = await _mapped(_awaitable(actor.prepare.remote()), replica.id)
+            replica.transition(ReplicaState.RESTORING if restoring else ReplicaState.BOOTING)
+            report: StartReport = await _mapped(_awaitable(actor.start.remote()), replica.id)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                import ray
+
+                ray.kill(actor, no_restart=True)
+            raise
+        started = time.monotonic() - t0 - placed
+        how = StartKind(report.how)
+        handle = RayEngine(actor, report)
+        replica.sandbox = handle  # type: ignore[assignment]  # an EngineHandle (placement.py)
+        self._handles[replica.id] = handle
+        self.placements[replica.id] = Placement(
+            name, report.node_id, report.node_ip, how, placed, started, report.restore_failed, report.timings
+        )
+        if report.snapshot_key:
+            self._keys[deployment.name] = report.snapshot_key
+            if report.holds_snapshot:
+                self.holders.setdefault(report.snapshot_key, set()).add(report.node_id)
+        # The states the node went through, after the fact (each step there succeeded).
+        if report.restore_failed:
+            replica.transition(ReplicaState.BOOTING, reason=f"restore-failed:{report.restore_failed}")
+        if how is StartKind.COLD_BOOT and report.holds_snapshot:
+            replica.transition(ReplicaState.SNAPSHOTTING)
+        metrics = deployment.metrics
+        (metrics.restores if how is StartKind.RESTORE else metrics.cold_boots).inc()
+        if report.restore_failed:
+            metrics.restore_failures.labels(report.restore_failed).inc()
+        log.info(
+            "replica %s of %s on node %s (%s): placed in %.2fs, %s in %.2fs",
+            replica.id, deployment.name, report.node_ip, report.node_id[:8], placed, how, started,
+            extra={"event": "placed", "replica": replica.id, "node": report.node_ip, "how": str(how)},
+        )  # fmt: skip
+        self._spawn(self._watch(handle), f"watch {replica.id}")
+        if how is StartKind.COLD_BOOT and report.holds_snapshot:
+            self._spawn(self._fan_out(actor, config, report.node_id), f"pull ahead for {deployment.name}")
+        self._update_buffer()
+        return how
+
+    async def stop(self, replica: Replica, grace: float) -> None:
+        handle = self._handles.pop(replica.id, None)
+        if handle is not None:
+            await handle.stop(grace)
+        self.placements.pop(replica.id, None)
+        self._update_buffer()
+
+    async def close(self) -> None:
+        """Stop every replica still here, cancel watchers and pulls, drop the buffer request, disconnect."""
+        import ray
+
+        await asyncio.gather(*(h.stop(2.0) for h in self._handles.values()), return_exceptions=True)
+        self._handles.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self._request([])
+        ray.shutdown()
+
+    # ---------------------------------------------------------------- the buffer (LP plan)
+    def set_buffer(self, units: int) -> None:
+        """Keep ``units`` free units in the cluster beyond those replicas hold (the LP plan's buffer)."""
+        self._buffer = max(0, int(units))
+        self._update_buffer()
+
+    def _update_buffer(self) -> None:
+        bundles = [{self.unit: 1.0}] * (len(self._handles) + self._buffer)
+        with contextlib.suppress(RuntimeError):  # no running loop: called before serving starts
+            self._spawn(self._request(bundles), "request_resources")
+
+    async def _request(self, bundles: list[dict[str, float]]) -> None:
+        import ray
+
+        fn = ray.remote(_request_resources).options(num_cpus=0)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(_awaitable(fn.remote(bundles)), 30.0)
+
+    # ---------------------------------------------------------------- nodes, orphans, snapshots
+    def alive_nodes(self) -> list[dict[str, Any]]:
+        import ray
+
+        at, nodes = self._nodes
+        if time.monotonic() - at > NODES_TTL_S:
+            nodes = [n for n in ray.nodes() if n.get("Alive")]
+            self._nodes = (time.monotonic(), nodes)
+        return nodes
+
+    def remove_left_behind(self) -> list[str]:
+        """Actors a previous run of this gateway left (killed -9): stopped and removed, each named."""
+        import ray
+
+        removed = []
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            if entry.get("namespace") != NAMESPACE or not entry["name"].startswith(self.gateway_id + "."):
+                continue
+            with contextlib.suppress(Exception):
+                actor = ray.get_actor(entry["name"], namespace=NAMESPACE)
+                with contextlib.suppress(Exception):
+                    ray.get(actor.stop.remote(2.0), timeout=STOP_TIMEOUT_S)
+                ray.kill(actor, no_restart=True)
+                removed.append(entry["name"])
+                log.warning(
+                    "removed replica actor %s left by a previous gateway",
+                    entry["name"],
+                    extra={"event": "leftover_removed"},
+                )
+        return removed
+
+    def _preferred_node(self, deployment: str) -> str | None:
+        """An alive node holding the deployment's snapshot, the one with fewest of our replicas first."""
+        key = self._keys.get(deployment)
+        holders = self.holders.get(key, set()) if key else set()
+        alive = {n["NodeID"] for n in self.alive_nodes()}
+        for dead in holders - alive:
+            holders.discard(dead)
+        if not holders:
+            return None
+        load = {n: 0 for n in holders}
+        for p in self.placements.values():
+            if p.node_id in load:
+                load[p.node_id] += 1
+        return min(holders, key=lambda n: load[n])
+
+    async def _fan_out(self, actor: Any, config: ServeConfig, source: str) -> None:
+        """Once the snapshot the replica took is published, every other alive node pulls it ahead."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        with contextlib.suppress(Exception):
+            key = await _awaitable(actor.published.remote())
+            if not key:
+                return
+            nodes = [n["NodeID"] for n in self.alive_nodes() if n["NodeID"] != source]
+            refs = [
+                self._pull.options(
+                    num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+                ).remote(config)
+                for node in nodes
+            ]
+            for ref in refs:
+                with contextlib.suppress(Exception):
+                    report = await _awaitable(ref)
+                    self.pulls.append(report)
+                    if report.get("held") and report.get("key"):
+                        self.holders.setdefault(report["key"], set()).add(report["node_id"])
+                    log.info("node %s holds snapshot %s (%s)", report["node_id"][:8], report["key"], report)
+
+    async def _watch(self, handle: RayEngine) -> None:
+        from ray.exceptions import ActorUnavailableError, RayError
+
+        while handle._exit is None:
+            try:
+                handle._exit = int(await _awaitable(handle.actor.wait_exit.remote()))
+            except ActorUnavailableError:
+                await asyncio.sleep(1.0)  # transient (network); ActorDiedError follows if it is dead
+            except RayError:
+                if handle._exit is None:
+                    handle._exit = -1  # the actor or its node died
+                    log.warning(
+                        "replica on node %s lost: its actor or node died",
+                        handle.report.node_ip,
+                        extra={"event": "replica_lost", "node": handle.report.node_ip},
+                    )
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _request_resources(bundles: list[dict[str, float]]) -> int:
+    """On the cluster (a driver with a GCS client): ask the autoscaler to keep room for ``bundles``."""
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=bundles)
+    return len(bundles)
+
+
+async def _awaitable(ref: Any) -> Any:
+    return await ref
+
+
+async def _mapped(coro: Any, replica_id: str) -> Any:
+    """Ray's errors at the boundary: a dead actor or node is ``ReplicaLost``; an error the node raised
+    (a failed boot, a usage error) comes back as itself where Ray could carry it."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    try:
+        return await coro
+    except RayTaskError as exc:
+        cause = exc.cause if isinstance(exc.cause, BaseException) else None
+        if cause is not None:
+            raise cause from exc
+        raise ClusterError(f"replica {replica_id}: {exc}") from exc
+    except RayActorError as exc:
+        raise ReplicaLost(f"replica {replica_id}: its actor or node died while it started ({exc})") from exc
+
+
+def _own_addresses(address: str) -> tuple[str, ...]:
+    """The address this gateway reaches the cluster from: the only peer a node's relay accepts."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host or address, int(port or 10001)))
+            return (probe.getsockname()[0],)
+    except (OSError, ValueError):
+        return ()
