@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "image": ("coldstart.imagefs.cli", "build, mount and serve lazy content-addressed images"),
     "pool": ("coldstart.pool.cli", "GPU buffer pool: inventory, LP sizing, simulator"),
     "recipes": ("coldstart.launcher.cli.recipes", "list and show serving recipes"),
+    "node": ("coldstart.launcher.cli.node", "join this machine to a Ray cluster as a coldstart node"),
     "doctor": ("coldstart.launcher.cli.doctor", "check which checkpointers, FUSE and GPUs work here"),
     "make-model": ("coldstart.launcher.tiny_model", "write a tiny random Qwen3-architecture model"),
 }
