@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "recipes": ("coldstart.launcher.cli.recipes", "list and show serving recipes"),
     "node": ("coldstart.launcher.cli.node", "join this machine to a Ray cluster as a coldstart node"),
     "doctor": ("coldstart.launcher.cli.doctor", "check which checkpointers, FUSE and GPUs work here"),
+    "logs": ("coldstart.launcher.cli.logs", "the last lines a replica's engine printed (its engine.log)"),
     "make-model": ("coldstart.launcher.tiny_model", "write a tiny random Qwen3-architecture model"),
 }
 
