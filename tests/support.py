@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("COLDSTART_TEST_CACHE", REPO / ".cache"))
@@ -151,3 +152,29 @@ class ChunkServer:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+
+
+def vllm_missing() -> str | None:
+    """Why the real vLLM cannot run here (None when it can). In CI its absence is an error, not a skip:
+    ``.ci/setup`` installs it there."""
+    from coldstart.engine_adapters.errors import EngineNotInstalled
+    from coldstart.engine_adapters.registry import get_adapter
+
+    try:
+        get_adapter("vllm").check_installed()
+    except EngineNotInstalled as exc:
+        if os.environ.get("CI"):
+            raise RuntimeError(f"CI must run the real vLLM tests, but: {exc}") from exc
+        return str(exc)
+    return None
+
+
+def needs_vllm() -> pytest.MarkDecorator:
+    """Skip (with the reason) where no vLLM environment exists; never in CI."""
+    missing = vllm_missing()
+    return pytest.mark.skipif(missing is not None, reason=f"no vLLM environment: {missing}")
+
+
+def vllm_module_marks() -> list[pytest.MarkDecorator]:
+    """``pytestmark`` of a module that boots the real vLLM: ``vllm``, ``slow``, and ``needs_vllm``."""
+    return [pytest.mark.vllm, pytest.mark.slow, needs_vllm()]

@@ -12,7 +12,6 @@ is ``""`` either way). One ``coldstart-serve`` per model (booting vLLM costs 20-
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,32 +19,15 @@ from pathlib import Path
 import httpx
 import pytest
 from canary_models import make_biased_model
-from support import Served
+from support import Served, vllm_module_marks
 
-from coldstart.engine_adapters.errors import EngineNotInstalled
-from coldstart.engine_adapters.registry import get_adapter
 from coldstart.engine_adapters.vllm import LEAN_CPU_ARGS, LEAN_CPU_ENV
 
 MODEL = "biased"
 CANARY_TOKENS = 1  # DEFAULT_CANARY.max_tokens
 
 
-def _vllm_missing() -> str | None:
-    try:
-        get_adapter("vllm").check_installed()
-    except EngineNotInstalled as exc:
-        return str(exc)
-    return None
-
-
-_missing = _vllm_missing()
-if _missing and os.environ.get("CI"):
-    raise RuntimeError(f"CI must run the real vLLM tests, but: {_missing}")
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.slow,
-    pytest.mark.skipif(_missing is not None, reason=f"no vLLM environment: {_missing}"),
-]
+pytestmark = vllm_module_marks()
 
 
 @pytest.fixture(scope="module", params=["empty", "eos"])

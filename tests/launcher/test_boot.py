@@ -11,29 +11,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support import make_cached_model
+from support import make_cached_model, needs_vllm
 
 from coldstart.engine_adapters.base import EngineConfig
-from coldstart.engine_adapters.errors import EngineNotInstalled
 from coldstart.engine_adapters.registry import get_adapter
 from coldstart.launcher.boot import cold_boot
 from coldstart.launcher.errors import EngineExited
 from coldstart.launcher.sandboxes.plain import PlainSandbox
 
 
-def _vllm_missing() -> str | None:
-    try:
-        get_adapter("vllm").check_installed()
-    except EngineNotInstalled as exc:
-        return str(exc)
-    return None
-
-
-_missing = _vllm_missing()
-needs_vllm = pytest.mark.skipif(_missing is not None, reason=f"no vLLM environment: {_missing}")
-
-
-@needs_vllm
+@needs_vllm()
 def test_cpu_vllm_without_a_kv_cache_bound_is_warned_about() -> None:
     adapter = get_adapter("vllm")
     if adapter.environment.device != "cpu":  # type: ignore[attr-defined]
@@ -46,7 +33,7 @@ def test_cpu_vllm_without_a_kv_cache_bound_is_warned_about() -> None:
 
 @pytest.mark.slow
 @pytest.mark.vllm
-@needs_vllm
+@needs_vllm()
 def test_vllm_refusing_to_start_shows_its_root_cause(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import re
 import sys
 import time
@@ -22,29 +21,11 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from openai import OpenAI
-from support import Served, make_cached_model
+from support import Served, make_cached_model, vllm_module_marks
 
-from coldstart.engine_adapters.errors import EngineNotInstalled
-from coldstart.engine_adapters.registry import get_adapter
 from coldstart.engine_adapters.vllm import LEAN_CPU_ARGS, LEAN_CPU_ENV
 
-
-def _vllm_missing() -> str | None:
-    try:
-        get_adapter("vllm").check_installed()
-    except EngineNotInstalled as exc:
-        return str(exc)
-    return None
-
-
-_missing = _vllm_missing()
-if _missing and os.environ.get("CI"):
-    raise RuntimeError(f"CI must run the real vLLM tests, but: {_missing}")
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.slow,
-    pytest.mark.skipif(_missing is not None, reason=f"no vLLM environment: {_missing}"),
-]
+pytestmark = vllm_module_marks()
 
 PROMPT = [{"role": "user", "content": "Name a colour."}]
 BROKEN = "import sys; print('RuntimeError: weights file is truncated'); sys.exit(3)"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import re
 import subprocess
 from collections.abc import Iterator
@@ -26,10 +25,8 @@ from pathlib import Path
 import httpx
 import pytest
 from openai import OpenAI
-from support import Served, make_cached_model
+from support import Served, make_cached_model, vllm_module_marks
 
-from coldstart.engine_adapters.errors import EngineNotInstalled
-from coldstart.engine_adapters.registry import get_adapter
 from coldstart.engine_adapters.vllm import LEAN_CPU_ARGS, LEAN_CPU_ENV
 from coldstart.launcher.checkpointers.criu_init import PRIVATE_TMPDIR
 
@@ -37,22 +34,7 @@ MODEL = "tiny-vllm"
 PROMPT = [{"role": "user", "content": "Name a colour."}]
 
 
-def _vllm_missing() -> str | None:
-    try:
-        get_adapter("vllm").check_installed()
-    except EngineNotInstalled as exc:
-        return str(exc)
-    return None
-
-
-_missing = _vllm_missing()
-if _missing and os.environ.get("CI"):
-    raise RuntimeError(f"CI must run the real vLLM tests, but: {_missing}")
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.slow,
-    pytest.mark.skipif(_missing is not None, reason=f"no vLLM environment: {_missing}"),
-]
+pytestmark = vllm_module_marks()
 
 
 def host_leftovers() -> set[str]:
