@@ -89,6 +89,9 @@ def start(args: argparse.Namespace) -> int:
         port=args.port,
         client_port=args.client_port,
     )
+    for folder in (settings.snapshot_dir, settings.work_dir, settings.publish_to):
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
     settings.write(node.config_path)
     env = {**os.environ, CONFIG_ENV: str(node.config_path)}
     done = subprocess.run(node.argv(ray_command(args.ray)), env=env)

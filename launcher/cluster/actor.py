@@ -54,6 +54,7 @@ class StartReport:
     node_ip: str
     snapshot_key: str | None  # the deployment's snapshot identity on this node (None: snapshots off)
     holds_snapshot: bool  # the node's store has it now (taken, pulled or already there)
+    engine_url: str = ""  # the sandbox's own address, reachable on the node only
     actor_pid: int = 0  # the actor's process on its node (its replicas' namespaces are cs-<pid>-*)
     restore_failed: str | None = None  # the ``RestoreReason`` of a restore that fell back to a cold boot
     timings: dict[str, float] = field(default_factory=dict)
@@ -82,8 +83,8 @@ class Relay:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        assert task is not None  # always inside the server's task
-        self._conns.add(task)
+        if task is not None:
+            self._conns.add(task)
         try:
             peer = writer.get_extra_info("peername")
             if self.allowed and (not peer or peer[0] not in self.allowed):
@@ -99,7 +100,8 @@ class Relay:
                 up_writer.close()
         finally:
             writer.close()
-            self._conns.discard(task)
+            if task is not None:
+                self._conns.discard(task)
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -158,9 +160,13 @@ class ReplicaActor:
         if gpus := os.environ.get("CUDA_VISIBLE_DEVICES"):  # set by Ray for num_gpus=1
             econf = dataclasses.replace(econf, env={**econf.env, "CUDA_VISIBLE_DEVICES": gpus})
         self.econf = econf
-        self.manager = _snapshots(self.config, self.adapter, econf)
-        self._prepared = self.manager is not None and self.manager.has_snapshot()
-        return self._prepared
+        self.manager = manager = _snapshots(self.config, self.adapter, econf)
+        restore = manager is not None and manager.store.has(manager.identity.key)
+        if manager is not None and not restore and manager.remote is not None and manager.remote.tiers:
+            # Published by another node? One ref lookup (not a failed restore counted before a first boot).
+            restore = await asyncio.to_thread(manager.remote.find, manager.identity.key) is not None
+        self._prepared = restore
+        return restore
 
     async def start(self) -> StartReport:
         """Restore or cold-boot the engine on this node; returns once it serves (through the relay)."""
@@ -203,6 +209,7 @@ class ReplicaActor:
         self.relay = Relay(self.sandbox.base_url, self.allowed)
         port = await self.relay.open(report.node_ip)
         report.base_url = f"http://{report.node_ip}:{port}"
+        report.engine_url = self.sandbox.base_url
         report.timings["start"] = time.monotonic() - started
         return report
 

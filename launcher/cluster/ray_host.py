@@ -135,7 +135,7 @@ class RayHost:
             or "gw-" + hashlib.sha256(f"{server_config.host}:{server_config.port}".encode()).hexdigest()[:8]
         )
         try:
-            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ClusterUnreachable(
                 f"--cluster {address}: no Ray cluster answers there ({exc}); start one with "

@@ -1,0 +1,127 @@
+"""End to end: ``coldstart-serve --config FILE --cluster ray://HEAD:10001`` over the two-node Ray cluster
+(``ray_nodes.py``), with the real ``openai`` client, the real ``transformers serve`` and CRIU.
+
+One gateway process in the root namespace; a deployments file of one model, up to two replicas, one
+request per replica (``target_concurrency = 1``): the first request cold-boots and snapshots on a node; two
+concurrent requests then run on both nodes (the second restored from the snapshot the other node pulled
+ahead) with the same greedy answer; the gateway killed -9 and started again removes the replicas it left
+(no actor, engine or namespace of theirs remains); a clean stop leaves nothing.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from ray_nodes import RayNodes, netns_pids
+
+pytestmark = pytest.mark.slow
+PORT = 18720
+
+
+def replica_namespaces(node_netns: str) -> list[str]:
+    """The replica namespaces (cs-<actor pid>-*) of the actors running on a node."""
+    pids = set(netns_pids(node_netns))
+    return [p.name for p in Path("/run/netns").glob("cs-*") if int(p.name.split("-")[1]) in pids]
+
+
+class Gateway:
+    def __init__(self, config: Path, cluster: RayNodes, log: Path) -> None:
+        argv = [sys.executable, "-m", "coldstart.launcher.cli.serve", "--config", str(config)]
+        argv += ["--cluster", cluster.address, "--port", str(PORT)]
+        self.log = log
+        self._out = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(argv, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.url = f"http://127.0.0.1:{PORT}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, log.read_text()[-3000:]
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1, trust_env=False).status_code:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise AssertionError(f"the gateway did not listen: {log.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._out.close()
+
+
+def ask(url: str, prompt: str = "hello there") -> str:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=300, max_retries=0)
+    answer = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": prompt}], max_tokens=8, temperature=0
+    )
+    return str(answer.choices[0].message.content)
+
+
+@pytest.fixture(scope="module")
+def deployments(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("gateway") / "models.toml"
+    path.write_text(
+        f"""
+[models.tiny]
+engine = "transformers"
+model = "{tiny_model}"
+snapshot = "criu"
+min_replicas = 0
+max_replicas = 2
+initial_replicas = 0
+target_concurrency = 1
+idle_timeout = 0
+boot_timeout = 300
+"""
+    )
+    return path
+
+
+def test_one_endpoint_serves_from_both_nodes_and_a_killed_gateway_leaves_nothing(
+    cluster: RayNodes, deployments: Path, tmp_path: Path
+) -> None:
+    gateway = Gateway(deployments, cluster, tmp_path / "gateway.log")
+    try:
+        answer = ask(gateway.url)  # cold boot + snapshot on one node, published; the other pulls it ahead
+        key_dirs = lambda node: [p for p in node.snapshot_dir.iterdir() if not p.name.startswith(".")]  # noqa: E731
+        deadline = time.monotonic() + 180
+        while not (key_dirs(cluster.a) and key_dirs(cluster.b)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert key_dirs(cluster.a) and key_dirs(cluster.b), "the snapshot did not reach both nodes"
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:  # 4 requests, 1 per replica: both nodes
+            answers = list(pool.map(lambda _: ask(gateway.url), range(4)))
+        assert set(answers) == {answer}
+        assert replica_namespaces(cluster.a.netns) and replica_namespaces(cluster.b.netns)
+        health: dict[str, Any] = httpx.get(f"{gateway.url}/health", timeout=5, trust_env=False).json()
+        assert "restore" in str(health), health
+    finally:
+        gateway.stop(signal.SIGKILL)  # killed -9: its detached actors and their engines stay
+    assert replica_namespaces(cluster.a.netns) or replica_namespaces(cluster.b.netns)
+    again = Gateway(deployments, cluster, tmp_path / "gateway-2.log")  # same address: same gateway id
+    try:
+        deadline = time.monotonic() + 60
+        while (replica_namespaces(cluster.a.netns) or replica_namespaces(cluster.b.netns)) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.2)
+        assert replica_namespaces(cluster.a.netns) == replica_namespaces(cluster.b.netns) == []
+        assert "left by a previous gateway" in again.log.read_text()
+        assert ask(again.url) == answer  # and it serves (a restore)
+    finally:
+        again.stop()
+    assert replica_namespaces(cluster.a.netns) == replica_namespaces(cluster.b.netns) == []
