@@ -94,7 +94,8 @@ def _key(name: str) -> str:
 # -- public API ----------------------------------------------------------------------------------------
 def load_deployments(path: Path, server_overrides: dict[str, Any] | None = None) -> GatewayConfig:
     """Read, validate and resolve a deployments file. ``server_overrides`` (server-scope field -> typed
-    value, from flags beside ``--config``) win over ``[server]``. Raises ``RecipeError`` (one line)."""
+    value, from flags beside ``--config``) win over ``[server]``. Raises ``UsageError`` (``RecipeError``
+    for what the file says): one line, exit code 2."""
     path = Path(path)
     label = f"deployments file {str(path)!r}"
     folder = path.resolve().parent
@@ -216,6 +217,8 @@ def _deployment(name: str, table: object, server: ServeConfig, folder: Path, lab
     where = f"{label}, {_table_ref(name)}"
     if not isinstance(table, dict):
         raise RecipeError(f"{where}: must be a table of options, got {_what(table)}")
+    if not name.strip():
+        raise RecipeError(f"{where}: the table's name is the model name clients send: it may not be blank")
     values = _model_values(table, folder, where)
     base = _with_server_fields(ServeConfig(), server)
     if "recipe" in values:

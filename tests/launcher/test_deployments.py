@@ -259,6 +259,7 @@ BAD = [
     ("[server]\nport = 8000\n", ": no [models.NAME] table: add one per model"),
     ('[[models]]\nengine = "x"\n', ": no [models.NAME] table: add one per model (NAME is what clients"),
     ('[models]\nm = "vllm"\n', f", {M}: must be a table of options, got a string"),
+    ('[models." "]\nengine = "vllm"\nmodel = "m"\n', ', [models." "]: the table\'s name is the model name'),
     (
         MINIMAL + "[models.m]\n",
         ": not valid TOML: Cannot declare ('models', 'm') twice (at line 4, column 10)",
