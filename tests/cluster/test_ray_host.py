@@ -70,17 +70,16 @@ def node_id(ip: str) -> str:
     return next(n["NodeID"] for n in ray.nodes() if n["NodeManagerAddress"] == ip and n["Alive"])
 
 
-class Blocker:
-    def ping(self) -> bool:
-        return True
-
-
 def block_unit(ip: str) -> Any:
     """An actor holding the one unit of the node at ``ip``."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from coldstart.launcher.cluster.node import SLOT
+
+    class Blocker:  # defined here: pickled by value (the workers cannot import this test module)
+        def ping(self) -> bool:
+            return True
 
     actor = (
         ray.remote(Blocker)
