@@ -25,6 +25,7 @@ and every replica restored from its snapshot (each restored engine comes back pa
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, ClassVar
@@ -77,6 +78,14 @@ LEAN_CPU_ARGS = (
     "--max-model-len", "512", "--distributed-executor-backend", "uni", "--kv-cache-memory-bytes", "67108864",
 )  # fmt: skip
 LEAN_CPU_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+# Weights into files before a checkpoint (``VllmAdapter.file_back``; why: vllm_ext/coldstart_vllm_ext.py).
+EXTENSION_DIR = Path(__file__).with_name("vllm_ext")
+WORKER_EXTENSION = "coldstart_vllm_ext.ColdstartWorkerExtension"
+# Every allocation of 1 MiB or more its own mapping (glibc's threshold no longer moves up, so freed load-time
+# copies are unmapped, not kept in the heap and dumped), and Python's objects from malloc's heap instead of
+# pymalloc's 1 MiB arena mappings: the large anonymous mappings ``file_back`` moves are then only big buffers
+# (weights), never memory the interpreter writes while they are being moved.
+FILE_BACK_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576", "PYTHONMALLOC": "malloc"}
 
 
 def install_hint() -> str:
@@ -181,6 +190,13 @@ class VllmAdapter(OwnEnvironmentAdapter):
         env.setdefault(
             "TORCHINDUCTOR_CACHE_DIR", os.environ.get("TORCHINDUCTOR_CACHE_DIR") or _inductor_cache()
         )
+        if not any(a.split("=", 1)[0] == "--worker-extension-cls" for a in config.engine_args):
+            # coldstart's worker method (weights into files before a checkpoint: ``file_back`` below).
+            argv += ["--worker-extension-cls", WORKER_EXTENSION]
+            env["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [str(EXTENSION_DIR), os.environ.get("PYTHONPATH")])
+            )
+            env.update(FILE_BACK_ENV)
         return LaunchSpec(argv=[*argv, *config.engine_args], env=env)
 
     def boot_warnings(self, config: EngineConfig) -> list[str]:
@@ -231,12 +247,40 @@ class VllmAdapter(OwnEnvironmentAdapter):
         else:
             await _expect(client, f"{base_url}/is_paused", "is_paused", True)
 
+    async def file_back(self, client: httpx.AsyncClient, base_url: str, directory: Path) -> dict[str, Any]:
+        """Called by the snapshot manager between ``before_checkpoint`` and a CRIU dump."""
+        return await file_back(client, base_url, directory)
+
     async def after_restore(self, client: httpx.AsyncClient, base_url: str) -> None:
         if self.control == "sleep":
             await post_ok(client, f"{base_url}/wake_up", "vLLM POST /wake_up")
             await _expect(client, f"{base_url}/is_sleeping", "is_sleeping", False)
         await post_ok(client, f"{base_url}/resume", "vLLM POST /resume")
         await _expect(client, f"{base_url}/is_paused", "is_paused", False)
+
+
+async def file_back(client: httpx.AsyncClient, base_url: str, directory: Path) -> dict[str, Any]:
+    """Move a paused vLLM's weights into content-addressed files under ``directory`` and drop its KV
+    cache (prefix cache reset first, so no later request reuses a dropped block); what was done, as the
+    worker extension reports it (``bytes``, ``files``: name -> size, ``kv_cache_bytes``)."""
+    await post_ok(client, f"{base_url}/reset_prefix_cache", "vLLM POST /reset_prefix_cache")
+    body = {"method": "coldstart_file_back", "args": [str(directory)], "timeout": 600}
+    try:
+        response = await client.post(f"{base_url}/collective_rpc", json=body, timeout=600.0)
+    except httpx.HTTPError as exc:
+        raise EngineCallFailed(f"vLLM POST /collective_rpc coldstart_file_back: {exc!r}") from exc
+    if not response.is_success:
+        raise EngineCallFailed(
+            f"vLLM POST /collective_rpc coldstart_file_back answered {response.status_code} "
+            f"{response.text[:300]!r}"
+        )
+    results = response.json().get("results") or []
+    reports = [json.loads(r) for r in results]
+    return {
+        "bytes": sum(r["bytes"] for r in reports),
+        "kv_cache_bytes": sum(r["kv_cache_bytes"] for r in reports),
+        "files": {name: size for r in reports for name, size in r["files"].items()},
+    }
 
 
 def _inductor_cache() -> str:

@@ -2,9 +2,13 @@
 
 Two parts, on purpose:
 - the **key** (the store folder's name): everything that shapes the engine process -- the adapter's own
-  ``identity(config)`` (engine, engine version, model, engine args), the warm-up and canary requests, the
-  checkpointer's name, the hooks version, the image digest (imagefs) and our sandbox layout version. Any
-  change gives a new key, so a stale snapshot is simply never found.
+  ``identity(config)`` (engine, engine version, model, engine args), the whole ``EngineConfig`` (every field
+  but the bind address, which the sandbox decides: ``env`` included, so a recipe's
+  ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, which changes the process tree, changes the key), the variables of
+  the launcher's environment that the engine inherits and that change its behaviour (``inherited_env``:
+  the names starting with one of ``BEHAVIOUR_ENV_PREFIXES`` or listed in ``BEHAVIOUR_ENV_NAMES``), the
+  warm-up and canary requests, the checkpointer's name, the hooks version, the image digest (imagefs) and
+  our sandbox layout version. Any change gives a new key, so a stale snapshot is simply never found.
 - the **gate fields** (recorded in the manifest, compared at restore): the checkpointer's version and the
   host fingerprint. They are not in the key so that a snapshot from another host or tool version is found
   and refused with the exact field that differs ("runsc 20240729 != 20221219", "cpu flag avx512f missing on
@@ -13,8 +17,11 @@ Two parts, on purpose:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +31,48 @@ from coldstart.launcher.snapshots.fingerprint import HostFingerprint, host_finge
 
 # Bump when the sandboxes change what a restored process expects (ports, namespaces, env, fd layout).
 SANDBOX_LAYOUT_VERSION = 2  # 2: CRIU replicas in their own mount namespace (private /dev/shm, TMPDIR)
+
+
+# The engine inherits the launcher's environment (sandboxes start it with ``{**os.environ, **spec.env}``).
+# These families are read by the engines and the libraries under them and change what the process does or
+# holds (vLLM's ~150 ``VLLM_*`` settings, CUDA and NCCL, OpenMP / MKL / oneDNN threading, torch and
+# inductor, Hugging Face offline mode and caches, glibc's allocator tunables, Python's allocator and hash
+# seed, preloaded libraries); anything else (PATH, HOME, a shell's variables) is left out so that a
+# snapshot survives a new terminal.
+BEHAVIOUR_ENV_PREFIXES = (
+    "VLLM_", "SGLANG_", "CUDA_", "NCCL_", "NVIDIA_", "OMP_", "KMP_", "MKL_", "DNNL_", "ONEDNN_",
+    "TORCH", "PYTORCH_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "MALLOC_", "GLIBC_", "PYTHON",
+)  # fmt: skip
+BEHAVIOUR_ENV_NAMES = frozenset({"LD_PRELOAD", "LD_LIBRARY_PATH", "TMPDIR"})
+# EngineConfig fields that never reach the snapshot key: the sandbox decides where the engine binds.
+NOT_IN_KEY = frozenset({"host", "port"})
+
+
+def inherited_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The launcher's variables that change an engine's behaviour (see ``BEHAVIOUR_ENV_PREFIXES``)."""
+    env = os.environ if environ is None else environ
+    return {
+        k: v
+        for k, v in sorted(env.items())
+        if k in BEHAVIOUR_ENV_NAMES or k.startswith(BEHAVIOUR_ENV_PREFIXES)
+    }
+
+
+def config_fields(config: EngineConfig) -> dict[str, Any]:
+    """Every field of ``config`` but the bind address, as JSON (derived from the dataclass, not a list)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        if f.name in NOT_IN_KEY:
+            continue
+        value = getattr(config, f.name)
+        if f.name == "env":
+            value = dict(sorted(value.items()))
+        elif f.name == "warmup":
+            value = [[path, dict(body)] for path, body in value]
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
 
 
 def hooks_version() -> str:
@@ -116,7 +165,11 @@ def snapshot_identity(
     fingerprint: HostFingerprint | None = None,
 ) -> SnapshotIdentity:
     return SnapshotIdentity(
-        engine=adapter.identity(config),
+        engine={
+            **adapter.identity(config),
+            "config": config_fields(config),
+            "inherited_env": inherited_env(),
+        },
         warmup=[list(item) for item in adapter.warmup_requests(config)],
         canary=canary,
         checkpointer=checkpointer.name,

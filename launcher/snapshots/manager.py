@@ -2,14 +2,17 @@
 
 Take (``snapshot``, after the replica manager's cold boot + warm-up; ``boot_and_snapshot`` does both):
     model file digests -> canary (greedy completion, recorded) -> adapter.before_checkpoint
+    -> [CRIU, adapters with ``file_back``: weights moved into content-addressed files under
+    ``<store>/weights``, KV cache dropped; the files are pinned by digest in the manifest]
     -> [control connections closed: our client keeps none alive] -> checkpoint (leave running)
     -> manifest + atomic rename -> adapter.after_restore on the original, which keeps serving.
     A failed snapshot is logged and the original keeps serving if it is still healthy.
 
 Restore (``restore``), every failure a ``RestoreFailed(reason)`` after the sandbox is stopped:
     lookup ("missing", "digest" for an unreadable manifest) -> gate: checkpointer version and host
-    fingerprint ("gate"), mapped model files ("model_files") -> verify sizes + digests ("digest"; the bad
-    snapshot is moved aside) -> checkpointer restore into fresh namespaces ("checkpointer") -> health
+    fingerprint ("gate"), mapped model files ("model_files") -> verify sizes + digests, weight files
+    included ("digest"; the bad snapshot is moved aside) -> checkpointer restore into fresh namespaces
+    ("checkpointer") -> health
     ("checkpointer" if it died, "timeout") -> adapter.after_restore ("hook") -> canary must match ("canary":
     token ids, logprobs and text; see ``canary.py``).
 
@@ -35,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import httpx
 
@@ -70,6 +73,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("coldstart.snapshots")
 
 RESTORE_POLL_S = 0.01  # a restored engine answers within ~0.3 s: poll finer than a cold boot does
+WEIGHTS_DIR = "weights"  # under the store root: content-addressed weight files, shared by snapshots
+
+
+@runtime_checkable
+class FileBacking(Protocol):
+    """An adapter that can move a paused engine's weights into files before a CPU checkpoint (vLLM:
+    ``engine_adapters/vllm.py``; custom engines: ``snapshot_hooks.torch_helpers.file_back_module``)."""
+
+    async def file_back(
+        self, client: httpx.AsyncClient, base_url: str, directory: Path
+    ) -> dict[str, Any]: ...
 
 
 def model_files(adapter: EngineAdapter, config: EngineConfig) -> list[Path]:
@@ -205,6 +219,14 @@ class SnapshotManager:
             answer.require_meaningful(adapter.name)
             timings["canary"] = time.monotonic() - t
             await adapter.before_checkpoint(control, sandbox.base_url)
+            weights: dict[str, Any] = {}
+            # CRIU only: the restored engine maps the files again at their host path (runsc's sandbox has
+            # another root, where they are not).
+            if isinstance(adapter, FileBacking) and self.info.name == "criu":
+                t = time.monotonic()
+                weights = await adapter.file_back(control, sandbox.base_url, self.weights_dir)
+                self._remember_weights(weights)
+                timings["file_back"] = time.monotonic() - t
         with self.store.begin(key) as pending:
             t = time.monotonic()
             await self.checkpointer.checkpoint(sandbox, pending.image_dir, leave_running=True)
@@ -221,6 +243,7 @@ class SnapshotManager:
                 "model_files": files,
                 "canary": {**self.canary.to_json(), **answer.to_json()},
                 "timings": {k: round(v, 4) for k, v in timings.items()},
+                "weights": weights,
             }
             snapshot = await asyncio.to_thread(self.store.commit, pending, manifest)
             timings["save"] = time.monotonic() - t
@@ -231,11 +254,13 @@ class SnapshotManager:
             task.add_done_callback(self._publishing.discard)
         self.metrics.snapshots_taken.inc()
         self.metrics.snapshot_bytes.set(snapshot.total_bytes)
-        for phase in ("checkpoint", "save"):
-            self.metrics.phase_seconds.labels(f"snapshot_{phase}").observe(timings[phase])
+        for phase in ("checkpoint", "save", "file_back"):
+            if phase in timings:
+                self.metrics.phase_seconds.labels(f"snapshot_{phase}").observe(timings[phase])
         log.info(
-            "snapshot %s taken: %.1f MB, checkpoint %.2fs, save %.2fs",
-            key, snapshot.total_bytes / 1e6, timings["checkpoint"], timings["save"],
+            "snapshot %s taken: %.1f MB image + %.1f MB weight files, checkpoint %.2fs, save %.2fs",
+            key, snapshot.total_bytes / 1e6, weights.get("bytes", 0) / 1e6, timings["checkpoint"],
+            timings["save"],
             extra={"event": "snapshot_taken", "key": key, "bytes": snapshot.total_bytes},
         )  # fmt: skip
 
@@ -275,6 +300,7 @@ class SnapshotManager:
             )
         try:
             await asyncio.to_thread(self.store.verify, snapshot)
+            await asyncio.to_thread(self._verify_weights, snapshot.manifest)
         except SnapshotCorrupt as exc:
             moved = self.store.quarantine(snapshot)
             raise RestoreFailed(RestoreReason.DIGEST, f"{exc} (moved to {moved.name})") from exc
@@ -462,6 +488,31 @@ class SnapshotManager:
         response = await client.post(f"{base_url}{self.canary.path}", json=self.canary.body, timeout=300.0)
         response.raise_for_status()
         return CanaryAnswer.from_response(response.json())
+
+    @property
+    def weights_dir(self) -> Path:
+        return self.store.root / WEIGHTS_DIR
+
+    def _remember_weights(self, weights: dict[str, Any]) -> None:
+        """The files are named by their SHA-256: remember it against their stat (no second read)."""
+        cache = self._digest_cache()
+        for name in weights.get("files", {}):
+            cache.remember(self.weights_dir / name, name)
+        cache.save()
+
+    def _verify_weights(self, manifest: dict[str, Any]) -> None:
+        """Every weight file the snapshot maps is there, of its size and digest (its name); digests from the
+        stat cache unless the file changed since it was written."""
+        cache = self._digest_cache()
+        try:
+            for name, size in (manifest.get("weights") or {}).get("files", {}).items():
+                path = self.weights_dir / name
+                if not path.is_file() or path.stat().st_size != size:
+                    raise SnapshotCorrupt(f"weight file {path} is missing or not {size} bytes")
+                if cache.digest(path) != name:
+                    raise SnapshotCorrupt(f"weight file {path} does not hash to its name")
+        finally:
+            cache.save()
 
     def _digest_cache(self) -> DigestCache:
         return DigestCache(self.store.state_dir / "model-digests.json")
