@@ -52,6 +52,9 @@ ROOT_CAUSE: tuple[tuple[int, re.Pattern[str]], ...] = (
 )
 SECONDARY = re.compile(
     r"See root cause above|Traceback \(most recent call last\)|\bFile \"[^\"]*\", line \d+"
+    # a warning is not why an engine failed (vLLM warns "... like `OSError: [Errno 24] Too many open
+    # files`" about a low ulimit on every start): its log levels below ERROR, vLLM's format and Python's
+    r"|^(?:\(\S+ pid=\d+\)\s+)?(?:DEBUG|INFO|WARNING)\s+\d\d-\d\d |^(?:DEBUG|INFO|WARNING):"
 )
 # vLLM's log prefix: "(EngineCore pid=42) ERROR 11-27 10:00:09 [core.py:700] "
 LOG_PREFIX = re.compile(

@@ -29,6 +29,9 @@ from coldstart.launcher.process import (
 VLLM_REFUSAL = (
     """\
 INFO 11-27 10:00:01 [api_server.py:1000] vLLM API server version 0.32.0
+(APIServer pid=41) WARNING 12-06 03:32:53 [system_utils.py:255] Found ulimit of 20000 and failed to \
+automatically increase with error current limit exceeds maximum limit. This can cause fd limit errors like \
+`OSError: [Errno 24] Too many open files`. Consider increasing with ulimit -n
 WARNING 11-27 10:00:02 [cpu.py:100] Pin memory is not supported on CPU.
 (EngineCore pid=42) ERROR 11-27 10:00:09 [core.py:700] EngineCore failed to start.
 (EngineCore pid=42) ERROR 11-27 10:00:09 [core.py:700] Traceback (most recent call last):
