@@ -119,6 +119,7 @@ class ReplicaActor:
     """Wrapped with ``ray.remote`` by ``ray_host.py`` (this module imports nothing of Ray at the top)."""
 
     def __init__(self, config: ServeConfig, replica_id: str, allowed: tuple[str, ...] = ()) -> None:
+        _default_loop_policy()
         self.config = config
         self.replica_id = replica_id
         self.allowed = frozenset(allowed)
@@ -273,6 +274,14 @@ class ReplicaActor:
             await self.manager.close()  # its pull-ahead thread and the store's fsync threads
 
 
+def _default_loop_policy() -> None:
+    """Ray installs uvloop as the event-loop policy of its worker processes; the netlink client that makes
+    replica namespaces (pyroute2, in a thread of its own) then gets a uvloop loop, which cannot open a
+    netlink socket ("cannot open a UDP handle, invalid family 16"). This process is the actor's alone
+    (one Ray worker per actor): new loops are asyncio's again; Ray's running loop is untouched."""
+    asyncio.set_event_loop_policy(None)
+
+
 def _snapshots(config: ServeConfig, adapter: Any, econf: Any) -> Any:
     """The node's ``SnapshotManager`` for this deployment (None with ``--snapshot off``, or ``auto`` on a
     node where no checkpointer works)."""
@@ -305,6 +314,7 @@ def pull_ahead(config: ServeConfig) -> dict[str, Any]:
     from coldstart.launcher.snapshots.manager import snapshots_for
     from coldstart.launcher.snapshots.remote import remote_for
 
+    _default_loop_policy()
     node = NodeSettings.load()
     config = with_node(config, node)
     settings = snapshot_settings(config)
