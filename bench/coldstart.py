@@ -281,7 +281,7 @@ async def bench(args: argparse.Namespace) -> list[dict[str, object]]:
         async with httpx.AsyncClient(trust_env=False, timeout=300) as http:
             print("host cold boot (PlainSandbox)", file=sys.stderr)
             host = await repeat(
-                "host cold boot", args.runs,
+                "host cold boot", args.cold_runs,
                 lambda i: cold_boot_ttft(PlainSandbox(f"bench{i}"), adapter, config, http, model),
             )  # fmt: skip
             results.append({"name": "host (no snapshot)", "cold": host})
@@ -295,7 +295,7 @@ async def bench(args: argparse.Namespace) -> list[dict[str, object]]:
                         c.new_sandbox(work / f"{n}-cold{i}", f"c{i}"), adapter, config, http, model
                     )
 
-                cold = await repeat(f"{name} cold boot", args.runs, sandbox_cold)
+                cold = await repeat(f"{name} cold boot", args.cold_runs, sandbox_cold)
                 manager = SnapshotManager(
                     checkpointer, SnapshotStore(work / f"{name}-store"), adapter, config
                 )
@@ -310,12 +310,18 @@ async def bench(args: argparse.Namespace) -> list[dict[str, object]]:
                 files = [snap.path / rel for rel in snap.manifest["files"]]
                 bandwidth = read_bandwidth(files)
 
-                async def launcher_restore(i: int, m: SnapshotManager = manager, n: str = name) -> float:
+                async def launcher_restore(
+                    i: int, m: SnapshotManager = manager, n: str = name, cache: str = "warm"
+                ) -> float:
+                    if cache == "dropped":
+                        drop_page_cache()
                     started = time.monotonic()
                     sandbox = await m.restore(adapter, config, http, work / f"{n}-r{i}", f"r{i}")
                     try:
                         await first_token(http, sandbox.base_url, model)
                         timing = dict(m.restore_timings[f"r{i}"])
+                        timing["first_token"] = time.monotonic() - started - timing["total"]
+                        timing["page_cache_dropped"] = float(cache == "dropped")
                         phases[n].append(timing)
                         print(f"    phases: { {k: round(v, 3) for k, v in timing.items()} }", file=sys.stderr)
                         return time.monotonic() - started
@@ -324,7 +330,13 @@ async def bench(args: argparse.Namespace) -> list[dict[str, object]]:
 
                 phases[name] = []
                 restored = await repeat(f"{name} launcher restore", args.runs, launcher_restore)
-                binary: str = checkpointer.binary  # type: ignore[attr-defined]
+                if args.drop_caches:
+                    await repeat(
+                        f"{name} launcher restore, page cache dropped", args.runs,
+                        lambda i, lr=launcher_restore: lr(100 + i, cache="dropped"),  # type: ignore[misc]
+                    )  # fmt: skip
+                pair = await two_replicas_memory(manager, adapter, config, http, work / f"{name}-pair", model)
+                binary: str = checkpointer.binary
 
                 def bare_once(
                     i: int, img: Path = snap.image_dir, tool: str = binary, n: str = name
@@ -346,11 +358,44 @@ async def bench(args: argparse.Namespace) -> list[dict[str, object]]:
                         "phases": phases[name],
                         "bare_healthy": list(bare_healthy),
                         "memory": memory,
+                        "weights": int((snap.manifest.get("weights") or {}).get("bytes", 0)),
+                        "pair": pair,
                     }
                 )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return results
+
+
+def drop_page_cache() -> None:
+    """Write back and drop the host's page cache (root): the next restore reads its files from disk."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+async def two_replicas_memory(
+    manager: SnapshotManager,
+    adapter: EngineAdapter,
+    config: EngineConfig,
+    http: httpx.AsyncClient,
+    work: Path,
+    model: str,
+) -> tuple[int, int]:
+    """PSS of one restored replica's tree alone, then the PSS sum of two restored side by side (weight
+    files mapped by both are shared through the page cache: each is charged half)."""
+    first = await manager.restore(adapter, config, http, work / "a", "pa")
+    try:
+        await first_token(http, first.base_url, model)
+        one = tree_memory(first.host_pids())[0]
+        second = await manager.restore(adapter, config, http, work / "b", "pb")
+        try:
+            await first_token(http, second.base_url, model)
+            both = tree_memory(first.host_pids())[0] + tree_memory(second.host_pids())[0]
+        finally:
+            await second.stop(5.0)
+    finally:
+        await first.stop(5.0)
+    return one, both
 
 
 phases: dict[str, list[dict[str, float]]] = {}
@@ -365,18 +410,25 @@ def table(results: list[dict[str, object]], runs: int) -> str:
         "",
         "| checkpointer | cold boot -> 1st token (in sandbox) | bare restore -> 1st token | "
         "launcher restore -> 1st token | speed-up vs host cold boot | speed-up vs sandbox cold boot | "
-        "snapshot | read floor | engine memory (PSS / RSS) |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| host process, no snapshot | {host_cold:.2f} | | | 1.0x | | | | |",
+        "snapshot image + weight files | read floor | engine memory (PSS / RSS) | "
+        "two restored: PSS sum / one |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| host process, no snapshot | {host_cold:.2f} | | | 1.0x | | | | | |",
     ]
     for r in results[1:]:
         cold, restore, bare = (med(r[k]) for k in ("cold", "restore", "bare"))  # type: ignore[arg-type]
         floor = r["bytes"] / r["bandwidth"]  # type: ignore[operator]
+        weights = int(r["weights"])  # type: ignore[call-overload]
+        pair: tuple[int, int] = r["pair"]  # type: ignore[assignment]
+        one, two = pair
+        memory: tuple[int, int] = r["memory"]  # type: ignore[assignment]
+        image = int(r["bytes"])  # type: ignore[call-overload]
         lines.append(
             f"| {r['name']} | {cold:.2f} | {bare:.3f} | {restore:.3f} | {host_cold / restore:.1f}x | "
-            f"{cold / restore:.1f}x | {r['bytes'] / 1e6:.0f} MB | "
-            f"{floor:.3f} s at {r['bandwidth'] / 1e9:.1f} GB/s | "
-            f"{r['memory'][0] / 1e9:.2f} / {r['memory'][1] / 1e9:.2f} GB |"  # type: ignore[index]
+            f"{cold / restore:.1f}x | {image / 1e6:.0f} + {weights / 1e6:.0f} MB | "
+            f"{floor:.3f} s at {float(r['bandwidth']) / 1e9:.1f} GB/s | "  # type: ignore[arg-type]
+            f"{memory[0] / 1e9:.2f} / {memory[1] / 1e9:.2f} GB | "
+            f"{two / 1e9:.2f} / {one / 1e9:.2f} GB = {two / one:.2f}x |"
         )
     lines += [
         "",
@@ -399,6 +451,29 @@ def table(results: list[dict[str, object]], runs: int) -> str:
             f"| {r['name']} | {bare_h:.3f} | {launcher_h:.3f} | {launcher_h - bare_h:+.3f} | {verify:.3f} | "
             f"{canary:.3f} | {gap:+.3f} |"
         )
+    lines += [
+        "",
+        "the end-to-end clock of a request arriving at zero replicas, by phase (medians; no image: mount and",
+        "fetch are not on this path; pull only with remote tiers); page cache warm, and dropped before each",
+        "restore where --drop-caches",
+        "",
+        "| checkpointer | page cache | verify | restore -> healthy | wake | canary | first token | total |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results[1:]:
+        ph = r["phases"]  # type: ignore[assignment]
+        for cache in ("warm", "dropped"):
+            rows = [p for p in ph if p.get("page_cache_dropped", 0.0) == float(cache == "dropped")]
+            if not rows:
+                continue
+            cells = [med([p.get(k, 0.0) for p in rows]) for k in ("verify", "restore", "wake", "canary")]
+            first = med([p["first_token"] for p in rows])
+            total = med([p["total"] + p["first_token"] for p in rows])
+            lines.append(
+                f"| {r['name']} | {cache} | "
+                + " | ".join(f"{c:.3f}" for c in cells)
+                + f" | {first:.3f} | {total:.3f} |"
+            )
     return "\n".join(lines)
 
 
@@ -410,10 +485,16 @@ def main(argv: list[str] | None = None) -> int:
         "--size", default=None, choices=["tiny", "qwen3-0.6b"], help="default: qwen3-0.6b (vllm: tiny)"
     )
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--cold-runs", type=int, default=None, help="cold boots per row (default: --runs)")
+    parser.add_argument(
+        "--drop-caches", action="store_true", help="also restore with the page cache dropped before each"
+    )
     parser.add_argument(
         "--checkpointers", default="criu,runsc", type=lambda s: [x for x in s.split(",") if x]
     )
     args = parser.parse_args(argv)
+    if args.cold_runs is None:
+        args.cold_runs = args.runs
     if args.size is None:
         args.size = "tiny" if args.engine == "vllm" else "qwen3-0.6b"
     if args.engine == "vllm" and args.checkpointers == ["criu", "runsc"]:

@@ -7,9 +7,11 @@ whose files are fetched on demand; ``--image-mount /opt/venv`` puts an image whe
 After the first replica is ready the boot's read order is saved as the image's profile, so the next
 launch prefetches it. The image digest is part of the snapshot identity (a snapshot maps these files).
 
-An image that holds a root filesystem (a top-level ``usr/``) is also the gVisor container's root with
-``--snapshot runsc`` (``mounted_rootfs``, read by ``checkpointers/runsc.py``): the container starts with only
-the index on this host. A model-only image stays a directory under the host's root, as with CRIU.
+An image that holds a root filesystem (a top-level ``usr/``, ``holds_rootfs``) is also the gVisor container's
+root with ``--snapshot runsc``: ``snapshots_for`` hands the mount point to the runsc checkpointer it makes
+(``RunscCheckpointer(root=...)``; no module global: two deployments of one launcher may mount two images),
+and the container starts with only the index on this host. A model-only image stays a directory under the
+host's root, as with CRIU.
 """
 
 from __future__ import annotations
@@ -28,12 +30,11 @@ from coldstart.launcher.config import ServeConfig
 log = logging.getLogger("coldstart.image")
 
 PLACEHOLDER = "{image}"
-_rootfs: Path | None = None  # this launcher's mounted root-filesystem image (one launcher per process)
 
 
-def mounted_rootfs() -> Path | None:
-    """The mount point of this launcher's image when it is a root filesystem, else None."""
-    return _rootfs
+def holds_rootfs(mountpoint: Path | None) -> bool:
+    """Whether the image mounted at ``mountpoint`` is a root filesystem (the runsc container's root)."""
+    return mountpoint is not None and (Path(mountpoint) / "usr").is_dir()
 
 
 def default_tiers(index: Path) -> list[str]:
@@ -77,13 +78,10 @@ async def image_mounted(config: ServeConfig) -> AsyncIterator[Any]:
         ", ".join(tiers),
         extra={"event": "image_mounted", "duration_s": round(time.monotonic() - started, 3)},
     )
-    global _rootfs
-    if await asyncio.to_thread((mount.mountpoint / "usr").is_dir):
-        _rootfs = mount.mountpoint  # absolute, as {image} is filled in (with_mountpoint)
+    if await asyncio.to_thread(holds_rootfs, mount.mountpoint):
         log.info("image %s holds a root filesystem: the container root with --snapshot runsc", config.image)
     try:
         yield mount
     finally:
-        _rootfs = None
         await asyncio.to_thread(manager.__exit__, None, None, None)
         log.info("image unmounted from %s", mountpoint, extra={"event": "image_unmounted"})

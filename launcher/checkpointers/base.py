@@ -26,6 +26,9 @@ class CheckpointerInfo:
 
 class Checkpointer(abc.ABC):
     name: ClassVar[str]
+    # CRIU's plugin folder (``--libdir``), given explicitly to every CRIU this checkpointer runs; None:
+    # CRIU's default. The CUDA checkpointer sets an empty one on its CRIU (no ``cuda_plugin.so``).
+    plugin_dir: Path | None = None
 
     @abc.abstractmethod
     def probe(self) -> CheckpointerInfo:

@@ -78,6 +78,11 @@ DUMP_FLAGS = ("--tcp-established", "--link-remap", "--ext-unix-sk", "--file-lock
 RESTORE_FLAGS = ("--tcp-established", "--ext-unix-sk", "--file-locks", "--root", "/")
 
 
+def libdir_args(plugin_dir: Path | None) -> list[str]:
+    """CRIU's plugin folder on its command line (never through ``CRIU_LIBS_DIR`` in our environment)."""
+    return ["--libdir", str(plugin_dir)] if plugin_dir is not None else []
+
+
 def find_criu() -> str | None:
     explicit = os.environ.get("COLDSTART_CRIU")
     if explicit:
@@ -117,10 +122,11 @@ async def _restore_lock() -> AsyncIterator[None]:
 class CriuSandbox(NetnsSandbox):
     """One engine tree in its own PID + network namespace; cold-started or restored by CRIU."""
 
-    def __init__(self, workdir: Path, replica_id: str, criu: str) -> None:
+    def __init__(self, workdir: Path, replica_id: str, criu: str, plugin_dir: Path | None = None) -> None:
         self.workdir = Path(workdir)
         self.replica_id = replica_id
         self.criu = criu
+        self.plugin_dir = plugin_dir  # CRIU --libdir (see Checkpointer.plugin_dir)
         self.netns: NetNamespace | None = None
         self._proc: asyncio.subprocess.Process | None = None  # unshare (cold) or criu restore
         self._pipe: OwnedPipe | None = None
@@ -192,6 +198,7 @@ class CriuSandbox(NetnsSandbox):
         argv = [
             *self.netns.enter_argv(), self.criu, "restore", "-D", str(images),
             "-o", str(self._restore_log), "-v2", *RESTORE_FLAGS, "--pidfile", str(self._pidfile), *inherit,
+            *libdir_args(self.plugin_dir),
         ]  # fmt: skip
         async with _restore_lock():
             self._proc = await exec_into(argv, self._pipe, extra_fds=[self._pipe.write_fd])
@@ -298,7 +305,7 @@ class CriuCheckpointer(Checkpointer):
         dump_log = sandbox.workdir / "criu-dump.log"
         argv = [
             *sandbox.netns.enter_argv(), sandbox.criu, "dump", "-t", str(pid), "-D", str(image_dir),
-            "-o", str(dump_log), "-v2", *DUMP_FLAGS,
+            "-o", str(dump_log), "-v2", *DUMP_FLAGS, *libdir_args(self.plugin_dir),
         ]  # fmt: skip
         if leave_running:
             argv.append("--leave-running")
@@ -309,7 +316,7 @@ class CriuCheckpointer(Checkpointer):
         (image_dir / SIDECAR).write_text(json.dumps({"pipes": pipes, "port": ENGINE_PORT}))
 
     async def restore(self, image_dir: Path, workdir: Path, replica_id: str) -> Sandbox:
-        sandbox = CriuSandbox(workdir, replica_id, self.binary)
+        sandbox = CriuSandbox(workdir, replica_id, self.binary, self.plugin_dir)
         async with contextlib.AsyncExitStack() as undo:
             undo.push_async_callback(sandbox.stop, 1.0)
             try:

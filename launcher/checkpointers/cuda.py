@@ -34,8 +34,9 @@ Why not CRIU's CUDA plugin: it runs the same four actions but without a lock tim
 GPU remapping by UUID, and with errors only in CRIU's log. Worse, CRIU loads every ``*.so`` in its plugin
 folder (``--libdir``, else ``$CRIU_LIBS_DIR``, else ``/usr/lib/criu/``): an installed ``cuda_plugin.so``
 would restore and unlock the process itself, this checkpointer would find it RUNNING and fall back to a
-cold boot every time. So CRIU runs with ``CRIU_LIBS_DIR`` set to an empty folder we own
-(``NO_PLUGINS_DIR``), on purpose without its CUDA plugin.
+cold boot every time. So CRIU runs with ``--libdir`` set to an empty folder we own (``NO_PLUGINS_DIR``,
+handed to the CPU checkpointer as ``plugin_dir``; never through the launcher's environment), on purpose
+without its CUDA plugin.
 Limits (driver, r570-r580): no UVM/managed memory and no CUDA IPC (the driver refuses at checkpoint;
 nothing visible earlier tells), one chip type per restore, NCCL (tensor parallel) processes deadlock.
 """
@@ -244,15 +245,11 @@ def refuse_device_handles(pids: Iterable[int], prefix: str = DEVICE_PREFIX) -> N
         )
 
 
-def without_criu_plugins() -> None:
-    """Make every CRIU this process runs load plugins from an empty folder we own: no ``cuda_plugin.so``.
-
-    CRIU reads ``CRIU_LIBS_DIR`` when it gets no ``--libdir``. Set for the whole launcher process, on
-    purpose and always to the same value: every CRIU it runs is driven by this checkpointer, which does the
-    CUDA part itself.
-    """
+def without_criu_plugins(cpu: Checkpointer) -> None:
+    """Make the CRIU ``cpu`` runs load plugins from an empty folder we own (``--libdir``): no
+    ``cuda_plugin.so``; this checkpointer does the CUDA part itself."""
     NO_PLUGINS_DIR.mkdir(parents=True, exist_ok=True)
-    os.environ["CRIU_LIBS_DIR"] = str(NO_PLUGINS_DIR)
+    cpu.plugin_dir = NO_PLUGINS_DIR
 
 
 class CudaCheckpointer(Checkpointer):
@@ -330,7 +327,7 @@ class CudaCheckpointer(Checkpointer):
                 )
             tree = await asyncio.to_thread(sandbox_host_pids, sandbox)
             await asyncio.to_thread(refuse_device_handles, tree, self.options.device_prefix)
-            without_criu_plugins()
+            without_criu_plugins(self.cpu)
             t0 = time.perf_counter()
             await self.cpu.checkpoint(sandbox, image_dir, leave_running=leave_running)
             timings["cpu_checkpoint"] = time.perf_counter() - t0
@@ -390,7 +387,7 @@ class CudaCheckpointer(Checkpointer):
             raise RestoreFailed(RestoreReason.CUDA, str(exc)) from exc
         except GpuError as exc:
             raise RestoreFailed(RestoreReason.GATE, str(exc)) from exc
-        without_criu_plugins()
+        without_criu_plugins(self.cpu)
         t0 = time.perf_counter()
         sandbox = await self.cpu.restore(image_dir, workdir, replica_id)
         timings["cpu_restore"] = time.perf_counter() - t0

@@ -50,7 +50,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from coldstart.engine_adapters.base import LaunchSpec
-from coldstart.launcher import image as launcher_image
 from coldstart.launcher.checkpointers import runsc_rootns_quirk
 from coldstart.launcher.checkpointers._pipes import (
     OwnedPipe,
@@ -324,9 +323,9 @@ class RunscCheckpointer(Checkpointer):
         self._info: CheckpointerInfo | None = None
 
     def root(self) -> Path | None:
-        """The container root: the one given, else the launcher's mounted root-filesystem image (asked at
-        each start: the image is mounted after the checkpointer is made), else None (the host's /)."""
-        return self._root or launcher_image.mounted_rootfs()
+        """The container root given at construction (a mounted root-filesystem image), else None (the
+        host's /)."""
+        return self._root
 
     @property
     def binary(self) -> str:

@@ -58,6 +58,7 @@ from coldstart.launcher.errors import (
     SnapshotCorrupt,
     SnapshotError,
 )
+from coldstart.launcher.image import holds_rootfs
 from coldstart.launcher.metrics import Metrics, ModelMetrics
 from coldstart.launcher.process import host_lock
 from coldstart.launcher.sandboxes.base import Sandbox
@@ -73,6 +74,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("coldstart.snapshots")
 
 RESTORE_POLL_S = 0.01  # a restored engine answers within ~0.3 s: poll finer than a cold boot does
+# restore_timings key -> phase_seconds label of each step of a restore
+_PHASES = {
+    "pull": "pull",
+    "verify": "verify",
+    "restore": "checkpointer_restore",
+    "wake": "wake",
+    "canary": "canary",
+}
 WEIGHTS_DIR = "weights"  # under the store root: content-addressed weight files, shared by snapshots
 
 
@@ -314,12 +323,14 @@ class SnapshotManager:
             undo.push_async_callback(sandbox.stop, 2.0)  # until it has passed every check below
             timings["restore"] = time.monotonic() - t
             timings["healthy"] = time.monotonic() - started  # lookup + gate + verify + restore
+            t = time.monotonic()
             try:
                 await adapter.after_restore(http, sandbox.base_url)
             except (AdapterError, httpx.HTTPError) as exc:
                 raise RestoreFailed(
                     RestoreReason.HOOK, f"after-restore hook of replica {replica_id} failed: {exc}"
                 ) from exc
+            timings["wake"] = time.monotonic() - t
             t = time.monotonic()
             try:
                 answer = await self._run_canary(http, sandbox.base_url)
@@ -340,6 +351,13 @@ class SnapshotManager:
         self.metrics.snapshot_bytes.set(snapshot.total_bytes)
         for phase in ("restore", "canary"):  # labelled snapshot_*: "restore" is the whole bring-up
             self.metrics.phase_seconds.labels(f"snapshot_{phase}").observe(timings[phase])
+        # The end-to-end clock of a restore, phase by phase (bench/coldstart.py prints the same split):
+        # pull (another host's snapshot through the tiers), verify (gate, model files, image and weight
+        # digests), checkpointer_restore (restore to healthy; "restore" is the gateway's whole bring-up),
+        # wake (after-restore hook), canary.
+        for phase, name in _PHASES.items():
+            if phase in timings:
+                self.metrics.phase_seconds.labels(name).observe(timings[phase])
         log.info(
             "replica %s restored from %s in %.2fs (verify %.3fs, restore %.2fs, canary %.2fs)",
             replica_id, key, timings["total"], timings["verify"], timings["restore"], timings["canary"],
@@ -565,6 +583,11 @@ def snapshots_for(
     from coldstart.launcher.snapshots.remote import remote_for
 
     checkpointer = get_checkpointer(settings.checkpointer)
+    if checkpointer.name == "runsc" and holds_rootfs(settings.image_mount):
+        from coldstart.launcher.checkpointers.runsc import RunscCheckpointer
+
+        # The mounted root-filesystem image is the container's root, handed over here (not a global).
+        checkpointer = RunscCheckpointer(root=settings.image_mount)
     checkpointer.check_engine_args(engine_config.engine_args)
     manager = SnapshotManager(
         checkpointer,

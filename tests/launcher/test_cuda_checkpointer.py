@@ -290,7 +290,8 @@ def test_criu_runs_without_its_own_cuda_plugin(
     host: FakeGpuHost, cpu: RecordingCpu, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """CRIU's cuda_plugin.so would restore + unlock the process itself: every CRIU we run gets an empty
-    plugin folder (CRIU_LIBS_DIR), for the dump and for the restore."""
+    plugin folder (``--libdir``, as the CPU checkpointer's ``plugin_dir``), for the dump and for the
+    restore; the launcher's own environment is left alone."""
     import coldstart.launcher.checkpointers.cuda as cuda_mod
 
     empty = tmp_path / "no-plugins"
@@ -300,11 +301,11 @@ def test_criu_runs_without_its_own_cuda_plugin(
     checkpoint, restore = cpu.checkpoint, cpu.restore
 
     async def spy_checkpoint(*args: object, **kwargs: object) -> None:
-        seen.append(os.environ.get("CRIU_LIBS_DIR"))
+        seen.append(str(cpu.plugin_dir))
         await checkpoint(*args, **kwargs)  # type: ignore[arg-type]
 
     async def spy_restore(*args: object) -> Sandbox:
-        seen.append(os.environ.get("CRIU_LIBS_DIR"))
+        seen.append(str(cpu.plugin_dir))
         return await restore(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(cpu, "checkpoint", spy_checkpoint)
@@ -313,6 +314,7 @@ def test_criu_runs_without_its_own_cuda_plugin(
     run(checkpointer.checkpoint(engine(host, cpu), tmp_path, leave_running=False))
     run(checkpointer.restore(tmp_path, tmp_path, "r2"))
     assert seen == [str(empty), str(empty)]
+    assert os.environ["CRIU_LIBS_DIR"] == "/usr/lib/criu"
     assert empty.is_dir() and list(empty.iterdir()) == []
 
 
