@@ -11,6 +11,10 @@
   holder of the tensor object keeps working after ``recreate()``. The content is zeroed, not restored:
   use it for caches, not for weights. Data pointers change: CUDA graphs captured on them must be
   re-captured (rejected alternative: keeping addresses needs a VMM allocator as vLLM's CuMemAllocator).
+- ``file_back_module(module, directory)`` (CPU): the weights' memory moved, in place, into private mappings
+  of content-addressed files under ``directory`` (``file_backed.py``): a CPU checkpoint then holds no copy
+  of them, and every replica restored on a host shares their pages through the page cache. Nothing to
+  undo after a restore. Keep the files where they are for as long as a snapshot maps them.
 - ``empty_device_cache()``: return the CUDA caching allocator's free blocks to the driver, so a CUDA
   checkpoint does not copy memory nobody uses.
 
@@ -21,11 +25,14 @@ rolls back a failed before-checkpoint by running all after-restore hooks.
 from __future__ import annotations
 
 import gc
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from coldstart.snapshot_hooks.file_backed import FileBackReport, file_back
 
 
 def _sync(device: torch.device) -> None:
@@ -208,3 +215,20 @@ def device_memory() -> dict[str, int]:
             "cuda_reserved_bytes": int(torch.cuda.memory_reserved()),
         }
     return {"cuda_allocated_bytes": 0, "cuda_reserved_bytes": 0}
+
+
+def file_back_module(
+    module: torch.nn.Module, directory: str | os.PathLike[str], min_bytes: int = 1 << 20
+) -> FileBackReport:
+    """Move the storage of every CPU parameter and buffer of ``module`` of at least ``min_bytes`` into
+    content-addressed files under ``directory`` (see ``file_backed.file_back``); same tensors, same data
+    pointers, same values. Call it while nothing runs the module (a before-checkpoint hook on the model's
+    thread)."""
+    ranges: dict[int, int] = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.device.type != "cpu":
+            raise ValueError(f"file_back_module: a {tensor.device} tensor; only CPU memory maps files")
+        storage = tensor.untyped_storage()
+        if storage.nbytes() >= min_bytes:
+            ranges[storage.data_ptr()] = storage.nbytes()
+    return file_back(sorted(ranges.items()), directory)

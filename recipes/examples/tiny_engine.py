@@ -5,8 +5,10 @@
 What it shows (the pattern to copy into your own server):
 - a transformers causal LM, and a static KV cache allocated *up front* (not on the first request);
 - all model work on one thread (a single-worker executor), so hooks never race a generation step;
-- before checkpoint: refuse while requests are in flight, move the weights to (pinned) host memory, free
-  the KV cache, empty the CUDA allocator, then record this engine's own report of what it holds;
+- before checkpoint: refuse while requests are in flight, on CPU with ``--weights-dir DIR`` move the weights
+  into content-addressed files under DIR (``file_back_module``: not in the CPU checkpoint, shared by every
+  replica restored on a host; keep DIR as long as the snapshot), move the weights to (pinned) host memory,
+  free the KV cache, empty the CUDA allocator, then record this engine's own report of what it holds;
 - after restore (reverse order): re-create the KV cache with the same shape, move the weights back;
   ``snapshot_hooks`` reseeds the RNGs first, so two restored replicas sample differently.
 
@@ -45,6 +47,7 @@ from coldstart.snapshot_hooks.torch_helpers import (
     WeightOffloader,
     device_memory,
     empty_device_cache,
+    file_back_module,
 )
 
 T = TypeVar("T")
@@ -58,11 +61,21 @@ class EngineBusy(Exception):
 class TinyEngine:
     """The model, its static KV cache, and the single thread that runs them."""
 
-    def __init__(self, model_path: str, device: str, dtype: str, max_cache_len: int, name: str) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        device: str,
+        dtype: str,
+        max_cache_len: int,
+        name: str,
+        weights_dir: str | None = None,
+    ) -> None:
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("tiny_engine: --device cuda but torch sees no CUDA device")
         self.name = name
         self.device = torch.device(device)
+        self.weights_dir = weights_dir if device == "cpu" else None  # CUDA weights are offloaded instead
+        self.weights_in_files: dict[str, Any] | None = None
         self.dtype = (
             DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if device == "cuda" else torch.float32)
         )
@@ -146,6 +159,12 @@ class TinyEngine:
                 raise EngineBusy(f"{self.in_flight} request(s) in flight; drain before checkpointing")
 
         @hooks.before_checkpoint(timeout_s=120)
+        def weights_into_files() -> None:
+            if self.weights_dir is not None:
+                report = self.on_model_thread(file_back_module, self.model, self.weights_dir)
+                self.weights_in_files = report.to_json()
+
+        @hooks.before_checkpoint(timeout_s=120)
         def offload_weights() -> None:
             self.on_model_thread(self.offloader.offload)
 
@@ -174,6 +193,7 @@ class TinyEngine:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "weights": self.offloader.report(),
+            "weights_in_files": self.weights_in_files,
             "kv_cache": self.kv_cache.report(),
             "memory": {"rss_bytes": _rss_bytes(), "max_rss_bytes": usage.ru_maxrss * 1024, **device_memory()},
             "hooks_state": hooks.state().value,
@@ -360,6 +380,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--max-cache-len", type=int, default=1024, help="static KV cache length in tokens")
     p.add_argument("--served-model-name", default=None, help="name in /v1/models (default: --model)")
+    p.add_argument(
+        "--weights-dir",
+        default=None,
+        help="CPU: before a checkpoint, move the weights into content-addressed files here (not dumped)",
+    )
     return p.parse_args(argv)
 
 
@@ -371,7 +396,12 @@ def main(argv: list[str] | None = None) -> int:
     tqdm.set_lock(threading.RLock())
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     engine = TinyEngine(
-        args.model, args.device, args.dtype, args.max_cache_len, args.served_model_name or args.model
+        args.model,
+        args.device,
+        args.dtype,
+        args.max_cache_len,
+        args.served_model_name or args.model,
+        weights_dir=args.weights_dir,
     )
     engine.install_hooks()
     hooks.serve()  # the launcher's control channel (COLDSTART_CONTROL_PORT); no-op when run by hand
