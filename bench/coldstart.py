@@ -441,7 +441,7 @@ def table(results: list[dict[str, object]], runs: int) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in results[1:]:
-        ph: list[dict[str, float]] = r["phases"]  # type: ignore[assignment]
+        ph: list[dict[str, float]] = [p for p in r["phases"] if not p.get("page_cache_dropped")]  # type: ignore[attr-defined]
         bare_h = med(r["bare_healthy"])  # type: ignore[arg-type]
         launcher_h, verify, canary = (
             med([p.get(k, 0.0) for p in ph]) for k in ("healthy", "verify", "canary")
