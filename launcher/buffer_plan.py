@@ -88,7 +88,8 @@ def plan_buffer(
             SizingInput(forecast, [unit], confidence=CONFIDENCE, wait_budget_s=WAIT_BUDGET_S), explain=True
         )
     except InfeasibleSizingError:
-        return BufferPlan(free_units, f"demand may outgrow the {free_units} free unit(s): hold them all", rates)
+        why = f"demand may outgrow the {free_units} free unit(s): hold them all"
+        return BufferPlan(free_units, why, rates)
     target = min(plan.hold_total, free_units)
     why = plan.lines[0] if plan.lines else "the LP holds nothing"
     summary = (

@@ -6,8 +6,8 @@ becomes ready (a burst from zero would otherwise bind every waiter to the first 
 second idle, and the idle timer would stop it). With nothing starting, the least-busy replica takes the
 request -- unless deployments share too few units for all of them: then requests beyond the target wait
 in this queue, so a replica asked to yield its unit finishes only its ``target_concurrency`` requests, not
-a flood queued inside its engine (raise ``target_concurrency`` for engines that batch many). DRAINING replicas (scaled down, evicted for another deployment, or yielding their unit
-under contention) take none.
+a flood queued inside its engine (raise ``target_concurrency`` for engines that batch many). DRAINING
+replicas (scaled down, evicted for another deployment, or yielding their unit under contention) take none.
 
 The queue is bounded (``max_queue``: 503 ``queue_full``) and so is each wait (``queue_timeout``: 503
 ``queue_timeout``). Waiters re-evaluate whenever ``wake()`` is called (a replica became ready, got room,

@@ -51,7 +51,7 @@ def checkpointer_rows(deep: bool) -> tuple[list[Row], list[str]]:
                 )
                 continue
             detail += f"; checkpoint + restore of a test process in {seconds:.2f}s"
-        working.append(name)
+        working.append(str(name))
         rows.append(Row(name, "ok", detail))
     auto = next((n for n in AUTO_ORDER if n in working), None)
     rows.append(

@@ -69,7 +69,8 @@ def test_auto_picking_cuda_refuses_tensor_parallel(
     adapter = VllmAdapter(environment=CUDA_VLLM)
     auto = ServeConfig(engine="vllm", model="m", engine_args=TP2, snapshot="auto")
     with caplog.at_level(logging.WARNING, logger="coldstart.serve"):
-        assert make_snapshots(auto, adapter, Metrics().for_model("m")) is None  # auto: snapshots off, said why
+        # auto: snapshots off, said why
+        assert make_snapshots(auto, adapter, Metrics().for_model("m")) is None
     assert "tensor-parallel-size 2" in caplog.text and "snapshots off" in caplog.text
     monkeypatch.setattr(registry, "CHECKPOINTERS", {**registry.CHECKPOINTERS, "cuda": _fake_cuda})
     named = ServeConfig(engine="vllm", model="m", engine_args=TP2, snapshot="cuda")
