@@ -161,7 +161,8 @@ class TinyEngine:
         @hooks.before_checkpoint(timeout_s=120)
         def weights_into_files() -> None:
             if self.weights_dir is not None:
-                report = self.on_model_thread(file_back_module, self.model, self.weights_dir)
+                # Every tensor with whole pages in it (64 KiB and up): the small model's are small.
+                report = self.on_model_thread(file_back_module, self.model, self.weights_dir, 64 << 10)
                 self.weights_in_files = report.to_json()
 
         @hooks.before_checkpoint(timeout_s=120)
