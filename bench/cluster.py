@@ -54,8 +54,12 @@ class Deployment:
         self.metrics = Metrics().for_model("tiny")
 
 
+MODEL = str(REPO / ".cache" / "models" / "tiny")
+
+
 def first_token(base_url: str) -> None:
-    body = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "temperature": 0}
+    messages = [{"role": "user", "content": "hi"}]
+    body = {"model": MODEL, "messages": messages, "max_tokens": 1, "temperature": 0}
     httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=120, trust_env=False).raise_for_status()
 
 
@@ -121,7 +125,8 @@ def relay_cost(cluster: RayNodes, relay_url: str, engine_url: str, n: int = 20) 
     """Median seconds of one small completion through the relay and straight to the sandbox, from node A."""
     script = f"""
 import httpx, statistics, time
-body = {{"model": "x", "messages": [{{"role": "user", "content": "hi"}}], "max_tokens": 1, "temperature": 0}}
+messages = [{{"role": "user", "content": "hi"}}]
+body = {{"model": {MODEL!r}, "messages": messages, "max_tokens": 1, "temperature": 0}}
 out = []
 for url in ({relay_url!r}, {engine_url!r}):
     with httpx.Client(trust_env=False, timeout=60) as c:

@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +121,13 @@ class ReplicaActor:
 
     def __init__(self, config: ServeConfig, replica_id: str, allowed: tuple[str, ...] = ()) -> None:
         _default_loop_policy()
+        # The engine's whole life (spawn, restore, relay, stop) runs on an asyncio loop of our own, in a
+        # thread that lives as long as the actor: Ray's actor loop is uvloop, whose subprocesses inherit
+        # the worker's descriptors (Ray's raylet.out, uvloop's own sockets) -- CRIU refused to dump an
+        # engine holding them -- and the engines' death signal follows the thread that spawned them.
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="coldstart-replica", daemon=True)
+        self._thread.start()
         self.config = config
         self.replica_id = replica_id
         self.allowed = frozenset(allowed)
@@ -140,7 +148,30 @@ class ReplicaActor:
     def pid(self) -> int:
         return os.getpid()
 
+    async def _own(self, coro: Any) -> Any:
+        """Run ``coro`` on the actor's own loop (see ``__init__``) and await it from Ray's."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+
     async def prepare(self) -> bool:
+        return bool(await self._own(self._prepare()))
+
+    async def start(self) -> StartReport:
+        import ray
+
+        node_id, node_ip = ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+        report: StartReport = await self._own(self._start(node_id, node_ip))
+        return report
+
+    async def published(self) -> str | None:
+        """The key of the snapshot this replica took, once published (None: none taken or not published)."""
+        key: str | None = await self._own(self._published())
+        return key
+
+    async def stop(self, grace: float) -> None:
+        """Stop the relay and the engine (SIGTERM, ``grace``, SIGKILL; its namespace removed). Idempotent."""
+        await self._own(self._stop(grace))
+
+    async def _prepare(self) -> bool:
         """Set up on this node (the node's settings, leftovers of dead actors removed, the adapter and the
         snapshot manager); returns whether a restore will be tried (the gateway moves the replica's state)."""
         from coldstart.engine_adapters.registry import get_adapter
@@ -154,6 +185,7 @@ class ReplicaActor:
         self.config = with_node(self.config, node)
         self.work = Path(self.config.work_dir) / "ray" / f"{self.replica_id}-{os.getpid()}"
         self.work.mkdir(parents=True, exist_ok=True)
+        _log_to(self.work / "actor.log")
         await asyncio.to_thread(log_cleanup, Path(self.config.work_dir))
         self.adapter = get_adapter(self.config.engine, engine_python=self.config.engine_python)
         self.adapter.check_installed()
@@ -169,18 +201,16 @@ class ReplicaActor:
         self._prepared = restore
         return restore
 
-    async def start(self) -> StartReport:
+    async def _start(self, node_id: str, node_ip: str) -> StartReport:
         """Restore or cold-boot the engine on this node; returns once it serves (through the relay)."""
-        import ray
-
         started = time.monotonic()
-        restore = await self.prepare()
+        restore = await self._prepare()
         adapter, econf, work = self.adapter, self.econf, self.work
         report = StartReport(
             base_url="",
             how="cold_boot",
-            node_id=ray.get_runtime_context().get_node_id(),
-            node_ip=ray.util.get_node_ip_address(),
+            node_id=node_id,
+            node_ip=node_ip,
             snapshot_key=self.manager.identity.key if self.manager else None,
             holds_snapshot=False,
             actor_pid=os.getpid(),
@@ -246,8 +276,7 @@ class ReplicaActor:
             return None
         return str(key)
 
-    async def published(self) -> str | None:
-        """The key of the snapshot this replica took, once published (None: none taken or not published)."""
+    async def _published(self) -> str | None:
         if self._publish is None:
             return None
         return await asyncio.shield(self._publish)
@@ -258,8 +287,7 @@ class ReplicaActor:
             await asyncio.sleep(EXIT_POLL_S)
         return int(code)
 
-    async def stop(self, grace: float) -> None:
-        """Stop the relay and the engine (SIGTERM, ``grace``, SIGKILL; its namespace removed). Idempotent."""
+    async def _stop(self, grace: float) -> None:
         if self._stopped:
             return
         self._stopped = True
@@ -272,6 +300,15 @@ class ReplicaActor:
                 await asyncio.wait_for(asyncio.shield(self._publish), 60.0)
         if self.manager is not None:
             await self.manager.close()  # its pull-ahead thread and the store's fsync threads
+
+
+def _log_to(path: Path) -> None:
+    """The actor's coldstart log lines (restore, snapshot, boot failures) into its folder on the node."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("coldstart")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
 
 
 def _default_loop_policy() -> None:

@@ -149,6 +149,9 @@ class RayNodes:
         for node in (self.b, self.a):  # the worker first: the head's GCS outlives it
             self.stop_node(node)
             _ip("netns", "del", node.netns, check=False)
+            logs = node.temp_dir / "session_latest" / "logs"  # kept beside the node's files (tmp_path)
+            if logs.is_dir():
+                shutil.copytree(logs, node.root / "ray-logs", dirs_exist_ok=True)
             shutil.rmtree(node.temp_dir, ignore_errors=True)
         _ip("link", "del", self.bridge, check=False)
 

@@ -30,7 +30,11 @@ from coldstart.launcher.config import ServeConfig
 from coldstart.launcher.metrics import Metrics, ModelMetrics
 from coldstart.launcher.replica import Replica, StartKind
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    # Ray Client's streaming thread raises InvalidStateError(CANCELLED) when the session is shut down.
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning"),
+]
 
 
 @dataclass
@@ -61,6 +65,7 @@ def host(cluster: Any, loop: asyncio.AbstractEventLoop) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def tiny(tiny_model: Path) -> StandIn:
     config = ServeConfig(engine="transformers", model=str(tiny_model), snapshot="criu", boot_timeout=300)
+    MODEL["name"] = str(tiny_model)
     return StandIn("tiny", config, Metrics().for_model("tiny"))
 
 
@@ -94,9 +99,12 @@ def block_unit(ip: str) -> Any:
     return actor
 
 
+MODEL: dict[str, str] = {}  # the engine's own model name (the tiny model's path)
+
+
 def greedy(base_url: str, prompt: str = "hello there") -> str:
     body = {
-        "model": "unused",
+        "model": MODEL["name"],
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": 8,
         "temperature": 0,

@@ -23,7 +23,11 @@ import httpx
 import pytest
 from ray_nodes import RayNodes, netns_pids
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    # Ray Client's streaming thread raises InvalidStateError(CANCELLED) when the session is shut down.
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning"),
+]
 PORT = 18720
 
 
