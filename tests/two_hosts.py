@@ -119,6 +119,7 @@ class CacheServer(Proc):
         argv += ["--host", host.ip, "--port", str(CACHE_PORT), "--token-file", str(log.with_suffix(".token"))]
         argv += ["--upstream", upstream] if upstream else []
         super().__init__(host, argv, log)
+        self.public_url = f"http://{host.ip}:{CACHE_PORT}"  # what logs and reports name
         self.url = f"http://:{token}@{host.ip}:{CACHE_PORT}"  # the tier URL carries the server's token
         wait_until(lambda: _ok(f"{self.url}/healthz"), 30, "the cache server", self)
 

@@ -334,7 +334,7 @@ def test_host_b_restores_through_the_cache_server_then_from_its_local_copy(host_
         finally:
             b.stop()
         log = _events(b.log())
-        assert f"snapshot {key} pulled from {server.url}" in log, log
+        assert f"snapshot {key} pulled from {server.public_url}" in log, log
         assert f"restored from {key}" in log and "how=cold_boot" not in log, log
         # Second restore on B: from its local copy, nothing pulled.
         again = Launcher(hosts.b, tiny_model, "b1", *tiers, checkpointer=CHECKPOINTER)
@@ -374,7 +374,7 @@ def test_cache_server_killed_mid_pull_restores_from_the_origin(host_a, tiny_mode
             b.stop()
         log = _events(b.log())
         assert "tier unreachable, trying the next one" in log, log
-        assert f"snapshot {key} pulled from {server.url}" in log and f"restored from {key}" in log, log
+        assert f"snapshot {key} pulled from {server.public_url}" in log and f"restored from {key}" in log, log
     finally:
         server.stop()
 
