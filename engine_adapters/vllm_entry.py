@@ -64,12 +64,14 @@ def _without_amx_where_denied() -> None:
     if sys.platform != "linux" or os.uname().machine != "x86_64":
         return
     import ctypes
-    import errno
 
     libc = ctypes.CDLL(None, use_errno=True)
     arch_prctl, req_xcomp_perm, xtiledata = 158, 0x1023, 18
-    if libc.syscall(arch_prctl, req_xcomp_perm, xtiledata) == 0 or ctypes.get_errno() != errno.EPERM:
-        return  # granted, or no AMX on this CPU/kernel (EINVAL...): nothing to hide
+    if libc.syscall(arch_prctl, req_xcomp_perm, xtiledata) == 0:
+        return  # granted: AMX may be used
+    # Refused (EPERM: a CRIU sandbox) or unknown to the kernel (EINVAL: gVisor 20240729, whose CPUID still
+    # shows amx_tile but hides avx512_bf16, so vLLM loads _C_AVX512 and then calls the AMX-only
+    # convert_weight_packed: "'_C' object has no attribute 'convert_weight_packed'"): no AMX either way.
     import torch
 
     torch.cpu._is_amx_tile_supported = lambda: False
