@@ -273,8 +273,15 @@ class RayHost:
 
     def _update_buffer(self) -> None:
         bundles = [{self.unit: 1.0}] * (len(self._handles) + self._buffer)
-        with contextlib.suppress(RuntimeError):  # no running loop: called before serving starts
-            self._spawn(self._request(bundles), "request_resources")
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # called outside the gateway's loop (before serving starts): at once
+            import ray
+
+            with contextlib.suppress(Exception):
+                ray.get(ray.remote(_request_resources).options(num_cpus=0).remote(bundles), timeout=30)
+            return
+        self._spawn(self._request(bundles), "request_resources")
 
     async def _request(self, bundles: list[dict[str, float]]) -> None:
         import ray

@@ -171,7 +171,10 @@ def test_with_a_busy_a_replica_at_zero_goes_to_b_and_restores_the_same_answer(
 def test_the_buffer_reaches_the_autoscaler(host: Any, loop: Any) -> None:
     import ray
 
-    host.set_buffer(1)
+    async def in_the_loop() -> None:  # as the gateway calls it
+        host.set_buffer(1)
+
+    loop.run_until_complete(in_the_loop())
 
     def requested() -> Any:
         from ray.experimental.internal_kv import _internal_kv_get
