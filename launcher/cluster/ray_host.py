@@ -58,7 +58,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("coldstart.cluster")
 
 STOP_TIMEOUT_S = 60.0  # an actor's own stop (SIGTERM, grace, SIGKILL) beyond which it is killed anyway
-NODES_TTL_S = 2.0  # ray.nodes() is a GCS call: capacity() reuses it this long
+NODES_TTL_S = 2.0
+CONNECT_ATTEMPTS = 3  # ray.nodes() is a GCS call: capacity() reuses it this long
 
 
 @dataclass
@@ -134,13 +135,25 @@ class RayHost:
             gateway_id
             or "gw-" + hashlib.sha256(f"{server_config.host}:{server_config.port}".encode()).hexdigest()[:8]
         )
-        try:
-            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise ClusterUnreachable(
-                f"--cluster {address}: no Ray cluster answers there ({exc}); start one with "
-                "'coldstart node start --head' (Ray Client: ray://HEAD:10001)"
-            ) from exc
+        for attempt in range(CONNECT_ATTEMPTS):
+            try:
+                ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+                break
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                # Ray Client starts a server process per session on the head; on a loaded head it can
+                # miss its start deadline ("Starting Ray client server failed"): try again, then say so.
+                with contextlib.suppress(Exception):
+                    ray.shutdown()
+                if attempt + 1 < CONNECT_ATTEMPTS:
+                    log.warning(
+                        "connecting to %s failed (%s); trying again", address, str(exc).splitlines()[0]
+                    )
+                    time.sleep(2.0)
+                    continue
+                raise ClusterUnreachable(
+                    f"--cluster {address}: no Ray cluster answers there ({exc}); start one with "
+                    "'coldstart node start --head' (Ray Client: ray://HEAD:10001)"
+                ) from exc
         self._actor_cls = ray.remote(ReplicaActor)
         self._pull = ray.remote(pull_ahead)
         self.unit = "GPU" if ray.cluster_resources().get("GPU") else SLOT
