@@ -137,7 +137,7 @@ class ServeConfig:
         2.0,
         "seconds between liveness probes of each ready replica; a replica whose engine exited, or whose "
         "probe fails twice in a row, is stopped and replaced (a hung engine is found within "
-        "interval + 2 x (timeout + interval) = 10 s by default)",
+        "2 x (interval + timeout) = 10 s by default)",
         gt=0,
     )
     health_timeout: float = opt(3.0, "seconds a liveness probe waits for the engine's answer", gt=0)
@@ -205,6 +205,11 @@ class ServeConfig:
         "(cache server URLs, chunk store dirs)",
     )
     snapshot_cache: Path | None = server_opt(None, "local chunk cache for pulled snapshots (default: none)")
+    snapshot_trust_key: Path | None = server_opt(
+        None,
+        "a file of 16+ secret bytes shared by a deployment's hosts: snapshots published here are signed "
+        "with it, and pulled ones whose signature does not check are refused",
+    )
     snapshot_publish: Path | None = server_opt(
         None, "publish every snapshot taken here into this chunk store dir (serve it: coldstart image serve)"
     )

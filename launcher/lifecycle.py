@@ -89,7 +89,10 @@ async def _cold_boot(
     if snapshots is not None:
         replica.sandbox = snapshots.new_sandbox(workdir, replica.id)
     else:
-        replica.sandbox = PlainSandbox(f"{deployment.adapter.name}:{replica.id}")
+        workdir.mkdir(parents=True, exist_ok=True)
+        replica.sandbox = PlainSandbox(
+            f"{deployment.adapter.name}:{replica.id}", log_path=workdir / "engine.log"
+        )
     started = time.monotonic()
     await cold_boot(
         replica.sandbox, deployment.adapter, engine_config, http, timeout_s=deployment.policy.boot_timeout

@@ -44,6 +44,7 @@ from coldstart.launcher.process import raise_nofile_limit
 from coldstart.launcher.proxy import Proxy
 from coldstart.launcher.sandboxes.leftovers import log_cleanup
 from coldstart.launcher.settings import engine_config, scaling_policy, snapshot_settings
+from coldstart.launcher.snapshots.store import private_dir
 from coldstart.pool import pool_for_host
 
 log = logging.getLogger("coldstart.serve")
@@ -140,13 +141,12 @@ def launcher_work_dir(work_dir: Path) -> Path:
     replica's files); folders of launchers that are gone are removed. Raises a one-line error when the
     folder cannot be written."""
     try:
-        work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(work_dir)  # engine logs and page images hold the engines' memory and environment
         for old in work_dir.glob("launcher-*"):
             pid = old.name.removeprefix("launcher-")
             if pid.isdigit() and not Path(f"/proc/{pid}").exists():
                 shutil.rmtree(old, ignore_errors=True)
-        mine = work_dir / f"launcher-{os.getpid()}"
-        mine.mkdir(mode=0o700, exist_ok=True)
+        mine = private_dir(work_dir / f"launcher-{os.getpid()}")
     except OSError as exc:
         raise UsageError(
             f"--work-dir {work_dir}: cannot write there ({exc.strerror}); pass a writable folder"

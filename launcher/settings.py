@@ -31,6 +31,7 @@ class SnapshotSettings:
     tiers: tuple[str, ...] = ()
     chunk_cache: Path | None = None
     publish_to: Path | None = None
+    trust_key: Path | None = None  # signs published refs, checks pulled ones (remote.py)
 
 
 def engine_config(config: ServeConfig) -> EngineConfig:
@@ -73,4 +74,5 @@ def snapshot_settings(config: ServeConfig) -> SnapshotSettings | None:
         tiers=tuple(t.strip() for t in (config.snapshot_tiers or "").split(",") if t.strip()),
         chunk_cache=config.snapshot_cache,
         publish_to=config.snapshot_publish,
+        trust_key=config.snapshot_trust_key,
     )

@@ -59,6 +59,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--snapshot-publish", type=Path, default=default, metavar="DIR", help="chunk store to push into"
         )
+        p.add_argument(
+            "--snapshot-trust-key",
+            type=Path,
+            default=default,
+            metavar="FILE",
+            help="secret shared by a deployment's hosts: pushed refs are signed, pulled ones checked",
+        )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("ls", help="list snapshots (local, and on --snapshot-tiers)", parents=[common])
     inspect = sub.add_parser(
@@ -215,7 +222,9 @@ def _pull(store: SnapshotStore, remote: SnapshotTiers | None, key: str, force: b
 def _remote_of(args: argparse.Namespace) -> SnapshotTiers | None:
     from coldstart.launcher.snapshots.remote import remote_for
 
-    return remote_for(args.snapshot_tiers, args.snapshot_cache, args.snapshot_publish)
+    return remote_for(
+        args.snapshot_tiers, args.snapshot_cache, args.snapshot_publish, args.snapshot_trust_key
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -422,6 +422,8 @@ class SnapshotManager:
                 log.warning("publish of snapshot %s cancelled at shutdown", self.identity.key)
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if self.remote is not None:
+            self.remote.close()  # pulls under way fail now instead of running to their deadline
         if self._prefetching is not None:
             await asyncio.to_thread(self._prefetching.join, timeout_s)
         await asyncio.to_thread(self.store.join_background, timeout_s)
@@ -607,7 +609,7 @@ def snapshots_for(
         image_digest=image_digest_of(settings.image),
         image_mount=settings.image_mount,
         canary=settings.canary,
-        remote=remote_for(settings.tiers, settings.chunk_cache, settings.publish_to),
+        remote=remote_for(settings.tiers, settings.chunk_cache, settings.publish_to, settings.trust_key),
     )
     manager.prefetch(adapter, engine_config)  # with --snapshot-tiers and no local snapshot
     return manager

@@ -31,6 +31,7 @@ SERVER_FIELDS = {
     "snapshot_tiers",
     "snapshot_cache",
     "snapshot_publish",
+    "snapshot_trust_key",
     "log_format",
     "log_level",
     "max_body_size",
