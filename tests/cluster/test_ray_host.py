@@ -13,6 +13,7 @@ In order (one cluster and one gateway for the module):
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -212,6 +213,14 @@ async def main():
 
 asyncio.run(main())
 """
+RESTARTED = """
+import json, sys
+from coldstart.launcher.cluster.ray_host import RayHost
+from coldstart.launcher.config import ServeConfig
+from coldstart.launcher.metrics import Metrics
+
+print(json.dumps(RayHost(sys.argv[1], ServeConfig(), Metrics(), gateway_id=sys.argv[2]).removed), flush=True)
+"""
 
 
 def actor_leftovers(pid: int) -> list[str]:
@@ -225,8 +234,6 @@ def test_a_gateway_killed_and_restarted_removes_what_it_left(
 ) -> None:
     """A second gateway (its own process and id) starts a replica on B and is killed -9: its detached actor
     and engine outlive it; the same gateway started again finds and removes them, and nothing is left."""
-    from coldstart.launcher.cluster.ray_host import RayHost
-
     loop.run_until_complete(host.stop(STATE.pop("r2"), 5.0))  # B's unit free for the orphan
     gateway_id = f"gw-killed{os.getpid()}"
     argv = [sys.executable, "-c", GATEWAY, cluster.address, gateway_id, str(tiny_model)]
@@ -246,8 +253,10 @@ def test_a_gateway_killed_and_restarted_removes_what_it_left(
 
     orphan = ray.get_actor(f"{gateway_id}.tiny.r9", namespace="coldstart")
     orphan_pid = ray.get(orphan.pid.remote(), timeout=30)
-    again = RayHost(cluster.address, ServeConfig(), Metrics(), gateway_id=gateway_id)
-    assert again.removed == [f"{gateway_id}.tiny.r9"]
+    # The gateway started again: its own process (one Ray Client session per process).
+    restarted = [sys.executable, "-c", RESTARTED, cluster.address, gateway_id]
+    done = subprocess.run(restarted, capture_output=True, text=True, timeout=300)
+    assert json.loads(done.stdout.splitlines()[-1]) == [f"{gateway_id}.tiny.r9"], done.stderr[-2000:]
     with pytest.raises(httpx.HTTPError):
         greedy(base_url)
     wait_for(lambda: actor_leftovers(orphan_pid) == [], 30, loop, "the orphan's process and namespace to go")
