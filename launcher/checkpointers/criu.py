@@ -83,6 +83,16 @@ def libdir_args(plugin_dir: Path | None) -> list[str]:
     return ["--libdir", str(plugin_dir)] if plugin_dir is not None else []
 
 
+def external_args(mounts: tuple[Path, ...], *, restore: bool) -> list[str]:
+    """Host mounts the engine keeps (a FUSE image, which CRIU cannot dump): external at the dump
+    (``mnt[PATH]:KEY``), the host's same mount bound back at restore (``mnt[KEY]:PATH``)."""
+    out = []
+    for i, path in enumerate(mounts):
+        key = f"coldstart-mount-{i}"
+        out += ["--external", f"mnt[{key}]:{path}" if restore else f"mnt[{path}]:{key}"]
+    return out
+
+
 def find_criu() -> str | None:
     explicit = os.environ.get("COLDSTART_CRIU")
     if explicit:
@@ -122,11 +132,19 @@ async def _restore_lock() -> AsyncIterator[None]:
 class CriuSandbox(NetnsSandbox):
     """One engine tree in its own PID + network namespace; cold-started or restored by CRIU."""
 
-    def __init__(self, workdir: Path, replica_id: str, criu: str, plugin_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        replica_id: str,
+        criu: str,
+        plugin_dir: Path | None = None,
+        external_mounts: tuple[Path, ...] = (),
+    ) -> None:
         self.workdir = Path(workdir)
         self.replica_id = replica_id
         self.criu = criu
         self.plugin_dir = plugin_dir  # CRIU --libdir (see Checkpointer.plugin_dir)
+        self.external_mounts = external_mounts  # host mounts the engine keeps (an imagefs image)
         self.netns: NetNamespace | None = None
         self._proc: asyncio.subprocess.Process | None = None  # unshare (cold) or criu restore
         self._pipe: OwnedPipe | None = None
@@ -162,7 +180,7 @@ class CriuSandbox(NetnsSandbox):
         argv = [
             *self.netns.enter_argv(),
             "unshare", "--pid", "--mount", "--propagation", "private", "--fork", "--kill-child", "--",
-            *criu_init.argv_prefix(), *spec.argv,
+            *criu_init.argv_prefix(tuple(map(str, self.external_mounts))), *spec.argv,
         ]  # fmt: skip
         self._proc = await exec_into(argv, self._pipe, env={**os.environ, **spec.env}, cwd=spec.cwd)
         await self._pipe.start_reading()
@@ -198,7 +216,7 @@ class CriuSandbox(NetnsSandbox):
         argv = [
             *self.netns.enter_argv(), self.criu, "restore", "-D", str(images),
             "-o", str(self._restore_log), "-v2", *RESTORE_FLAGS, "--pidfile", str(self._pidfile), *inherit,
-            *libdir_args(self.plugin_dir),
+            *libdir_args(self.plugin_dir), *external_args(self.external_mounts, restore=True),
         ]  # fmt: skip
         async with _restore_lock():
             self._proc = await exec_into(argv, self._pipe, extra_fds=[self._pipe.write_fd])
@@ -250,9 +268,12 @@ class CriuSandbox(NetnsSandbox):
 class CriuCheckpointer(Checkpointer):
     name: ClassVar[str] = "criu"
 
-    def __init__(self, binary: str | None = None) -> None:
+    def __init__(self, binary: str | None = None, external_mounts: tuple[Path, ...] = ()) -> None:
         self._binary = binary
         self._info: CheckpointerInfo | None = None
+        # Host mounts the engine runs from (the deployment's imagefs image), given by snapshots_for:
+        # kept in the replica's mount namespace, external to the dump, bound back at restore.
+        self.external_mounts = external_mounts
 
     @property
     def binary(self) -> str:
@@ -287,7 +308,7 @@ class CriuCheckpointer(Checkpointer):
         return self._info
 
     def new_sandbox(self, workdir: Path, replica_id: str) -> Sandbox:
-        return CriuSandbox(workdir, replica_id, self.binary)
+        return CriuSandbox(workdir, replica_id, self.binary, self.plugin_dir, self.external_mounts)
 
     async def checkpoint(self, sandbox: Sandbox, image_dir: Path, *, leave_running: bool) -> None:
         if not isinstance(sandbox, CriuSandbox) or sandbox.netns is None or not sandbox.pid:
@@ -306,6 +327,7 @@ class CriuCheckpointer(Checkpointer):
         argv = [
             *sandbox.netns.enter_argv(), sandbox.criu, "dump", "-t", str(pid), "-D", str(image_dir),
             "-o", str(dump_log), "-v2", *DUMP_FLAGS, *libdir_args(self.plugin_dir),
+            *external_args(sandbox.external_mounts, restore=False),
         ]  # fmt: skip
         if leave_running:
             argv.append("--leave-running")
@@ -316,7 +338,7 @@ class CriuCheckpointer(Checkpointer):
         (image_dir / SIDECAR).write_text(json.dumps({"pipes": pipes, "port": ENGINE_PORT}))
 
     async def restore(self, image_dir: Path, workdir: Path, replica_id: str) -> Sandbox:
-        sandbox = CriuSandbox(workdir, replica_id, self.binary, self.plugin_dir)
+        sandbox = CriuSandbox(workdir, replica_id, self.binary, self.plugin_dir, self.external_mounts)
         async with contextlib.AsyncExitStack() as undo:
             undo.push_async_callback(sandbox.stop, 1.0)
             try:

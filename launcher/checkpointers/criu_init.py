@@ -17,7 +17,9 @@ of a fresh PID namespace in a private copy of the host's mounts. Before it becom
    ``TORCHINDUCTOR_CACHE_DIR``): 155 MB that would otherwise be rebuilt at every cold boot and travel,
    gzipped, in every snapshot (+23 MB image, ~0.5 s of every restore).
 2. unmounts what CRIU cannot dump in a mount namespace: namespace files (``nsfs``, e.g. under
-   ``/run/netns``) and FUSE mounts (other replicas' image mounts).
+   ``/run/netns``) and FUSE mounts (other replicas' image mounts), except the ones given with ``--keep``
+   (this deployment's imagefs mount: the engine's files; CRIU dumps it as an external mount and binds the
+   host's mount back at restore, ``CriuCheckpointer(external_mounts=...)``).
 3. mounts a /proc of its own PID namespace: on the host's /proc, ``/proc/<os.getpid()>`` is another
    process or none (vLLM's engine core reads ``/proc/<its pid>/status`` and died at boot, now and then,
    with "No such file or directory"); ``/proc/self`` hid the problem for single-process engines.
@@ -64,8 +66,10 @@ def _undumpable(fstype: str) -> bool:
     return fstype.split(".")[0] in UNDUMPABLE_FSTYPES
 
 
-def prepare_mounts() -> None:
+def prepare_mounts(keep: tuple[str, ...] = ()) -> None:
     for target, fstype in reversed(_mounts()):  # deepest first
+        if target in keep:
+            continue
         if _undumpable(fstype) or target == "/run/netns":
             subprocess.run(["umount", "-l", target], check=False, capture_output=True)
     for target in PRIVATE_TMPFS:
@@ -84,11 +88,16 @@ def prepare_mounts() -> None:
     )
 
 
-def argv_prefix() -> list[str]:
-    return [sys.executable, "-m", "coldstart.launcher.checkpointers.criu_init", "--"]
+def argv_prefix(keep: tuple[str, ...] = ()) -> list[str]:
+    kept = [arg for path in keep for arg in ("--keep", path)]
+    return [sys.executable, "-m", "coldstart.launcher.checkpointers.criu_init", *kept, "--"]
 
 
 def main(argv: list[str]) -> int:
+    keep: list[str] = []
+    while argv[:1] == ["--keep"] and len(argv) >= 2:
+        keep.append(argv[1])
+        argv = argv[2:]
     if argv[:1] == ["--"]:
         argv = argv[1:]
     if not argv:
@@ -98,7 +107,7 @@ def main(argv: list[str]) -> int:
         )
         return 2
     try:
-        prepare_mounts()
+        prepare_mounts(tuple(keep))
     except subprocess.CalledProcessError as exc:
         print(f"criu_init: {exc}: {exc.stderr.decode(errors='replace').strip()}", file=sys.stderr)
         return 1

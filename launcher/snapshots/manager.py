@@ -599,6 +599,11 @@ def snapshots_for(
 
         # The mounted root-filesystem image is the container's root, handed over here (not a global).
         checkpointer = RunscCheckpointer(root=settings.image_mount)
+    elif checkpointer.name == "criu" and settings.image_mount is not None:
+        from coldstart.launcher.checkpointers.criu import CriuCheckpointer
+
+        # The engine's files under the imagefs mount stay visible to it; CRIU treats the mount as external.
+        checkpointer = CriuCheckpointer(external_mounts=(settings.image_mount,))
     checkpointer.check_engine_args(engine_config.engine_args)
     manager = SnapshotManager(
         checkpointer,
