@@ -193,7 +193,7 @@ async def bare_criu(
 
 
 async def bare_runsc(
-    image: Path, runsc: str, work: Path, http: httpx.AsyncClient, model: str, n: int
+    image: Path, runsc: str, work: Path, http: httpx.AsyncClient, model: str, n: int, resume: bool = False
 ) -> float:
     sidecar = json.loads((image / "coldstart-runsc.json").read_text())
     flags = sidecar["global_flags"]
@@ -221,6 +221,8 @@ async def bare_runsc(
         url = f"http://{ns.guest_ip}:8000"
         await poll_health(http, url, lambda: proc.returncode is None, 120)
         bare_healthy.append(time.monotonic() - started)
+        if resume:  # paused for the dump (vLLM on CPU), as in bare_criu
+            (await http.post(f"{url}/resume")).raise_for_status()
         await first_token(http, url, model)
         return time.monotonic() - started
     finally:
@@ -343,7 +345,7 @@ async def bench(args: argparse.Namespace) -> list[dict[str, object]]:
                 ) -> Awaitable[float]:
                     if n == "criu":
                         return bare_criu(img, tool, work / f"bare{i}", http, model, args.engine == "vllm")
-                    return bare_runsc(img, tool, work / "bare", http, model, i)
+                    return bare_runsc(img, tool, work / "bare", http, model, i, args.engine == "vllm")
 
                 bare_healthy.clear()
                 bare = await repeat(f"bare {name} restore", args.runs, bare_once)
@@ -497,8 +499,6 @@ def main(argv: list[str] | None = None) -> int:
         args.cold_runs = args.runs
     if args.size is None:
         args.size = "tiny" if args.engine == "vllm" else "qwen3-0.6b"
-    if args.engine == "vllm" and args.checkpointers == ["criu", "runsc"]:
-        args.checkpointers = ["criu"]  # vLLM under gVisor: not tried (see the vLLM section of README)
     results = asyncio.run(bench(args))
     if args.engine == "vllm":
         print(f"engine: {get_adapter('vllm').version()}, {args.vllm_config} configuration, model {args.size}")
