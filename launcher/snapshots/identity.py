@@ -43,7 +43,8 @@ BEHAVIOUR_ENV_PREFIXES = (
     "VLLM_", "SGLANG_", "CUDA_", "NCCL_", "NVIDIA_", "OMP_", "KMP_", "MKL_", "DNNL_", "ONEDNN_",
     "TORCH", "PYTORCH_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "MALLOC_", "GLIBC_", "PYTHON",
 )  # fmt: skip
-BEHAVIOUR_ENV_NAMES = frozenset({"LD_PRELOAD", "LD_LIBRARY_PATH", "TMPDIR"})
+# TMPDIR is left out: the sandboxes give the engine its own (CRIU: a private tmpfs).
+BEHAVIOUR_ENV_NAMES = frozenset({"LD_PRELOAD", "LD_LIBRARY_PATH"})
 # EngineConfig fields that never reach the snapshot key: the sandbox decides where the engine binds.
 NOT_IN_KEY = frozenset({"host", "port"})
 
