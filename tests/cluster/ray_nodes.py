@@ -100,24 +100,32 @@ class RayNodes:
             raise
         return self
 
-    def start_node(self, node: Node) -> None:
+    def start_node(self, node: Node, attempts: int = 3) -> None:
+        """``coldstart node start`` in the node's namespace; tried again (after stopping what the failed
+        try left) when a loaded machine makes Ray miss its own deadlines (GCS connection, raylet start)."""
         argv = [sys.executable, "-m", "coldstart.launcher.cli.main", "node", "start"]
         argv += ["--head"] if node is self.a else ["--address", self.gcs]
         argv += ["--node-ip", node.ip, "--units", str(self.units), "--temp-dir", str(node.temp_dir)]
         argv += ["--snapshot-dir", str(node.snapshot_dir), "--work-dir", str(node.root / "work")]
         argv += ["--snapshot-publish", str(self.origin), "--snapshot-tiers", str(self.origin)]
         log = node.root / "ray-start.log"
-        with open(log, "ab") as out:
-            done = subprocess.run(
-                [*node.enter(), *argv],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **HEALTH_ENV},
-                timeout=120,
-            )
-        if done.returncode != 0:
-            raise RuntimeError(f"node {node.name} did not start: {log.read_text()[-2000:]}")
-        node.alive = True
+        for attempt in range(attempts):
+            with open(log, "ab") as out:
+                done = subprocess.run(
+                    [*node.enter(), *argv],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, **HEALTH_ENV},
+                    timeout=180,
+                )
+            if done.returncode == 0:
+                node.alive = True
+                return
+            if attempt + 1 < attempts:
+                self.stop_node(node, force=True)
+                shutil.rmtree(node.temp_dir, ignore_errors=True)
+                time.sleep(2.0)
+        raise RuntimeError(f"node {node.name} did not start: {log.read_text()[-2000:]}")
 
     def kill_node(self, node: Node) -> None:
         """The node dies: every process in its namespace SIGKILLed (raylet first), the namespace removed."""
@@ -129,8 +137,8 @@ class RayNodes:
         _ip("netns", "del", node.netns, check=False)
         node.alive = False
 
-    def stop_node(self, node: Node) -> None:
-        if node.alive or Path(f"/run/netns/{node.netns}").exists():
+    def stop_node(self, node: Node, force: bool = False) -> None:
+        if node.alive or force or Path(f"/run/netns/{node.netns}").exists():
             subprocess.run(
                 [sys.executable, "-m", "coldstart.launcher.cli.main", "node", "stop"]
                 + ["--temp-dir", str(node.temp_dir), "--grace", "5"],
