@@ -179,15 +179,14 @@ def main() -> int:
                 rows.setdefault("A, local restore", []).append(s)
                 rows.setdefault("placement alone", []).append(b.host.placements[r.id].placed_s)
                 ray.kill(blocker)
-                blocker_a = b.block(cluster.a.ip)  # B's restores: A busy
-                r2, s = b.start()
+                r2, s = b.start()  # A busy (r): on B, from the copy it pulled ahead
+                assert b.host.placements[r2.id].node_ip == cluster.b.ip
                 rows.setdefault("B, pulled ahead", []).append(s)
                 b.stop(r2)
                 shutil.rmtree(cluster.b.snapshot_dir / key, ignore_errors=True)
-                r2, s = b.start()
+                r2, s = b.start()  # B again, its copy gone: pulled from the origin on demand
                 rows.setdefault("B, pulled on demand", []).append(s)
                 b.stop(r2)
-                ray.kill(blocker_a)
                 b.stop(r)
             # A node's death with a replica on it -> a replacement serving on A.
             blocker = b.block(cluster.a.ip)
