@@ -430,7 +430,11 @@ def table(results: list[dict[str, object]], runs: int) -> str:
             f"{cold / restore:.1f}x | {image / 1e6:.0f} + {weights / 1e6:.0f} MB | "
             f"{floor:.3f} s at {float(r['bandwidth']) / 1e9:.1f} GB/s | "  # type: ignore[arg-type]
             f"{memory[0] / 1e9:.2f} / {memory[1] / 1e9:.2f} GB | "
-            f"{two / 1e9:.2f} / {one / 1e9:.2f} GB = {two / one:.2f}x |"
+            + (
+                f"{two / 1e9:.2f} / {one / 1e9:.2f} GB = {two / one:.2f}x |"
+                if one
+                else "n/a (no host PIDs) |"
+            )
         )
     lines += [
         "",
