@@ -28,7 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SUBNET = "10.221.0"
+# Ray 2.60 turns token authentication on by itself where ~/.ray/auth_token exists (a Ray run on this
+# machine may have written one), and a node or driver that did not read the same token is refused
+# ("InvalidAuthToken"): the test cluster runs without, for every process of it (nodes, this gateway).
+AUTH_ENV = {"RAY_AUTH_MODE": "disabled"}
 HEALTH_ENV = {
+    **AUTH_ENV,
     "RAY_health_check_period_ms": "500",
     "RAY_health_check_timeout_ms": "500",
     "RAY_health_check_failure_threshold": "4",
@@ -80,6 +85,8 @@ class RayNodes:
         return (self.a, self.b)
 
     def __enter__(self) -> RayNodes:
+        self._saved_env = {k: os.environ.get(k) for k in AUTH_ENV}
+        os.environ.update(AUTH_ENV)  # this process (the gateway) and its children; restored on exit
         try:
             _ip("link", "add", self.bridge, "type", "bridge")
             _ip("addr", "add", f"{SUBNET}.254/24", "dev", self.bridge)
@@ -162,6 +169,11 @@ class RayNodes:
                 shutil.copytree(logs, node.root / "ray-logs", dirs_exist_ok=True)
             shutil.rmtree(node.temp_dir, ignore_errors=True)
         _ip("link", "del", self.bridge, check=False)
+        for key, value in getattr(self, "_saved_env", {}).items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
     def leftovers(self) -> list[str]:
         """What this cluster left on the machine (empty after ``__exit__``)."""
