@@ -308,7 +308,8 @@ async def bench(args: argparse.Namespace) -> list[dict[str, object]]:
                 await original.stop(5.0)
                 snap = manager.store.lookup(manager.identity.key)
                 assert snap is not None
-                snapshot_bytes = snap.total_bytes
+                weight_bytes = int((snap.manifest.get("weights") or {}).get("bytes", 0))
+                snapshot_bytes = snap.total_bytes - weight_bytes  # the image; weight files counted apart
                 files = [snap.path / rel for rel in snap.manifest["files"]]
                 bandwidth = read_bandwidth(files)
 
@@ -360,7 +361,7 @@ async def bench(args: argparse.Namespace) -> list[dict[str, object]]:
                         "phases": phases[name],
                         "bare_healthy": list(bare_healthy),
                         "memory": memory,
-                        "weights": int((snap.manifest.get("weights") or {}).get("bytes", 0)),
+                        "weights": weight_bytes,
                         "pair": pair,
                     }
                 )

@@ -15,11 +15,13 @@ them stay the same, so nothing in the process notices. Later writes copy the pag
 file is never changed by the process and a range that turns out to be written (a cache) only costs what it
 did before. The partial pages at either end of a range stay anonymous (< 8 KiB per range).
 
-Invariants the caller keeps: nothing writes the ranges while they are moved (the engine is paused); the
-files stay at their path, unchanged, for as long as a snapshot refers to them (the launcher pins them by
-digest in the snapshot's manifest). ``drop(ranges)`` is for memory whose content does not matter after a
-restore (a KV cache the engine resets): its pages are released (``MADV_DONTNEED``: zero on next touch)
-and so are not dumped either.
+Invariants the caller keeps: nothing writes the ranges while they are moved (the engine is paused). A range
+found changed between its copy and a second hash right before the remap is left anonymous (seen with vLLM's
+engine core and the tiny model: the one 7.7 MB mapping moved was written by another thread while paused,
+and its file did not hash to its name). The files stay at their path, unchanged, for as long as a snapshot
+refers to them (the launcher pins them by digest in the snapshot's manifest).
+``drop(ranges)`` is for memory whose content does not matter after a restore (a KV cache the engine
+resets): its pages are released (``MADV_DONTNEED``: zero on next touch) and so are not dumped either.
 
 ``anonymous_regions(min_bytes)`` lists the process's own large anonymous mappings (from
 ``/proc/self/smaps``) for engines whose weights live in allocations no tensor names (oneDNN's packed
@@ -67,6 +69,7 @@ class FileBackReport:
     """What ``file_back`` did: bytes now file-backed, files it wrote and every file the ranges map."""
 
     ranges: int = 0
+    skipped: int = 0  # ranges written to while being copied: left anonymous
     bytes: int = 0
     bytes_written: int = 0
     files: dict[str, int] = field(default_factory=dict)  # name (sha256) -> size
@@ -74,6 +77,7 @@ class FileBackReport:
     def to_json(self) -> dict[str, object]:
         return {
             "ranges": self.ranges,
+            "skipped": self.skipped,
             "bytes": self.bytes,
             "bytes_written": self.bytes_written,
             "files": dict(self.files),
@@ -87,23 +91,30 @@ def whole_pages(start: int, length: int) -> tuple[int, int]:
     return lo, max(0, hi - lo)
 
 
+_CHUNK = 64 << 20
+
+
 def _store(view: memoryview, directory: Path) -> tuple[str, bool]:
-    """Write ``view`` as ``directory/<sha256>`` unless a file of that name and size is there."""
-    name = hashlib.sha256(view).hexdigest()
-    path = directory / name
+    """Write ``view`` as ``directory/<sha256 of what was written>`` unless a file of that name and size is
+    there. Each chunk is copied before it is hashed and written, so the name is the file's content even if
+    the memory changed meanwhile (``file_back`` then sees that and leaves the range alone)."""
+    fd, tmp = tempfile.mkstemp(prefix=".writing.", dir=directory)
+    digest = hashlib.sha256()
     try:
-        if path.stat().st_size == len(view):
-            return name, False
-    except FileNotFoundError:
-        pass
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
-    try:
-        done = 0
-        while done < len(view):
-            done += os.write(fd, view[done : done + (64 << 20)])
+        for start in range(0, len(view), _CHUNK):
+            chunk = bytes(view[start : start + _CHUNK])
+            digest.update(chunk)
+            done = 0
+            while done < len(chunk):
+                done += os.write(fd, chunk[done:])
         os.fchmod(fd, 0o444)
     finally:
         os.close(fd)
+    name = digest.hexdigest()
+    path = directory / name
+    if path.exists() and path.stat().st_size == len(view):
+        os.unlink(tmp)
+        return name, False
     os.replace(tmp, path)  # atomic: a reader sees the whole file or none
     return name, True
 
@@ -120,7 +131,16 @@ def file_back(ranges: list[tuple[int, int]], directory: str | os.PathLike[str]) 
             continue
         view = memoryview((ctypes.c_char * size).from_address(lo)).cast("B")
         name, written = _store(view, folder)
+        # Memory that changed while it was copied is being written by the process (a buffer, not
+        # weights): mapping the copy over it would lose those writes. Hashed again right before the
+        # remap; such a range stays anonymous (dumped as before).
+        unchanged = hashlib.sha256(view).hexdigest() == name
         view.release()
+        if not unchanged:
+            if written:
+                (folder / name).unlink(missing_ok=True)
+            report.skipped += 1
+            continue
         fd = os.open(folder / name, os.O_RDONLY)
         try:
             got = _libc.mmap(lo, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | _MAP_FIXED, fd, 0)

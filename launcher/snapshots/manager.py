@@ -43,6 +43,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -246,6 +247,7 @@ class SnapshotManager:
                 self._remember_weights(weights)
                 timings["file_back"] = time.monotonic() - t
         with self.store.begin(key) as pending:
+            await asyncio.to_thread(self._link_weights_into, pending.image_dir, weights)
             t = time.monotonic()
             await self.checkpointer.checkpoint(sandbox, pending.image_dir, leave_running=True)
             timings["checkpoint"] = time.monotonic() - t
@@ -277,7 +279,8 @@ class SnapshotManager:
                 self.metrics.phase_seconds.labels(f"snapshot_{phase}").observe(timings[phase])
         log.info(
             "snapshot %s taken: %.1f MB image + %.1f MB weight files, checkpoint %.2fs, save %.2fs",
-            key, snapshot.total_bytes / 1e6, weights.get("bytes", 0) / 1e6, timings["checkpoint"],
+            key, (snapshot.total_bytes - weights.get("bytes", 0)) / 1e6, weights.get("bytes", 0) / 1e6,
+            timings["checkpoint"],
             timings["save"],
             extra={"event": "snapshot_taken", "key": key, "bytes": snapshot.total_bytes},
         )  # fmt: skip
@@ -318,7 +321,7 @@ class SnapshotManager:
             )
         try:
             await asyncio.to_thread(self.store.verify, snapshot)
-            await asyncio.to_thread(self._verify_weights, snapshot.manifest)
+            await asyncio.to_thread(self._verify_weights, snapshot)
         except SnapshotCorrupt as exc:
             moved = self.store.quarantine(snapshot)
             raise RestoreFailed(RestoreReason.DIGEST, f"{exc} (moved to {moved.name})") from exc
@@ -529,13 +532,29 @@ class SnapshotManager:
             cache.remember(self.weights_dir / name, name)
         cache.save()
 
-    def _verify_weights(self, manifest: dict[str, Any]) -> None:
-        """Every weight file the snapshot maps is there, of its size and digest (its name); digests from the
-        stat cache unless the file changed since it was written."""
+    def _link_weights_into(self, image_dir: Path, weights: dict[str, Any]) -> None:
+        """Hard links to the weight files inside the snapshot (``image/weights/``; no second copy on disk):
+        digested with the image, published and pulled with it to other hosts."""
+        if not weights.get("files"):
+            return
+        (image_dir / WEIGHTS_DIR).mkdir()
+        for name in weights["files"]:
+            os.link(self.weights_dir / name, image_dir / WEIGHTS_DIR / name)
+
+    def _verify_weights(self, snapshot: Snapshot) -> None:
+        """Every weight file the snapshot maps is at the path the restored engine maps (``<store>/weights``),
+        of its size and digest (its name). A snapshot pulled from another host brings them inside it
+        (verified with its image): linked into place here. Digests from the stat cache unless the file
+        changed since it was written."""
         cache = self._digest_cache()
         try:
-            for name, size in (manifest.get("weights") or {}).get("files", {}).items():
+            for name, size in (snapshot.manifest.get("weights") or {}).get("files", {}).items():
                 path = self.weights_dir / name
+                carried = snapshot.image_dir / WEIGHTS_DIR / name
+                if not path.exists() and carried.is_file():
+                    self.weights_dir.mkdir(parents=True, exist_ok=True)
+                    os.link(carried, path)  # verified with the image just before (store.verify)
+                    cache.remember(path, name)
                 if not path.is_file() or path.stat().st_size != size:
                     raise SnapshotCorrupt(f"weight file {path} is missing or not {size} bytes")
                 if cache.digest(path) != name:
