@@ -103,11 +103,11 @@ def block_unit(ip: str) -> Any:
 MODEL: dict[str, str] = {}  # the engine's own model name (the tiny model's path)
 
 
-def greedy(base_url: str, prompt: str = "hello there") -> str:
+def greedy(base_url: str, prompt: str = "hello there", max_tokens: int = 8) -> str:
     body = {
         "model": MODEL["name"],
         "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": 8,
+        "max_tokens": max_tokens,
         "temperature": 0,
     }
     response = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=120, trust_env=False)
@@ -276,8 +276,8 @@ def test_node_b_killed_its_replica_fails_and_the_next_goes_to_a(
     import concurrent.futures
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        inflight = pool.submit(greedy, r2.sandbox.base_url, "tell me a long story " * 20)
-        time.sleep(0.2)
+        inflight = pool.submit(greedy, r2.sandbox.base_url, "tell me a long story", 20000)
+        time.sleep(1.0)  # generating (thousands of tokens: seconds on the tiny model)
         t0 = time.monotonic()
         cluster.kill_node(cluster.b)
         with pytest.raises(httpx.HTTPError):
