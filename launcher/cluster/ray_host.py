@@ -166,6 +166,7 @@ class RayHost:
         self._tasks: set[asyncio.Task[None]] = set()  # exit watchers and pull-ahead fan-outs
         self._nodes: tuple[float, list[dict[str, Any]]] = (0.0, [])
         self._buffer = 0
+        self._closed = False
         self.removed = self.remove_left_behind()
 
     # ---------------------------------------------------------------- ReplicaHost
@@ -266,8 +267,13 @@ class RayHost:
         self._update_buffer()
 
     async def close(self) -> None:
-        """Stop every replica still here, cancel watchers and pulls, drop the buffer request, disconnect."""
+        """Stop every replica still here, cancel watchers and pulls, drop the buffer request, disconnect.
+        Idempotent."""
         import ray
+
+        if self._closed:
+            return
+        self._closed = True
 
         await asyncio.gather(*(h.stop(2.0) for h in self._handles.values()), return_exceptions=True)
         self._handles.clear()
