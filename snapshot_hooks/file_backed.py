@@ -107,7 +107,9 @@ def _store(view: memoryview, directory: Path) -> tuple[str, bool]:
             done = 0
             while done < len(chunk):
                 done += os.write(fd, chunk[done:])
-        os.fchmod(fd, 0o444)
+        # 0600, as the launcher's snapshot files are: it links these into the snapshot and CRIU refuses a
+        # mapped file whose mode changed since the dump ("has bad mode 0100600 (expect 0100444)").
+        os.fchmod(fd, 0o600)
     finally:
         os.close(fd)
     name = digest.hexdigest()
