@@ -119,7 +119,7 @@ def test_one_endpoint_serves_from_both_nodes_and_a_killed_gateway_leaves_nothing
             assert [a.result(timeout=300) for a in answers] == [long, long]
         assert ask(gateway.url) == answer
         health: dict[str, Any] = httpx.get(f"{gateway.url}/health", timeout=5, trust_env=False).json()
-        assert "restore" in str(health), health
+        assert "restor" in str(health), health  # the second replica: restoring or restored
     finally:
         gateway.stop(signal.SIGKILL)  # killed -9: its detached actors and their engines stay
     assert replica_namespaces(cluster.a.netns) or replica_namespaces(cluster.b.netns)
