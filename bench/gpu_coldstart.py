@@ -68,9 +68,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-# This file's folder is on sys.path when run as a script; it holds bench/coldstart.py, which would shadow
-# the package: drop it.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 FOLDERS = ("launcher", "engine_adapters", "snapshot_hooks", "imagefs", "pool", "recipes")
 ENGINE_SCRIPT = REPO / "recipes" / "examples" / "tiny_engine.py"
 CANARY_PROMPT = "The capital of France is"

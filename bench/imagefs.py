@@ -39,9 +39,6 @@ from pathlib import Path
 
 import httpx
 
-# bench/coldstart.py would shadow the coldstart package when this script runs as bench/imagefs.py.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 from coldstart.imagefs.build import build  # noqa: E402
 from coldstart.imagefs.daemon import DEFAULT_READ_AHEAD_KB  # noqa: E402
 from coldstart.imagefs.index import ImageIndex, Node, encode  # noqa: E402

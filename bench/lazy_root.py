@@ -50,8 +50,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-# bench/coldstart.py is named like our package: drop this folder from the path or `import coldstart` finds it.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 CACHE = Path(os.environ.get("COLDSTART_TEST_CACHE", REPO / ".cache")) / "imagefs"
 WEIGHTS_MIB = 32

@@ -9,7 +9,7 @@ namespace deleted after):
 - ``ip``: the same without the firewall checks (now done once per launcher);
 - ``netlink``: now: no process, netlink requests from a short-lived thread (``netns._Netlink``).
 
-    sudo .venv/bin/python -P bench/netns.py --runs 20   # -P: bench/coldstart.py would shadow the package
+    sudo .venv/bin/python bench/netns.py --runs 20
 """
 
 from __future__ import annotations

@@ -20,12 +20,8 @@ import dataclasses
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-# bench/coldstart.py would shadow the coldstart package when this script runs as bench/pool.py.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from coldstart.pool.catalog import random_types  # noqa: E402
 from coldstart.pool.report import compare, format_table  # noqa: E402

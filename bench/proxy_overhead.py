@@ -23,9 +23,6 @@ from pathlib import Path
 
 import httpx
 
-# bench/coldstart.py (the snapshot benchmark, named by its issue) must not shadow the coldstart package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 HERE = Path(__file__).resolve().parent
 BODY = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
 

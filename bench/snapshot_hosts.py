@@ -39,8 +39,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# bench/coldstart.py is named like our package: drop this folder from the path or `import coldstart` finds it.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(REPO / "tests"))  # the two-host harness the tests use
 
 import httpx  # noqa: E402

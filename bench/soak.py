@@ -26,9 +26,6 @@ from typing import Any
 
 import httpx
 
-# bench/coldstart.py (another benchmark) must not shadow the coldstart package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 from coldstart.launcher.process import process_tree, running  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,13 +23,6 @@ launcher but the serving one's, sampled after each answer (coldstart stops idle 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# bench/coldstart.py is named like our package: drop this folder from the path (else `import coldstart`
-# finds that file).
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import argparse  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
@@ -37,8 +30,10 @@ import signal  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
+import sys
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path
 
 import httpx  # noqa: E402
 

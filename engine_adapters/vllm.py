@@ -72,7 +72,7 @@ CONTROL_PATHS = frozenset(
 LAUNCHER_OWNED = ("--host", "--port", "--uds", "--api-key", "--served-model-name")
 
 
-# The lean CPU configuration (what the demo, tests/vllm and bench/coldstart.py --vllm-config lean run): two
+# The lean CPU configuration (what the demo, tests/vllm and bench/startup.py --vllm-config lean run): two
 # processes (API server + engine core, no psm_* rings), a 64 MiB KV cache, ~1.4 GB RSS, a ~1 GB CRIU image.
 LEAN_CPU_ARGS = (
     "--max-model-len", "512", "--distributed-executor-backend", "uni", "--kv-cache-memory-bytes", "67108864",

@@ -176,7 +176,8 @@ async def _deployment(
         scaling_policy(config),
         bound,
         upstream_model=upstream,
-        snapshots=make_snapshots(config, adapter, bound),
+        # On a cluster each node's replica actor keeps the snapshots; the gateway holds none.
+        snapshots=None if config.cluster else make_snapshots(config, adapter, bound),
         config=config,
         weight=config.weight,
         priority=config.priority,

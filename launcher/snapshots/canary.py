@@ -25,7 +25,7 @@ from coldstart.launcher.errors import SnapshotError
 LOGPROB_TOLERANCE = 1e-3
 # One greedy token: a full forward pass (weights, KV cache, sampling, detokenizer) checked against the
 # recording. Every further token costs a decode step before the replica may serve (0.25-0.7 s each for
-# Qwen3-0.6B on this CPU, measured by bench/coldstart.py); a recipe's [canary] can ask for more.
+# Qwen3-0.6B on this CPU, measured by bench/startup.py); a recipe's [canary] can ask for more.
 DEFAULT_CANARY = Canary(prompt="coldstart canary: repeat after me, the quick brown fox", max_tokens=1)
 
 

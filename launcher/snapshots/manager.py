@@ -366,7 +366,7 @@ class SnapshotManager:
         self.metrics.snapshot_bytes.set(snapshot.total_bytes)
         for phase in ("restore", "canary"):  # labelled snapshot_*: "restore" is the whole bring-up
             self.metrics.phase_seconds.labels(f"snapshot_{phase}").observe(timings[phase])
-        # The end-to-end clock of a restore, phase by phase (bench/coldstart.py prints the same split):
+        # The end-to-end clock of a restore, phase by phase (bench/startup.py prints the same split):
         # pull (another host's snapshot through the tiers), verify (gate, model files, image and weight
         # digests), checkpointer_restore (restore to healthy; "restore" is the gateway's whole bring-up),
         # wake (after-restore hook), canary.

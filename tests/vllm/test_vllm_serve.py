@@ -177,7 +177,7 @@ def test_snapshot_holds_no_weight_copies(served: Served) -> None:
     manifest = snapshot_manifest(served)
     weights = manifest["weights"]
     # The tiny model's tensors are 256 KB each (in malloc's heap, not mappings of their own): what leaves
-    # its image is the 64 MiB KV cache; the Qwen3-0.6B shape moves 1.8 GB of weights (bench/coldstart.py).
+    # its image is the 64 MiB KV cache; the Qwen3-0.6B shape moves 1.8 GB of weights (bench/startup.py).
     assert weights["kv_cache_bytes"] >= 60 << 20
     weights_dir = served.snapshot_dir / "weights"  # type: ignore[attr-defined]
     assert {p.name: p.stat().st_size for p in weights_dir.iterdir()} == weights["files"] or not weights[
@@ -189,7 +189,7 @@ def test_snapshot_holds_no_weight_copies(served: Served) -> None:
     # Measured by this test before weights went into files (same lean configuration, tiny model): a
     # 1,001 MB image (API server 437 MB, engine core 558 MB); after: 962 MB. The tiny model's weights are
     # ~1 MB, so what leaves its image is mostly the 64 MiB KV cache (the Qwen3-0.6B shape moves 1.8 GB of
-    # weights and packed weights: bench/coldstart.py). The rest is the two Python processes' own heaps.
+    # weights and packed weights: bench/startup.py). The rest is the two Python processes' own heaps.
     assert image <= IMAGE_BYTES_BEFORE - 30e6, f"{image / 1e6:.0f} MB image"  # measured: 962 MB
 
 
@@ -229,7 +229,7 @@ def test_two_replicas_restored_at_once_answer_alike_and_share_weight_pages(serve
         shared = weight_mappings(served.snapshot_dir / "weights")  # type: ignore[attr-defined]
     assert len(set(map(str, answers))) == 1
     if not snapshot_manifest(served)["weights"]["files"]:
-        pytest.skip("the tiny model's weights are too small to be moved into files: see bench/coldstart.py")
+        pytest.skip("the tiny model's weights are too small to be moved into files: see bench/startup.py")
     assert len(shared) == 2, f"expected two engine processes mapping the weight files, found {shared}"
     rss = sum(r for r, _ in shared.values())
     pss = sum(p for _, p in shared.values())

@@ -1,7 +1,7 @@
 """Cold boot vs restore, to the first streamed token, for each CPU checkpointer.
 
-    .venv/bin/python bench/coldstart.py [--size qwen3-0.6b] [--runs 5] [--checkpointers criu,runsc]
-    .venv/bin/python bench/coldstart.py --engine vllm --vllm-config lean|default [--size tiny] [--runs 3]
+    .venv/bin/python bench/startup.py [--size qwen3-0.6b] [--runs 5] [--checkpointers criu,runsc]
+    .venv/bin/python bench/startup.py --engine vllm --vllm-config lean|default [--size tiny] [--runs 3]
 
 Engine: ``transformers serve`` (default) with a Qwen3-0.6B-shaped model with random bf16 weights made
 locally (``coldstart make-model``; a realistic CPU cold boot: importing torch + transformers, loading
@@ -29,12 +29,6 @@ launcher <= 0.1 s over the bare restore.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# This file is named like our package: drop its folder from the path, or `import coldstart` finds it.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import dataclasses  # noqa: E402
@@ -42,9 +36,11 @@ import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
+import sys
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Awaitable, Callable  # noqa: E402
+from pathlib import Path
 
 import httpx  # noqa: E402
 
