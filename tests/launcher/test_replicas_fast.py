@@ -607,3 +607,44 @@ async def test_a_unit_failure_fails_the_replica_on_it_and_a_new_one_serves() -> 
         pool.provider.poll_failures = lambda devices: {}  # type: ignore[method-assign]
         assert (await h.chat()).status_code == 200
         assert "r2" in h.states()
+
+
+@run
+async def test_a_prompt_above_the_engines_bound_is_a_413_before_it_reaches_the_engine() -> None:
+    async with launched() as h:
+        await h.ready()
+        h.deployment().adapter.max_request_bytes = 4096  # type: ignore[attr-defined]
+        big = await h.chat(messages=[{"role": "user", "content": "x" * 10_000}])
+        assert big.status_code == 413 and _error(big)["code"] == "request_too_large"
+        assert "4096" in _error(big)["message"]
+        assert h.sandbox("r1").engine.received == 0
+        assert (await h.chat()).status_code == 200
+
+
+@run
+async def test_a_replica_that_would_not_fit_the_memory_budget_is_not_started() -> None:
+    async with gateway_launched({"a": {}, "b": {"initial_replicas": 0}}, units=2) as h:
+        await h.ready()
+        host = h.gateway.host
+        assert isinstance(host, LocalHost)
+        host._memory_budget = 3 << 30
+        h.deployment("a").replicas["r1"].memory = 2 << 30  # measured when it became ready
+        h.deployment("b").memory_estimate = 2 << 30  # its last replica's
+        answer = await h.chat("b")  # a free unit, but not the memory: a (idle) is evicted first
+        assert answer.status_code == 200
+        assert h.gateway.peak_held == 1
+        metrics = (await h.client.get("/metrics")).text
+        assert 'coldstart_evictions_total{model="a"} 1.0' in metrics
+
+
+@run
+async def test_a_model_bigger_than_the_memory_budget_gets_a_503_naming_the_budget() -> None:
+    async with gateway_launched({"a": {"initial_replicas": 0}}, units=2) as h:
+        host = h.gateway.host
+        assert isinstance(host, LocalHost)
+        host._memory_budget = 1 << 30
+        h.deployment("a").memory_estimate = 2 << 30
+        answer = await h.chat("a")
+        assert answer.status_code == 503 and _error(answer)["code"] == "boot_failed"
+        assert "--memory-budget" in _error(answer)["message"]
+        assert h.gateway.peak_held == 0  # never started
