@@ -103,3 +103,16 @@ def test_per_model_flag_beside_config_is_a_usage_error(tmp_path: Path) -> None:
         f"coldstart-serve: error: --max-replicas is per model: write max_replicas = ... under [models.NAME] "
         f"in {models} (beside --config only server options go: see --help)"
     ]
+
+
+def test_a_work_dir_that_cannot_be_written_is_one_line(tiny_model: Path) -> None:
+    result = run_serve(
+        "transformers", str(tiny_model), "--port", "0", "--snapshot", "off", "--work-dir", "/proc/nope"
+    )
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("coldstart-serve: error:")]
+    assert errors == [
+        "coldstart-serve: error: --work-dir /proc/nope: cannot write there (No such file or directory); "
+        "pass a writable folder"
+    ]
+    assert "Traceback" not in result.stderr
