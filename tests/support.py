@@ -178,3 +178,20 @@ def needs_vllm() -> pytest.MarkDecorator:
 def vllm_module_marks() -> list[pytest.MarkDecorator]:
     """``pytestmark`` of a module that boots the real vLLM: ``vllm``, ``slow``, and ``needs_vllm``."""
     return [pytest.mark.vllm, pytest.mark.slow, needs_vllm()]
+
+
+def vllm_greedy_ids(served: Served, model: str, messages: list[dict[str, str]]) -> tuple[list[int], str]:
+    """Token ids and text of a greedy chat answer (vLLM's ``return_token_ids``, through the proxy)."""
+    from openai import OpenAI
+
+    with OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=300) as c:
+        answer = c.chat.completions.create(
+            model=model, messages=messages, max_tokens=6, temperature=0, extra_body={"return_token_ids": True}
+        )  # type: ignore[call-overload]
+    choice = answer.model_dump()["choices"][0]
+    return list(choice["token_ids"]), choice["message"]["content"] or ""
+
+
+def ready_lines(served: Served, how: str) -> int:
+    """Replicas of ``served`` that became ready by ``how`` (``cold_boot`` or ``restore``), from its log."""
+    return len(re.findall(rf"-> ready after [\d.]+s how={how}\b", served.log()))

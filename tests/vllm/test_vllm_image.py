@@ -17,8 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from openai import OpenAI
-from support import Served, make_cached_model, vllm_module_marks
+from support import Served, make_cached_model, vllm_greedy_ids, vllm_module_marks
 
 from coldstart.engine_adapters.vllm import LEAN_CPU_ARGS, LEAN_CPU_ENV
 from coldstart.imagefs.build import build
@@ -52,12 +51,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Served, P
 
 
 def greedy_ids(served: Served) -> tuple[list[int], str]:
-    with OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=300) as c:
-        answer = c.chat.completions.create(
-            model=MODEL, messages=PROMPT, max_tokens=6, temperature=0, extra_body={"return_token_ids": True}
-        )  # type: ignore[call-overload]
-    choice = answer.model_dump()["choices"][0]
-    return list(choice["token_ids"]), choice["message"]["content"] or ""
+    return vllm_greedy_ids(served, MODEL, PROMPT)
 
 
 def test_vllm_from_a_lazy_image_boots_snapshots_and_restores_the_same_tokens(

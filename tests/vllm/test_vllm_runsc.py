@@ -15,12 +15,10 @@ One engine boot for the module; skipped where runsc does not work (``coldstart d
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 
 import pytest
-from openai import OpenAI
-from support import Served, make_cached_model, vllm_module_marks
+from support import Served, make_cached_model, ready_lines, vllm_greedy_ids, vllm_module_marks
 
 from coldstart.engine_adapters.vllm import LEAN_CPU_ARGS, LEAN_CPU_ENV
 from coldstart.launcher.checkpointers.runsc import RunscCheckpointer
@@ -64,16 +62,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
 
 def greedy_ids(served: Served) -> tuple[list[int], str]:
-    with OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=300) as c:
-        answer = c.chat.completions.create(
-            model=MODEL, messages=PROMPT, max_tokens=6, temperature=0, extra_body={"return_token_ids": True}
-        )  # type: ignore[call-overload]
-    choice = answer.model_dump()["choices"][0]
-    return list(choice["token_ids"]), choice["message"]["content"] or ""
-
-
-def ready_lines(served: Served, how: str) -> int:
-    return len(re.findall(rf"-> ready after [\d.]+s how={how}\b", served.log()))
+    return vllm_greedy_ids(served, MODEL, PROMPT)
 
 
 def test_gvisor_snapshot_of_vllm_then_restore_answers_the_same_greedy_tokens(served: Served) -> None:

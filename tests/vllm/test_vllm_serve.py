@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 from openai import OpenAI
-from support import Served, make_cached_model, vllm_module_marks
+from support import Served, make_cached_model, ready_lines, vllm_greedy_ids, vllm_module_marks
 
 from coldstart.engine_adapters.vllm import LEAN_CPU_ARGS, LEAN_CPU_ENV
 from coldstart.launcher.checkpointers.criu_init import PRIVATE_TMPDIR
@@ -103,17 +103,7 @@ def client(served: Served) -> OpenAI:
 
 
 def greedy_ids(served: Served) -> tuple[list[int], str]:
-    """Token ids and text of a greedy chat answer (vLLM's ``return_token_ids``, through the proxy)."""
-    with client(served) as c:
-        answer = c.chat.completions.create(
-            model=MODEL, messages=PROMPT, max_tokens=6, temperature=0, extra_body={"return_token_ids": True}
-        )  # type: ignore[call-overload]
-    choice = answer.model_dump()["choices"][0]
-    return list(choice["token_ids"]), choice["message"]["content"] or ""
-
-
-def ready_lines(served: Served, how: str) -> int:
-    return len(re.findall(rf"-> ready after [\d.]+s how={how}\b", served.log()))
+    return vllm_greedy_ids(served, MODEL, PROMPT)
 
 
 def wait_zero(served: Served) -> None:
