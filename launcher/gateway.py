@@ -44,7 +44,6 @@ from coldstart.launcher.liveness import Liveness
 from coldstart.launcher.metrics import Metrics
 from coldstart.launcher.placement import Holder, ReplicaHost, choose_victim, over_share
 from coldstart.launcher.replica import FailureKind, Replica, ReplicaState, Swap
-from coldstart.launcher.router import STARTING
 from coldstart.launcher.tasks import TaskOwner
 
 log = logging.getLogger("coldstart.lifecycle")
@@ -547,9 +546,6 @@ class Gateway:
 
     def replicas(self) -> list[Replica]:
         return [r for d in self.deployments.values() for r in d.replicas.values()]
-
-    def starting(self) -> bool:
-        return any(r.state in STARTING for r in self.replicas())
 
 
 __all__ = ["Gateway"]
