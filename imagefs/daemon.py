@@ -170,6 +170,10 @@ class Daemon:
         if os.geteuid() == 0:
             options.add("allow_other")  # the engine may run as another user inside its sandbox
         options.update(cfg.extra_options)
+        # SIGUSR1 (save the profile) kills by default: one that arrives outside trio's receiver (before it
+        # listens, re-raised by trio after it took a SIGTERM first, or during the exit) is ignored for the
+        # rest of this process; the exit saves the profile anyway.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         with _terminate_raises_interrupt():  # a SIGTERM before trio listens must still unmount
             try:
                 pyfuse3.init(self.ops, cfg.mountpoint, options)

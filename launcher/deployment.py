@@ -15,6 +15,7 @@ tries again. Other deployments are unaffected.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import time
@@ -131,6 +132,7 @@ class Deployment:
         self.last_boot_error: str | None = None
         self.last_boot_exception: BaseException | None = None
         self.failing: str | None = None  # set after two identical failures in a row: 503 with this reason
+        self.first_ready = asyncio.Event()  # set when a replica is first ready (the boot is over)
         # Memory one replica needs on a CPU unit: measured on the last one that ran (bytes, 0: unknown).
         self.memory_estimate = 0
         self.peak_live = 0
@@ -245,6 +247,7 @@ class Deployment:
         self.router.wake()
 
     def boot_succeeded(self) -> None:
+        self.first_ready.set()
         self.failed_boots = 0
         self.retry_at = 0.0
         self.failing = None

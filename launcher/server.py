@@ -45,6 +45,7 @@ from coldstart.launcher.proxy import Proxy
 from coldstart.launcher.sandboxes.leftovers import log_cleanup
 from coldstart.launcher.settings import engine_config, scaling_policy, snapshot_settings
 from coldstart.launcher.snapshots.store import private_dir
+from coldstart.launcher.tasks import TaskOwner
 from coldstart.pool import pool_for_host
 
 log = logging.getLogger("coldstart.serve")
@@ -155,21 +156,27 @@ def launcher_work_dir(work_dir: Path) -> Path:
 
 
 async def _deployment(
-    config: ServeConfig, adapter: EngineAdapter, metrics: Metrics, undo: contextlib.AsyncExitStack, index: int
+    config: ServeConfig,
+    adapter: EngineAdapter,
+    metrics: Metrics,
+    undo: contextlib.AsyncExitStack,
+    index: int,
 ) -> Deployment:
-    """One deployment, its image mounted (unmounted by ``undo``) and its snapshots set up."""
+    """One deployment, its image mounted (unmounted by ``undo``) and its snapshots set up; with an image,
+    the boot's read order is saved as its profile once a first replica is ready."""
     if config.image is not None and config.image_mount is None:
         config = dataclasses.replace(config, image_mount=Path(config.work_dir) / f"image-{index}")
     mount = await undo.enter_async_context(image_mounted(config))
+    profile_saver = TaskOwner()
+    undo.push_async_callback(profile_saver.close)  # ends before the image is unmounted (LIFO)
     if mount is not None:
         config = with_mountpoint(config, mount.mountpoint)
         check_model(adapter, config)
-        undo.push_async_callback(asyncio.to_thread, mount.save_profile)  # what the boots read, in order
     econf = engine_config(config)
     name = config.public_model_name
     bound = metrics.for_model(name)
     upstream = adapter.upstream_model_name(econf)
-    return Deployment(
+    deployment = Deployment(
         name,
         adapter,
         econf,
@@ -183,6 +190,16 @@ async def _deployment(
         priority=config.priority,
         aliases=(upstream,) if upstream != name else (),
     )
+    if mount is not None:
+        profile_saver.spawn(_save_profile_when_ready(deployment, mount), name=f"profile-{name}")
+    return deployment
+
+
+async def _save_profile_when_ready(deployment: Deployment, mount: Any) -> None:
+    """The boot is over once a replica is ready: what it read, in order, is the image's profile (what
+    follows, requests and later boots, is not). An image unmounted first saves what was read by then."""
+    await deployment.first_ready.wait()
+    await asyncio.to_thread(mount.save_profile)
 
 
 async def _replica_host(

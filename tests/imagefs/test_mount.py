@@ -160,6 +160,28 @@ def test_profile_is_recorded_then_prefetched(tmp_path, sample_image, mount_image
     assert m.stats["prefetched"] == 3
 
 
+def test_a_save_signal_during_the_stop_does_not_kill_the_daemon(tmp_path, sample_image, mount_image) -> None:
+    """The launcher saves the profile (SIGUSR1) as it stops the mount (SIGTERM): a SIGUSR1 that arrives once
+    trio has taken the SIGTERM (re-raised by trio, or after its receiver closed) must not kill the daemon by
+    its default action before the exit writes the profile and unmounts."""
+    src, store, result = sample_image
+    profile = tmp_path / "boot.profile"
+    with mount_image(result.index_path, [str(store)], profile_path=profile) as m:
+        (m.mountpoint / "small.txt").read_bytes()
+        daemon = m._proc
+        assert daemon is not None
+        log = Path(m.config.cache_dir) / "daemon.log"
+        daemon.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while "signal 15: unmounting" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.01)
+        daemon.send_signal(signal.SIGUSR1)
+        assert daemon.wait(timeout=10) == 0
+    assert read_profile(profile, ImageIndex.open(result.index_path).digest)
+    assert not is_mountpoint(m.mountpoint)
+
+
 def test_mounted_refuses_bad_arguments(tmp_path, sample_image) -> None:
     from coldstart.imagefs.mount import mounted
 
