@@ -16,9 +16,10 @@ that was killed and restarted with the same id finds what it left and removes it
 Adoption (serving from the old engines) is not done: a restarted gateway has no record of their state
 (in flight, warm, draining), and a restore is seconds.
 
-Placement prefers a node that already holds the deployment's snapshot (a soft node affinity that spills to
-any node with a free unit when that one has none): Ray custom resources cannot be added to a running node,
-and labels are fixed at ``ray start``, so the gateway keeps the map (snapshot key -> nodes that hold it) from
+Placement (``choose_node``) picks a node with a unit free by the gateway's own count, one that already
+holds the deployment's snapshot first (a soft node affinity: Ray may still spill). Ray custom resources
+cannot be added to a running node, and labels are fixed at ``ray start``, so the gateway keeps the map
+(snapshot key -> nodes that hold it) from
 what actors and pull-ahead tasks report. When a replica takes and publishes a snapshot, every other alive
 node pulls it ahead (``actor.pull_ahead``, a Ray task pinned to that node), so its first restore is local.
 
@@ -36,6 +37,7 @@ non-None (-1 for a lost actor or node) and the gateway's liveness watcher fails 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
@@ -48,6 +50,7 @@ from coldstart.launcher.cluster.actor import ReplicaActor, StartReport, pull_ahe
 from coldstart.launcher.cluster.errors import ClusterError, ClusterUnreachable, PlacementTimeout, ReplicaLost
 from coldstart.launcher.cluster.node import NAMESPACE, SLOT
 from coldstart.launcher.config import ServeConfig
+from coldstart.launcher.deployment import one_line
 from coldstart.launcher.metrics import Metrics
 from coldstart.launcher.replica import ReplicaState, StartKind
 
@@ -108,6 +111,19 @@ class RayEngine:
             self._exit = 0
 
 
+def choose_node(units: dict[str, int], ours: list[str], holders: set[str]) -> str | None:
+    """A node with a unit free by the gateway's own count (``units`` each node declares, minus ``ours``, one
+    entry per replica placed or being placed there): one that holds the snapshot first, then the least
+    loaded. None when no node has a unit free by that count (Ray then places where one frees up). A soft
+    affinity to a busy holder left the spill to the free node up to Ray (once, in CI, no second replica
+    was placed in 120 s); a node with a free unit by this count is never a node to wait on."""
+    load = collections.Counter(ours)
+    free = [n for n, u in units.items() if load[n] < u]
+    if not free:
+        return None
+    return min(free, key=lambda n: (n not in holders, load[n] - units[n], n))
+
+
 class RayHost:
     """Replicas as Ray actors on the cluster at ``address`` (``ray://HEAD:10001`` through Ray Client, or
     ``HEAD:6379`` from a process on a Ray node)."""
@@ -159,6 +175,7 @@ class RayHost:
         self.unit = "GPU" if ray.cluster_resources().get("GPU") else SLOT
         self.allowed = _own_addresses(address)
         self.placements: dict[str, Placement] = {}  # replica id -> where it runs
+        self._placing: dict[str, str] = {}  # replica id -> the node chosen for it, until it runs or fails
         self.holders: dict[str, set[str]] = {}  # snapshot key -> node ids holding it
         self.pulls: list[dict[str, Any]] = []  # pull-ahead reports (tests and the benchmark read them)
         self._keys: dict[str, str] = {}  # deployment name -> its snapshot key (learnt from the first start)
@@ -199,6 +216,7 @@ class RayHost:
         else:
             options["resources"] = {SLOT: 1}
         if (node := self._preferred_node(deployment.name)) is not None:
+            self._placing[replica.id] = node
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
                 node, soft=True, _spill_on_unavailable=True
             )
@@ -227,6 +245,8 @@ class RayHost:
 
                 ray.kill(actor, no_restart=True)
             raise
+        finally:
+            self._placing.pop(replica.id, None)
         started = time.monotonic() - t0 - placed
         how = StartKind(report.how)
         handle = RayEngine(actor, report)
@@ -341,42 +361,43 @@ class RayHost:
         return removed
 
     def _preferred_node(self, deployment: str) -> str | None:
-        """An alive node holding the deployment's snapshot, the one with fewest of our replicas first."""
+        """The node for the next replica of ``deployment`` (see ``choose_node``); None: any node Ray finds."""
         key = self._keys.get(deployment)
         holders = self.holders.get(key, set()) if key else set()
-        alive = {n["NodeID"] for n in self.alive_nodes()}
-        for dead in holders - alive:
+        units = {n["NodeID"]: int(n["Resources"].get(self.unit, 0)) for n in self.alive_nodes()}
+        for dead in holders - units.keys():
             holders.discard(dead)
-        if not holders:
-            return None
-        load = {n: 0 for n in holders}
-        for p in self.placements.values():
-            if p.node_id in load:
-                load[p.node_id] += 1
-        return min(holders, key=lambda n: load[n])
+        ours = [p.node_id for p in self.placements.values()] + list(self._placing.values())
+        return choose_node(units, ours, holders)
 
     async def _fan_out(self, actor: Any, config: ServeConfig, source: str) -> None:
         """Once the snapshot the replica took is published, every other alive node pulls it ahead."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        with contextlib.suppress(Exception):
+        try:
             key = await _awaitable(actor.published.remote())
-            if not key:
-                return
-            nodes = [n["NodeID"] for n in self.alive_nodes() if n["NodeID"] != source]
-            refs = [
-                self._pull.options(
-                    num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
-                ).remote(config)
-                for node in nodes
-            ]
-            for ref in refs:
-                with contextlib.suppress(Exception):
-                    report = await _awaitable(ref)
-                    self.pulls.append(report)
-                    if report.get("held") and report.get("key"):
-                        self.holders.setdefault(report["key"], set()).add(report["node_id"])
-                    log.info("node %s holds snapshot %s (%s)", report["node_id"][:8], report["key"], report)
+        except Exception as exc:  # the actor or its node died: the next cold boot publishes again
+            log.warning("no pull ahead: the snapshot's publisher is gone (%s)", one_line(exc))
+            return
+        if not key:
+            return
+        nodes = [n["NodeID"] for n in self.alive_nodes() if n["NodeID"] != source]
+        refs = [
+            self._pull.options(
+                num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+            ).remote(config)
+            for node in nodes
+        ]
+        for node, ref in zip(nodes, refs, strict=True):
+            try:
+                report = await _awaitable(ref)
+            except Exception as exc:  # that node died or its task failed: its first restore pulls on demand
+                log.warning("node %s did not pull ahead: %s", node[:8], one_line(exc))
+                continue
+            self.pulls.append(report)
+            if report.get("held") and report.get("key"):
+                self.holders.setdefault(report["key"], set()).add(report["node_id"])
+            log.info("node %s holds snapshot %s (%s)", node[:8], report.get("key"), report)
 
     async def _watch(self, handle: RayEngine) -> None:
         from ray.exceptions import ActorUnavailableError, RayError

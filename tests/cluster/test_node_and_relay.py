@@ -1,5 +1,6 @@
 """Fast parts of the cluster host, without Ray: a node's settings and its ``ray start`` line, the actor's
-relay (a real TCP relay between local sockets), and that nothing of Ray is imported without ``--cluster``."""
+relay (a real TCP relay between local sockets), the node a replica is placed on, and that nothing of Ray is
+imported without ``--cluster``."""
 
 from __future__ import annotations
 
@@ -106,3 +107,15 @@ def test_nothing_of_ray_is_imported_without_cluster() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_choose_node_takes_a_free_unit_holders_first() -> None:
+    from coldstart.launcher.cluster.ray_host import choose_node
+
+    units = {"a": 1, "b": 1}
+    assert choose_node(units, [], {"a"}) == "a"  # the snapshot is there
+    assert choose_node(units, ["a"], {"a"}) == "b"  # a's unit is busy: never wait on it
+    assert choose_node(units, ["a", "b"], {"a", "b"}) is None  # nothing free by our count: Ray decides
+    assert choose_node({"a": 2, "b": 2}, ["a"], set()) == "b"  # the least loaded
+    assert choose_node({"a": 2, "b": 1}, [], {"b"}) == "b"
+    assert choose_node({"a": 0, "b": 1}, [], set()) == "b"  # a declares no unit

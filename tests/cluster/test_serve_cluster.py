@@ -55,6 +55,9 @@ class Gateway:
                 time.sleep(0.2)
         raise AssertionError(f"the gateway did not listen: {log.read_text()[-3000:]}")
 
+    def log_tail(self) -> str:
+        return self.log.read_text()[-4000:]
+
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -114,7 +117,7 @@ def test_one_endpoint_serves_from_both_nodes_and_a_killed_gateway_leaves_nothing
             answers = [pool.submit(ask, gateway.url, "tell me a story", 200) for _ in range(2)]
             deadline = time.monotonic() + 120
             while not (replica_namespaces(cluster.a.netns) and replica_namespaces(cluster.b.netns)):
-                assert time.monotonic() < deadline, "no replica on each node"
+                assert time.monotonic() < deadline, "no replica on each node: " + gateway.log_tail()
                 time.sleep(0.2)
             assert [a.result(timeout=300) for a in answers] == [long, long]
         assert ask(gateway.url) == answer
