@@ -5,7 +5,8 @@
     coldstart snapshot inspect KEY [--verify]   the manifest, and whether it fits this host (the gate)
     coldstart snapshot rm KEY [--remote]        remove one snapshot (--remote: its ref in --snapshot-publish)
     coldstart snapshot gc [--older-than DAYS]   remove leftovers (unfinished writes, refused snapshots) and,
-                                                with --older-than, snapshots unused for that long
+                                                with --older-than, snapshots unused for that long; then the
+                                                weight files no snapshot uses (rm removes those too)
     coldstart snapshot gc --remote              delete chunks no ref or image names in --snapshot-publish
     coldstart snapshot push KEY                 publish a local snapshot into --snapshot-publish DIR
     coldstart snapshot pull KEY                 gate, then fetch a snapshot through --snapshot-tiers

@@ -75,7 +75,7 @@ from coldstart.launcher.sandboxes.base import Sandbox
 from coldstart.launcher.snapshots.canary import DEFAULT_CANARY, CanaryAnswer, canary_request
 from coldstart.launcher.snapshots.file_digests import DigestCache
 from coldstart.launcher.snapshots.identity import SnapshotIdentity, snapshot_identity
-from coldstart.launcher.snapshots.store import Snapshot, SnapshotStore
+from coldstart.launcher.snapshots.store import WEIGHTS_DIR, Snapshot, SnapshotStore
 
 if TYPE_CHECKING:
     from coldstart.launcher.settings import SnapshotSettings
@@ -92,7 +92,6 @@ _PHASES = {
     "wake": "wake",
     "canary": "canary",
 }
-WEIGHTS_DIR = "weights"  # under the store root: content-addressed weight files, shared by snapshots
 
 
 @runtime_checkable
@@ -230,46 +229,52 @@ class SnapshotManager:
         t = time.monotonic()
         files = await asyncio.to_thread(self._model_digests, adapter, engine_config, True)
         timings["model_digests"] = time.monotonic() - t
-        # Control traffic on a client that keeps no connection alive: nothing of ours is left open in the
-        # engine when it is checkpointed (gVisor refuses open and TIME_WAIT sockets).
-        async with control_client() as control:
-            t = time.monotonic()
-            answer = await self._run_canary(control, sandbox.base_url)
-            answer.require_meaningful(adapter.name)
-            timings["canary"] = time.monotonic() - t
-            await adapter.before_checkpoint(control, sandbox.base_url)
-            weights: dict[str, Any] = {}
-            # CRIU only: the restored engine maps the files again at their host path (runsc's sandbox has
-            # another root, where they are not).
-            if isinstance(adapter, FileBacking) and self.info.name == "criu":
+        # The weight files the engine writes below are linked by no snapshot until they are linked into the
+        # pending one: the store collects none meanwhile (``weights_in_use``; it never waits for us).
+        weights_held = contextlib.ExitStack()
+        with weights_held:
+            weights_held.enter_context(self.store.weights_in_use())
+            # Control traffic on a client that keeps no connection alive: nothing of ours is left open in
+            # the engine when it is checkpointed (gVisor refuses open and TIME_WAIT sockets).
+            async with control_client() as control:
                 t = time.monotonic()
-                weights = await adapter.file_back(control, sandbox.base_url, self.weights_dir)
-                self._remember_weights(weights)
-                timings["file_back"] = time.monotonic() - t
-        with self.store.begin(key) as pending:
-            await asyncio.to_thread(self._link_weights_into, pending.image_dir, weights)
-            t = time.monotonic()
-            await self.checkpointer.checkpoint(sandbox, pending.image_dir, leave_running=True)
-            timings["checkpoint"] = time.monotonic() - t
-            t = time.monotonic()
-            manifest = {
-                "identity": self.identity.to_json(),
-                "checkpointer": {
-                    "name": self.info.name,
-                    "version": self.info.version,
-                    "capabilities": sorted(self.info.capabilities),
-                },
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "model_files": files,
-                "canary": {**self.canary.to_json(), **answer.to_json()},
-                "timings": {k: round(v, 4) for k, v in timings.items()},
-                "weights": weights,
-            }
-            snapshot = await asyncio.to_thread(self.store.commit, pending, manifest)
-            # commit chmods the snapshot's files, hard links to the weight files included (a new ctime):
-            # remembered again, or the first restore re-hashes them all (1.1 s for 1.8 GB, measured).
-            await asyncio.to_thread(self._remember_weights, weights)
-            timings["save"] = time.monotonic() - t
+                answer = await self._run_canary(control, sandbox.base_url)
+                answer.require_meaningful(adapter.name)
+                timings["canary"] = time.monotonic() - t
+                await adapter.before_checkpoint(control, sandbox.base_url)
+                weights: dict[str, Any] = {}
+                # CRIU only: the restored engine maps the files again at their host path (runsc's sandbox
+                # has another root, where they are not).
+                if isinstance(adapter, FileBacking) and self.info.name == "criu":
+                    t = time.monotonic()
+                    weights = await adapter.file_back(control, sandbox.base_url, self.weights_dir)
+                    self._remember_weights(weights)
+                    timings["file_back"] = time.monotonic() - t
+            with self.store.begin(key) as pending:
+                await asyncio.to_thread(self._link_weights_into, pending.image_dir, weights)
+                weights_held.close()  # linked into the pending snapshot: a collection keeps them now
+                t = time.monotonic()
+                await self.checkpointer.checkpoint(sandbox, pending.image_dir, leave_running=True)
+                timings["checkpoint"] = time.monotonic() - t
+                t = time.monotonic()
+                manifest = {
+                    "identity": self.identity.to_json(),
+                    "checkpointer": {
+                        "name": self.info.name,
+                        "version": self.info.version,
+                        "capabilities": sorted(self.info.capabilities),
+                    },
+                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "model_files": files,
+                    "canary": {**self.canary.to_json(), **answer.to_json()},
+                    "timings": {k: round(v, 4) for k, v in timings.items()},
+                    "weights": weights,
+                }
+                snapshot = await asyncio.to_thread(self.store.commit, pending, manifest)
+                # commit chmods the snapshot's files, hard links to the weight files included (a new
+                # ctime): remembered again, or the first restore re-hashes them all (1.1 s for 1.8 GB).
+                await asyncio.to_thread(self._remember_weights, weights)
+                timings["save"] = time.monotonic() - t
         await adapter.after_restore(http, sandbox.base_url)
         if self.remote is not None and self.remote.publish_to is not None:  # off the replica's path
             task = asyncio.create_task(self._publish(snapshot))
@@ -526,7 +531,7 @@ class SnapshotManager:
 
     @property
     def weights_dir(self) -> Path:
-        return self.store.root / WEIGHTS_DIR
+        return self.store.weights_dir
 
     def _remember_weights(self, weights: dict[str, Any]) -> None:
         """The files are named by their SHA-256: remember it against their stat (no second read)."""

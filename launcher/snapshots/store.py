@@ -6,9 +6,19 @@
     <root>/.tmp-<key>-<pid>-<rand> a snapshot being written (renamed to <key> when complete)
     <root>/.bad-<key>-<time>       a snapshot that failed verification (kept for inspection; gc removes)
     <root>/.state/                 digest caches (see file_digests.py), last-use stamps, pull locks
+    <root>/weights/<sha256>        weight files (CRIU with file-backed weights, see manager.py): shared by
+                                   every snapshot whose engine maps them, each hard-linked into those
+                                   snapshots' ``image/weights/``
 
 A snapshot pulled from another host (``remote.py``) lands here too, through ``commit_verified``: same
 folder, same manifest, so restoring it is a local restore.
+
+Weight files are collected with the snapshots that use them (``gc_weights``, run by ``rm``, ``gc`` and a
+replacing ``commit``): a file is kept while a snapshot links it (its link count is above one: complete,
+quarantined and half-written snapshots alike), a snapshot's manifest names it, or a live process maps it (a
+replica restored from a snapshot removed since: a later dump of that process would record the file by its
+path). A snapshot being taken holds ``weights_in_use`` from the moment its engine writes the files until they
+are linked into it; a collection that finds it held removes nothing and leaves them to the next one.
 
 A folder named by a key is always complete: it is renamed into place only after every file and the
 manifest are written and fsynced. Replacing a snapshot (the host changed, or the old one was refused) moves
@@ -18,6 +28,7 @@ the old folder aside first, so readers see either the old or the new one, never 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -40,6 +51,7 @@ MANIFEST = "manifest.json"
 # host that pulled vs 0.54 s on the one that took it, tiny model, bench/snapshot_hosts.py).
 PULLED_SYNC_DELAY_S = 10.0
 IMAGE = "image"
+WEIGHTS_DIR = "weights"  # under the store root: content-addressed weight files, shared by snapshots
 FORMAT = 1
 
 
@@ -124,6 +136,7 @@ class SnapshotStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.state_dir = self.root / ".state"
+        self.weights_dir = self.root / WEIGHTS_DIR
         self._background: list[threading.Thread] = []  # fsyncs of pulled snapshots: join_background()
 
     # -- reading ----------------------------------------------------------------------------------
@@ -248,6 +261,8 @@ class SnapshotStore:
         for rel, meta in files.items():  # just hashed: the first restore need not hash again
             cache.remember(dest / rel, meta["sha256"])
         cache.save()
+        if trash is not None:  # the replaced snapshot's weight files, unless the new one links them
+            self.gc_weights()
         return snapshot
 
     # -- verifying --------------------------------------------------------------------------------
@@ -314,10 +329,12 @@ class SnapshotStore:
         shutil.rmtree(trash, ignore_errors=True)
         for suffix in (".digests.json", ".used", ".unsynced"):
             (self.state_dir / f"{key}{suffix}").unlink(missing_ok=True)
+        self.gc_weights()
 
     def gc(self, *, older_than_s: float | None = None, now: float | None = None) -> list[str]:
         """Remove leftovers (unfinished writes of dead processes, trash, quarantined snapshots) and, with
-        ``older_than_s``, snapshots unused for that long. Returns the names removed."""
+        ``older_than_s``, snapshots unused for that long, then the weight files no snapshot uses any more
+        (``weights/<sha256>``). Returns the names removed."""
         removed: list[str] = []
         if not self.root.is_dir():
             return removed
@@ -337,4 +354,71 @@ class SnapshotStore:
                 if now - self.last_used(snap) > older_than_s:
                     self.rm(snap.key)
                     removed.append(snap.key)
+        removed += self.gc_weights()
         return removed
+
+    # -- weight files -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def weights_in_use(self) -> Iterator[None]:
+        """Held (shared) by a snapshot being taken, from before its engine writes weight files until they
+        are linked into the snapshot: ``gc_weights`` removes nothing meanwhile. Waits only while a
+        collection runs (it stats the weight files; it never waits for a dump)."""
+        fd = self._weights_lock_fd()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    def gc_weights(self) -> list[str]:
+        """Remove the weight files that no snapshot links or names and no live process maps; returns them
+        as ``weights/<name>``. Does nothing while a snapshot is being taken (``weights_in_use``)."""
+        if not self.weights_dir.is_dir():
+            return []
+        fd = self._weights_lock_fd()
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return []  # a dump is writing or linking weight files: the next collection gets them
+            named = {name for snap in self.ls() for name in _weight_names(snap.manifest)}
+            mapped = _mapped_names(self.weights_dir)
+            removed = []
+            for file in sorted(self.weights_dir.iterdir()):
+                try:
+                    st = file.lstat()
+                except FileNotFoundError:
+                    continue
+                if st.st_nlink > 1 or file.name in named or file.name in mapped:
+                    continue
+                file.unlink(missing_ok=True)
+                removed.append(f"{WEIGHTS_DIR}/{file.name}")
+            return removed
+        finally:
+            os.close(fd)
+
+    def _weights_lock_fd(self) -> int:
+        private_dir(self.state_dir)
+        return os.open(self.state_dir / "weights.lock", os.O_RDWR | os.O_CREAT, 0o600)
+
+
+def _weight_names(manifest: dict[str, Any]) -> list[str]:
+    return list((manifest.get("weights") or {}).get("files") or {})
+
+
+def _mapped_names(folder: Path) -> set[str]:
+    """Names of the files in ``folder`` that a live process maps (every readable ``/proc/PID/maps``)."""
+    prefix = f"{folder.resolve()}/"
+    out: set[str] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            maps = (proc / "maps").read_text()
+        except OSError:  # gone, or not ours to read
+            continue
+        for line in maps.splitlines():
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith(prefix):
+                out.add(fields[5][len(prefix) :].removesuffix(" (deleted)"))
+    return out

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -141,6 +144,81 @@ def test_find_rm_gc(tmp_path: Path) -> None:
     assert store.gc(older_than_s=3600) == []
     assert store.gc(older_than_s=3600, now=time.time() + 7200) == [a.key]
     assert store.ls() == []
+
+
+def write_with_weights(store: SnapshotStore, ident: SnapshotIdentity, weights: dict[str, bytes]) -> None:
+    """As the snapshot manager does with file-backed weights: the engine writes content-addressed files
+    under ``<store>/weights``, each hard-linked into the snapshot (``weights_in_use`` held until then)."""
+    held = contextlib.ExitStack()
+    with held:
+        held.enter_context(store.weights_in_use())
+        store.weights_dir.mkdir(parents=True, exist_ok=True)
+        for name, data in weights.items():
+            if not (store.weights_dir / name).exists():
+                (store.weights_dir / name).write_bytes(data)
+        with store.begin(ident.key) as pending:
+            (pending.image_dir / "weights").mkdir()
+            for name in weights:
+                os.link(store.weights_dir / name, pending.image_dir / "weights" / name)
+            held.close()
+            (pending.image_dir / "pages-1.img").write_bytes(b"p")
+            files = {name: len(data) for name, data in weights.items()}
+            store.commit(pending, {"identity": ident.to_json(), "weights": {"files": files}})
+
+
+def weight_files(store: SnapshotStore) -> set[str]:
+    return {p.name for p in store.weights_dir.iterdir()}
+
+
+def test_weight_files_go_with_the_last_snapshot_that_uses_them(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    a, b = identity(), identity(hooks_version="2.0")
+    write_with_weights(store, a, {"shared": b"s" * 10, "only-a": b"a"})
+    write_with_weights(store, b, {"shared": b"s" * 10, "only-b": b"b"})
+    (store.weights_dir / "orphan").write_bytes(b"o")  # written by a dump that failed before linking
+    store.rm(a.key)
+    assert weight_files(store) == {"shared", "only-b"}  # only-a and the orphan went with it
+    write_with_weights(store, b, {"shared": b"s" * 10, "new-b": b"n"})  # b replaced
+    assert weight_files(store) == {"shared", "new-b"}
+    store.quarantine(store.find(b.key))  # a quarantined snapshot keeps its files until gc removes it
+    assert store.gc_weights() == [] and weight_files(store) == {"shared", "new-b"}
+    assert sorted(n for n in store.gc() if n.startswith("weights/")) == ["weights/new-b", "weights/shared"]
+    assert weight_files(store) == set()
+
+
+def test_weight_files_named_in_use_or_mapped_are_kept(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    a = identity()
+    write_with_weights(store, a, {"linked": b"l"})
+    snap = store.find(a.key)
+    (snap.image_dir / "weights" / "linked").unlink()  # a snapshot that names its file without a link
+    (store.weights_dir / "being-written").write_bytes(b"w")
+    with store.weights_in_use():  # a dump between writing its weight files and linking them
+        assert store.gc_weights() == []
+    assert weight_files(store) == {"linked", "being-written"}
+    (store.weights_dir / "mapped").write_bytes(b"m" * 4096)
+    mapper = subprocess.Popen(  # a replica restored from a snapshot since removed: it maps the file
+        [sys.executable, "-c", MAPPER, str(store.weights_dir / "mapped")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert mapper.stdout is not None and mapper.stdout.readline() == "mapped\n"
+        assert store.gc_weights() == ["weights/being-written"]
+        assert weight_files(store) == {"linked", "mapped"}
+    finally:
+        mapper.communicate("")  # stdin closed: it exits
+    assert store.gc_weights() == ["weights/mapped"]
+    store.rm(a.key)
+    assert weight_files(store) == set()
+
+
+MAPPER = """
+import mmap, sys
+with open(sys.argv[1], "rb") as f:
+    m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+print("mapped", flush=True)
+sys.stdin.read()
+"""
 
 
 def test_key_changes_with_what_shapes_the_process_not_with_the_host() -> None:
