@@ -8,6 +8,12 @@ at once after a connection error (``suspect``). A hung engine (SIGSTOP, a deadlo
 HEALTH_FAILURES x (interval + timeout) (10 s by default), its engine killed (which ends its in-flight
 requests with an error), and demand starts a replacement.
 
+A busy engine is not a hung one: a failed probe while the replica has requests in flight and its engine's
+processes used CPU since the previous probe (``EngineHandle.cpu_seconds``, at least ``BUSY_CPU_S``) is not
+counted. ``transformers serve`` on a loaded CPU host answered no /health for seconds while it generated and
+lost its replica, and the request with it; a stopped or deadlocked engine uses no CPU and is still failed.
+An engine whose CPU time is not known here (gVisor) is probed as before.
+
 A probe that fails on *our* side (the launcher out of file descriptors: EMFILE/ENFILE) says nothing about the
 engine and is not counted (``process.is_local_exhaustion``); it is logged at most once a minute.
 """
@@ -33,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("coldstart.lifecycle")
 
 HEALTH_FAILURES = 2  # consecutive failed liveness probes that fail a replica
+BUSY_CPU_S = 0.05  # CPU seconds an engine used between two probes to count as busy, not hung
 _LOG_EVERY_S = 60.0
 
 
@@ -61,6 +68,8 @@ class Liveness:
         self._poke: dict[str, asyncio.Event] = {}
         self._local_logged_at = 0.0
         self.local_errors = 0  # probes that could not be sent for a reason of ours (not counted as misses)
+        self.busy_misses = 0  # probes an engine busy with requests did not answer (not counted)
+        self._busy_logged_at = 0.0
 
     def suspect(self, replica: Replica, why: str) -> None:
         """A request saw trouble reaching the replica (connection error, read timeout): probe it now."""
@@ -78,6 +87,7 @@ class Liveness:
         poke = self._poke.setdefault(replica.id, asyncio.Event())
         policy = deployment.policy
         failures = 0
+        cpu: float | None = None  # the engine's CPU seconds at the previous probe, while it had requests
         try:
             while watched():
                 with contextlib.suppress(TimeoutError):
@@ -90,14 +100,18 @@ class Liveness:
                 except _LocalProbeError as exc:
                     self._log_local(replica, exc)
                     continue
+                before, cpu = cpu, await self._busy_cpu(replica)
                 if why is None:
                     failures = 0
                     continue
-                failures += 1
                 sandbox = replica.sandbox
                 exited = sandbox is not None and sandbox.exit_code() is not None
                 if not watched():
                     return  # its stop began while the probe ran
+                if not exited and before is not None and cpu is not None and cpu - before >= BUSY_CPU_S:
+                    self._log_busy(replica, why, cpu - before)
+                    continue
+                failures += 1
                 if exited or failures >= HEALTH_FAILURES:
                     log.warning(
                         "replica %s is not alive: %s",
@@ -137,6 +151,29 @@ class Liveness:
             return None
         _check_own_descriptors()  # adapters map a connect error to False: was it ours?
         return "health probe failed"
+
+    @staticmethod
+    async def _busy_cpu(replica: Replica) -> float | None:
+        """The engine's CPU seconds while the replica has requests in flight (else None: an idle engine
+        that does not answer its probe is not excused)."""
+        sandbox = replica.sandbox
+        if replica.in_flight <= 0 or sandbox is None:
+            return None
+        return await sandbox.cpu_seconds()
+
+    def _log_busy(self, replica: Replica, why: str, used: float) -> None:
+        self.busy_misses += 1
+        now = time.monotonic()
+        if now - self._busy_logged_at >= _LOG_EVERY_S:
+            self._busy_logged_at = now
+            log.info(
+                "replica %s: %s, but it is busy (%d in flight, %.2f CPU s since the last probe); not counted",
+                replica.id,
+                why,
+                replica.in_flight,
+                used,
+                extra={"event": "probe_busy", "replica": replica.id, "model": replica.deployment},
+            )
 
     def _log_local(self, replica: Replica, exc: Exception) -> None:
         self.local_errors += 1

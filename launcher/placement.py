@@ -47,6 +47,11 @@ class EngineHandle(Protocol):
         """SIGTERM, ``grace`` seconds, SIGKILL; reaped; everything the engine held released."""
         ...
 
+    async def cpu_seconds(self) -> float | None:
+        """CPU time the engine's processes used so far (None: not known here, e.g. under gVisor): liveness
+        tells a busy engine from a hung one by it."""
+        ...
+
 
 class ReplicaHost(Protocol):
     """Where replicas run. ``start`` places the replica on a unit and brings its engine up (restore when a

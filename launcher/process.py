@@ -390,6 +390,21 @@ def process_tree(root: int) -> list[int]:
     return seen
 
 
+def cpu_seconds(pids: Iterable[int]) -> float | None:
+    """User + system CPU time the processes used so far (``/proc/PID/stat``); None when none is readable.
+    A busy engine's total grows; a stopped or deadlocked one's does not."""
+    ticks = 0
+    found = False
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+            found = True
+        except (OSError, IndexError, ValueError):
+            continue
+    return ticks / os.sysconf("SC_CLK_TCK") if found else None
+
+
 def running(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie (killed, not yet reaped by its parent)."""
     try:

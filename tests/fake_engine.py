@@ -11,7 +11,9 @@ connection does), answering the OpenAI routes the way engines misbehave:
   sees after it gave up on a connection);
 - ``{"plain_500": true}``: a text/plain 500;
 - ``{"drop": true}``: read the request, then close without answering;
-- ``engine.hang()``: stop answering anything, /health included (SIGSTOP);
+- ``engine.hang()``: stop answering anything, /health included (SIGSTOP): its CPU time stands still;
+- ``engine.busy()``: /health unanswered while requests go on (a generation holding the CPU): its CPU time
+  grows at every look;
 - ``engine.die()``: close every socket and report an exit status (SIGKILL).
 """
 
@@ -36,6 +38,8 @@ class FakeEngine:
         self.cancelled = 0  # requests whose client (the proxy) went away before the answer
         self.in_flight = 0
         self.hung = asyncio.Event()
+        self.busy_health = False  # /health unanswered, requests served (see busy())
+        self.cpu_used = 0.0  # what the sandbox reports as the engine's CPU seconds
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.port = 0
@@ -46,6 +50,9 @@ class FakeEngine:
 
     def hang(self) -> None:
         self.hung.set()
+
+    def busy(self) -> None:
+        self.busy_health = True
 
     async def close(self) -> None:
         if self._server is not None:
@@ -71,6 +78,8 @@ class FakeEngine:
                 if self.hung.is_set():
                     await asyncio.Event().wait()  # never answers
                 if path == "/health":
+                    if self.busy_health:
+                        await asyncio.Event().wait()  # never answers
                     await self._reply(writer, 200, {"status": "ok"})
                     continue
                 self.received += 1
@@ -167,6 +176,11 @@ class FakeSandbox(Sandbox):
 
     def exit_code(self) -> int | None:
         return self.code
+
+    async def cpu_seconds(self) -> float | None:
+        if self.engine.busy_health and not self.engine.hung.is_set():
+            self.engine.cpu_used += 0.5
+        return self.engine.cpu_used
 
     def log_tail(self, lines: int = 20) -> str:
         return ""

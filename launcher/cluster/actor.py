@@ -171,6 +171,11 @@ class ReplicaActor:
         """Stop the relay and the engine (SIGTERM, ``grace``, SIGKILL; its namespace removed). Idempotent."""
         await self._own(self._stop(grace))
 
+    async def cpu_seconds(self) -> float | None:
+        """CPU time the engine's processes used so far (the gateway's liveness: busy or hung)."""
+        sandbox = self.sandbox
+        return None if sandbox is None else await self._own(sandbox.cpu_seconds())
+
     async def _prepare(self) -> bool:
         """Set up on this node (the node's settings, leftovers of dead actors removed, the adapter and the
         snapshot manager); returns whether a restore will be tried (the gateway moves the replica's state)."""

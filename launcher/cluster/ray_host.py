@@ -61,8 +61,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("coldstart.cluster")
 
 STOP_TIMEOUT_S = 60.0  # an actor's own stop (SIGTERM, grace, SIGKILL) beyond which it is killed anyway
-NODES_TTL_S = 2.0
-CONNECT_ATTEMPTS = 3  # ray.nodes() is a GCS call: capacity() reuses it this long
+NODES_TTL_S = 2.0  # ray.nodes() is a GCS call: capacity() reuses it this long
+CPU_QUERY_S = 2.0  # the engine's CPU time from its node (liveness); slower than this: not known
+CONNECT_ATTEMPTS = 3
 
 
 @dataclass
@@ -94,6 +95,14 @@ class RayEngine:
 
     def exit_code(self) -> int | None:
         return self._exit
+
+    async def cpu_seconds(self) -> float | None:
+        """The engine's CPU time as its node reads it; None when the actor does not answer in time."""
+        try:
+            seconds = await asyncio.wait_for(_awaitable(self.actor.cpu_seconds.remote()), CPU_QUERY_S)
+        except Exception:  # the actor or its node is gone or slow: liveness counts the probe as it is
+            return None
+        return float(seconds) if seconds is not None else None
 
     async def stop(self, grace: float) -> None:
         """The actor stops its relay and engine, then the actor itself is killed. Idempotent; a dead actor

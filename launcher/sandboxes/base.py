@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from coldstart.engine_adapters.base import LaunchSpec
 from coldstart.launcher.errors import ReplicaStateError
+from coldstart.launcher.process import cpu_seconds
 
 if TYPE_CHECKING:
     from coldstart.launcher.process import OutputTail
@@ -66,6 +67,10 @@ class Sandbox(abc.ABC):
         """Host PIDs of the engine's process tree, root first (what the CUDA driver checkpoints); [] when
         not running or when the engine's processes are not host processes (gVisor)."""
         return []
+
+    async def cpu_seconds(self) -> float | None:
+        """CPU time the engine's process tree used so far; None when its processes are not host ones."""
+        return cpu_seconds(self.host_pids())
 
 
 class NetnsSandbox(Sandbox):
