@@ -111,8 +111,8 @@ def test_one_endpoint_serves_from_both_nodes_and_a_killed_gateway_leaves_nothing
             time.sleep(0.5)
         assert key_dirs(cluster.a) and key_dirs(cluster.b), "the snapshot did not reach both nodes"
         long = ask(gateway.url, "tell me a story", 200)
-        # Two requests at once, one per replica: a second replica starts on the other node. (Not too long:
-        # transformers serve answers no health probe while it generates, and two missed probes fail it.)
+        # Two requests at once, one per replica: a second replica starts on the other node (the one with a
+        # free unit: choose_node).
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             answers = [pool.submit(ask, gateway.url, "tell me a story", 200) for _ in range(2)]
             deadline = time.monotonic() + 120
