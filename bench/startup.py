@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/startup.py [--size qwen3-0.6b] [--runs 5] [--checkpointers criu,runsc]
     .venv/bin/python bench/startup.py --engine vllm --vllm-config lean|default [--size tiny] [--runs 3]
+    .venv/bin/python bench/startup.py --gateway [--gateway-image] [--checkpointers ''] [--drop-caches]
 
 Engine: ``transformers serve`` (default) with a Qwen3-0.6B-shaped model with random bf16 weights made
 locally (``coldstart make-model``; a realistic CPU cold boot: importing torch + transformers, loading
@@ -21,6 +22,12 @@ token: decoding 8 tokens on CPU takes ~1 s and would hide the restore):
   cache), restore into fresh namespaces, health, after-restore hook, canary -- then the request;
 - bare restore: the tool alone on the same image (``criu restore`` / ``runsc create`` + ``runsc restore``
   into a namespace made beforehand), health polled the same way, then the request.
+
+``--gateway`` adds the end-to-end clock as a user meets it (``bench/gateway_clock.py``): ``coldstart-serve
+--snapshot criu`` (with ``--gateway-image``: the model from a lazily mounted image of it, empty chunk cache)
+boots and snapshots once, scales to zero, and each run is one streamed request sent at zero replicas; its
+phases are read back from the launcher's ``/metrics`` (image mount, pull, verify, restore, wake, canary, and
+the proxy's arrival -> first token), beside the client's own request -> first token.
 
 Floor: snapshot bytes / read bandwidth, the bandwidth measured in this run by reading the snapshot's files
 (warm page cache, as every restore here reads them). Goals (issue 3): restore >= 15x faster than cold boot,
@@ -42,6 +49,7 @@ import time  # noqa: E402
 from collections.abc import Awaitable, Callable  # noqa: E402
 from pathlib import Path
 
+import gateway_clock  # noqa: E402
 import httpx  # noqa: E402
 
 from coldstart.engine_adapters.base import EngineAdapter, EngineConfig  # noqa: E402
@@ -361,9 +369,63 @@ async def bench(args: argparse.Namespace) -> list[dict[str, object]]:
                         "pair": pair,
                     }
                 )
+            if args.gateway or args.gateway_image:
+                await asyncio.to_thread(gateway_rows, args, model_dir, config, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return results
+
+
+@dataclasses.dataclass
+class GatewayClock:
+    runs: list[dict[str, float]]  # per request at zero: phase -> seconds, "client", "page_cache_dropped"
+    first_ready: float  # launch -> first replica ready (first boot + snapshot)
+    image_mount: float | None
+    fetched: float | None  # bytes the first boot fetched through the image mount
+
+
+gateway_clocks: list[GatewayClock] = []  # filled by gateway_rows, printed under the table
+
+
+def gateway_rows(args: argparse.Namespace, model_dir: Path, config: EngineConfig, work: Path) -> None:
+    """``coldstart-serve --snapshot criu``: first boot + snapshot, then ``--runs`` requests at zero replicas
+    (each also with the page cache dropped where ``--drop-caches``); the phases from its /metrics."""
+    model_arg = str(model_dir)
+    image_args: list[str] = []
+    if args.gateway_image:
+        from coldstart.imagefs.build import build
+
+        index = build(model_dir, work / "gateway-origin").index_path
+        model_arg = "{image}"
+        image_args = ["--image", str(index), "--image-cache", str(work / "gateway-chunks")]
+    launcher = gateway_clock.Launcher(
+        [
+            args.engine, model_arg, *image_args, "--snapshot", "criu",
+            "--snapshot-dir", str(work / "gateway-snapshots"), "--work-dir", str(work / "gateway-run"),
+            "--served-model-name", "m", "--idle-timeout", "2", "--max-replicas", "1",
+            *config.engine_args,
+        ],
+        work / "gateway.log",
+        env=config.env,
+    )  # fmt: skip
+    try:
+        first_ready = launcher.wait_ready()
+        text = launcher.metrics()
+        mounts, mount_s = gateway_clock.phase_totals(text, "m")["image_mount"]
+        fetched = gateway_clock.gauge(text, "coldstart_image_fetched_bytes", "m")
+        launcher.wait_zero()
+        runs: list[dict[str, float]] = []
+        for i in range(args.runs * (2 if args.drop_caches else 1)):
+            dropped = args.drop_caches and i % 2 == 1
+            if dropped:
+                drop_page_cache()
+            timing = gateway_clock.request_at_zero(launcher, "m")
+            timing["page_cache_dropped"] = float(dropped)
+            runs.append(timing)
+            print(f"  gateway request at zero #{i + 1}: {timing}", file=sys.stderr, flush=True)
+    finally:
+        launcher.stop()
+    gateway_clocks.append(GatewayClock(runs, first_ready, mount_s / mounts if mounts else None, fetched))
 
 
 def drop_page_cache() -> None:
@@ -433,6 +495,8 @@ def table(results: list[dict[str, object]], runs: int) -> str:
                 else "n/a (no host PIDs) |"
             )
         )
+    if len(results) == 1:  # --checkpointers '': the host row, then the gateway's clock
+        return "\n".join(lines + [line for clock in gateway_clocks for line in gateway_table(clock)])
     lines += [
         "",
         "where the launcher's time goes (medians): to healthy = lookup + gate + digests + namespaces"
@@ -477,7 +541,35 @@ def table(results: list[dict[str, object]], runs: int) -> str:
                 + " | ".join(f"{c:.3f}" for c in cells)
                 + f" | {first:.3f} | {total:.3f} |"
             )
+    for clock in gateway_clocks:
+        lines += gateway_table(clock)
     return "\n".join(lines)
+
+
+def gateway_table(clock: GatewayClock) -> list[str]:
+    med = statistics.median
+    mount = f"image mount {clock.image_mount:.3f} s" if clock.image_mount is not None else "no image"
+    fetched = f", the boot fetched {clock.fetched / 1e6:.1f} MB" if clock.fetched is not None else ""
+    lines = [
+        "",
+        "through the gateway (coldstart-serve --snapshot criu): a streamed request sent at zero replicas,",
+        f"phases from its /metrics (first boot + snapshot -> ready {clock.first_ready:.1f} s after launch; "
+        f"{mount}{fetched})",
+        "",
+        "| page cache | runs | pull | verify | restore -> healthy | wake | canary |"
+        " arrival -> 1st token (proxy) | client: request -> 1st token |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cache in ("warm", "dropped"):
+        rows = [p for p in clock.runs if p["page_cache_dropped"] == float(cache == "dropped")]
+        if not rows:
+            continue
+        keys = ("pull", "verify", "checkpointer_restore", "wake", "canary", "first_token", "client")
+        cells = [  # "-": not on this path (pull: only with remote tiers)
+            f"{med([p.get(k, 0.0) for p in rows]):.3f}" if any(k in p for p in rows) else "-" for k in keys
+        ]
+        lines.append(f"| {cache} | {len(rows)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -494,6 +586,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--checkpointers", default="criu,runsc", type=lambda s: [x for x in s.split(",") if x]
+    )
+    parser.add_argument(
+        "--gateway", action="store_true", help="also the end-to-end clock through coldstart-serve's /metrics"
+    )
+    parser.add_argument(
+        "--gateway-image", action="store_true", help="--gateway with the model in a lazily mounted image"
     )
     args = parser.parse_args(argv)
     if args.cold_runs is None:

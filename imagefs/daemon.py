@@ -7,7 +7,8 @@ Lifecycle: verify the index -> ``pyfuse3.init`` (mount) -> serve -> tune the mou
 is answered (``stat`` of the root blocks until then; tuning earlier is overwritten by INIT) -> report
 ready (one JSON line on ``--ready-fd``) -> prefetch the boot profile in the background -> on SIGINT/SIGTERM
 or unmount: stop, ``pyfuse3.close(unmount=True)``, save the boot profile, write stats. SIGUSR1 saves the
-profile now and stops recording (the launcher sends it when the engine is healthy: the boot is over).
+profile now, stops recording and writes the stats so far (the launcher sends it when the engine is healthy:
+the boot is over, and what it fetched is known).
 
 Tuning (reported in the ready line and ``Mount.settings``):
 - requests of up to 1 MiB: libfuse negotiates max_pages from its 1 MiB buffer (``max_pages_limit`` is 256
@@ -209,8 +210,9 @@ class Daemon:
                 if self.profile:
                     nursery.start_soon(self._prefetch)
                 async for signum in signals:
-                    if signum == signal.SIGUSR1:
+                    if signum == signal.SIGUSR1:  # the boot is over: its profile, and what it fetched
                         await trio.to_thread.run_sync(self.save_profile)
+                        await trio.to_thread.run_sync(self._write_stats)
                     else:
                         log.info("signal %d: unmounting %s", signum, cfg.mountpoint)
                         nursery.cancel_scope.cancel()

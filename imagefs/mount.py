@@ -2,7 +2,7 @@
 
     with mounted(index, "/mnt/img", cache_dir, tiers=["/srv/store"]) as m:
         ...  # m.mountpoint is live; m.settings holds the tuning in effect
-        m.save_profile()  # optional: the boot is over, write the profile now
+        m.save_profile()  # optional: the boot is over, write the profile now (m.boot_stats(): and stats)
     m.stats  # bytes per tier, chunks read (read at unmount)
 
 The daemon runs trio in its own process, so an asyncio caller (the launcher) is untouched; call
@@ -136,10 +136,27 @@ class Mount:
         return (errors or lines or ["empty log"])[-1].strip()
 
     def save_profile(self) -> None:
-        """Write the boot profile now (the boot is over) and stop recording."""
+        """Write the boot profile now (the boot is over) and stop recording; the daemon also writes its
+        stats so far (``boot_stats``)."""
         self._require(MountState.MOUNTED)
         assert self._proc is not None
         self._proc.send_signal(signal.SIGUSR1)
+
+    def boot_stats(self, timeout_s: float = 10.0) -> dict[str, object]:
+        """``save_profile``, then the daemon's stats as it wrote them (``remote_bytes``: what the boot
+        fetched from beyond the local caches); {} when they did not come within ``timeout_s``."""
+        stats_path = Path(self.config.stats_path) if self.config.stats_path else None
+        if stats_path is None:
+            return {}
+        stats_path.unlink(missing_ok=True)
+        self.save_profile()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.state is MountState.MOUNTED:
+            with contextlib.suppress(OSError, ValueError):
+                stats: dict[str, object] = json.loads(stats_path.read_text())  # written atomically
+                return stats
+            time.sleep(0.02)
+        return {}
 
     def stop(self) -> None:
         """SIGTERM, grace, SIGKILL, reap; then make sure nothing is left mounted. Idempotent."""

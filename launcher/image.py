@@ -5,7 +5,9 @@ starts, and unmounted when the launcher stops. ``{image}`` in MODEL and in the e
 mount point, e.g. ``coldstart-serve transformers '{image}' --image store/images/model.cidx`` serves a model
 whose files are fetched on demand; ``--image-mount /opt/venv`` puts an image where its files expect to be.
 After the first replica is ready the boot's read order is saved as the image's profile, so the next
-launch prefetches it. The image digest is part of the snapshot identity (a snapshot maps these files).
+launch prefetches it (``boot_over``, which also records what the boot fetched from beyond the local chunk
+cache as ``coldstart_image_fetched_bytes``). The mount's duration is the ``image_mount`` phase of the
+end-to-end clock. The image digest is part of the snapshot identity (a snapshot maps these files).
 
 An image that holds a root filesystem (a top-level ``usr/``, ``holds_rootfs``) is also the gVisor container's
 root with ``--snapshot runsc``: ``snapshots_for`` hands the mount point to the runsc checkpointer it makes
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from coldstart.launcher.config import ServeConfig
+from coldstart.launcher.metrics import ModelMetrics
 
 log = logging.getLogger("coldstart.image")
 
@@ -56,8 +59,9 @@ def with_mountpoint(config: ServeConfig, mountpoint: Path) -> ServeConfig:
 
 
 @contextlib.asynccontextmanager
-async def image_mounted(config: ServeConfig) -> AsyncIterator[Any]:
-    """Yields the imagefs ``Mount`` (or None without ``--image``); unmounts on exit, also on errors."""
+async def image_mounted(config: ServeConfig, metrics: ModelMetrics | None = None) -> AsyncIterator[Any]:
+    """Yields the imagefs ``Mount`` (or None without ``--image``); unmounts on exit, also on errors. The
+    mount's duration goes to ``metrics`` as the ``image_mount`` phase."""
     if config.image is None:
         yield None
         return
@@ -70,6 +74,8 @@ async def image_mounted(config: ServeConfig) -> AsyncIterator[Any]:
     started = time.monotonic()
     manager = mounted(config.image, mountpoint, cache, tiers)
     mount = await asyncio.to_thread(manager.__enter__)
+    if metrics is not None:
+        metrics.phase_seconds.labels("image_mount").observe(time.monotonic() - started)
     log.info(
         "image %s mounted at %s in %.2fs (tiers: %s)",
         config.image,
@@ -85,3 +91,22 @@ async def image_mounted(config: ServeConfig) -> AsyncIterator[Any]:
     finally:
         await asyncio.to_thread(manager.__exit__, None, None, None)
         log.info("image unmounted from %s", mountpoint, extra={"event": "image_unmounted"})
+
+
+async def boot_over(mount: Any, metrics: ModelMetrics | None = None) -> None:
+    """The first replica is ready: save the boot's read order as the image's profile, and record what the
+    boot fetched from beyond the local chunk cache (``coldstart_image_fetched_bytes``)."""
+    stats = await asyncio.to_thread(mount.boot_stats)
+    fetched = stats.get("remote_bytes")
+    if not isinstance(fetched, int):
+        log.info("image at %s: its daemon reported no stats after the boot", mount.mountpoint)
+        return
+    if metrics is not None:
+        metrics.image_fetched_bytes.set(fetched)
+    log.info(
+        "image at %s: the boot fetched %.1f MB of %.1f MB",
+        mount.mountpoint,
+        fetched / 1e6,
+        int(stats.get("image_bytes") or 0) / 1e6,
+        extra={"event": "image_boot_fetched", "bytes": fetched},
+    )

@@ -5,6 +5,14 @@ Every metric about replicas, requests, queues, swaps and GPU-seconds carries a `
 deployment's public name). Code that works for one deployment (the snapshot manager, a replica's
 lifecycle) gets ``metrics.for_model(name)``: the same attribute names with ``model`` already bound, so
 ``m.restores.inc()`` and ``m.phase_seconds.labels("restore").observe(s)`` read as before.
+
+``coldstart_phase_seconds`` is the end-to-end clock of a request that arrives at zero replicas, one label
+per phase: ``image_mount`` (the deployment's imagefs mount, once per launcher; the chunks themselves are
+fetched on demand inside the boot or restore that reads them: their bytes are
+``coldstart_image_fetched_bytes``), ``pull`` (another host's snapshot through the tiers), ``verify``,
+``checkpointer_restore``, ``wake``, ``canary`` (``snapshots/manager.py``), and ``first_token``: from the
+request's arrival at the proxy, with no replica ready, to the first token of its streamed answer
+(``proxy.py``). The others (``boot``, ``restore``, ``snapshot_*``) are the lifecycle's own steps.
 """
 
 from __future__ import annotations
@@ -70,6 +78,13 @@ class Metrics:
             registry=r,
         )
         self.snapshot_bytes = Gauge("coldstart_snapshot_bytes", "Size of the snapshot in use", m, registry=r)
+        self.image_fetched_bytes = Gauge(
+            "coldstart_image_fetched_bytes",
+            "Bytes the deployment's image mount fetched from beyond its local chunk cache until the first "
+            "replica was ready",
+            m,
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "coldstart_queue_depth", "Requests waiting for a ready replica", m, registry=r
         )
@@ -165,6 +180,7 @@ class ModelMetrics:
     snapshots_taken: _Bound
     phase_seconds: _Bound
     snapshot_bytes: _Bound
+    image_fetched_bytes: _Bound
     queue_depth: _Bound
     queue_wait_seconds: _Bound
     in_flight: _Bound

@@ -27,6 +27,12 @@ once bytes may have reached the engine it is never replayed silently (it may not
 tokens, it may have side effects): the client gets a 502 saying so and decides. Connections that carried
 an error answer are closed, not pooled, and pooled ones idle no longer than engines keep them (uvicorn: 5 s).
 
+The end-to-end clock ends here: a request that arrives while its deployment has no READY replica (it waits
+for a restore or a boot) observes ``coldstart_phase_seconds{phase="first_token"}``, from its arrival to the
+first token of its streamed answer: the first SSE event carrying content, text or a finish reason (engines
+may send a role-only event before generating). Whole (non-streamed) answers have no first token to see and
+are not counted; nor are requests that found a replica ready.
+
 Streaming (SSE) is passed through chunk by chunk. If the engine dies mid-stream the client receives an
 OpenAI-shaped ``error`` event and the stream ends (the ``openai`` client raises), never a hang. A client
 that goes away cancels its upstream request, streaming or not (the engine sees the connection close).
@@ -287,6 +293,7 @@ class Proxy:
         return payload, len(raw)
 
     async def forward(self, request: Request) -> Response:
+        arrived = time.monotonic()
         route = request.url.path
         if (denied := self._unauthorized(request)) is not None:
             return self._count(route, denied)
@@ -326,10 +333,11 @@ class Proxy:
         payload["model"] = deployment.upstream_model
         body = json.dumps(payload).encode()
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROP]
+        clock = FirstToken(deployment, arrived) if deployment.state != "ready" else None
 
         # Until the answer starts, a client that goes away cancels the wait (queue or engine).
         gone = asyncio.create_task(_disconnected(request))
-        work = asyncio.create_task(self._dispatch(deployment, route, body, headers))
+        work = asyncio.create_task(self._dispatch(deployment, route, body, headers, clock))
         try:
             await asyncio.wait([work, gone], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -344,7 +352,12 @@ class Proxy:
         return self._count(route, response, status, model=deployment.name)
 
     async def _dispatch(
-        self, deployment: Deployment, route: str, body: bytes, headers: list[tuple[str, str]]
+        self,
+        deployment: Deployment,
+        route: str,
+        body: bytes,
+        headers: list[tuple[str, str]],
+        clock: FirstToken | None = None,
     ) -> tuple[Response, int | None]:
         # Retry on another replica only when the connection could not be opened: nothing was sent.
         refused: Replica | None = None
@@ -377,7 +390,7 @@ class Proxy:
                         f"({type(exc).__name__}); the request may have reached the engine and was not retried"
                     )
                     return openai_error(502, msg, "server_error", "upstream_lost"), None
-                result = await self._relay(deployment, replica, response)
+                result = await self._relay(deployment, replica, response, clock)
                 finished = True  # _relay owns the release from here
                 return result, response.status
             finally:
@@ -386,14 +399,18 @@ class Proxy:
         raise ReplicaStateError("unreachable: the retry loop always returns")
 
     async def _relay(
-        self, deployment: Deployment, replica: Replica, response: aiohttp.ClientResponse
+        self,
+        deployment: Deployment,
+        replica: Replica,
+        response: aiohttp.ClientResponse,
+        clock: FirstToken | None = None,
     ) -> Response:
         headers = {k: v for k, v in response.headers.items() if k.lower() not in _DROP}
         finish = _Finish(deployment, replica, response)
         streaming = response.headers.get("content-type", "").startswith("text/event-stream")
         if response.status < 400 and streaming:
             return StreamingResponse(
-                self._stream(replica, response, finish),
+                self._stream(replica, response, finish, clock),
                 status_code=response.status,
                 headers=headers,
                 background=BackgroundTask(finish),
@@ -414,10 +431,16 @@ class Proxy:
         return Response(body, status_code=response.status, headers=headers)
 
     async def _stream(
-        self, replica: Replica, response: aiohttp.ClientResponse, finish: _Finish
+        self,
+        replica: Replica,
+        response: aiohttp.ClientResponse,
+        finish: _Finish,
+        clock: FirstToken | None = None,
     ) -> AsyncIterator[bytes]:
         try:
             async for chunk in response.content.iter_any():
+                if clock is not None and not clock.done:
+                    clock.feed(chunk)
                 yield chunk
         except (aiohttp.ClientError, TimeoutError) as exc:
             finish.broken = True
@@ -441,6 +464,63 @@ class Proxy:
     ) -> Response:
         self.metrics.requests.labels(model, route, str(status or response.status_code)).inc()
         return response
+
+
+class FirstToken:
+    """The first-token clock of one streamed answer to a request that arrived with no replica ready: fed
+    the SSE bytes as they pass until an event carries a token, then observed once (``first_token``).
+    Gives up on an error event, ``[DONE]``, or 1 MiB without a line end."""
+
+    def __init__(self, deployment: Deployment, arrived: float) -> None:
+        self.deployment = deployment
+        self.arrived = arrived
+        self.done = False
+        self._partial = b""
+
+    def feed(self, chunk: bytes) -> None:
+        *lines, self._partial = (self._partial + chunk).split(b"\n")
+        for line in lines:
+            seen = _token_event(line)
+            if seen is None:
+                continue
+            self.done = True
+            if seen:
+                seconds = time.monotonic() - self.arrived
+                self.deployment.metrics.phase_seconds.labels("first_token").observe(seconds)
+            return
+        if len(self._partial) > 1 << 20:
+            self.done = True
+
+
+def _token_event(line: bytes) -> bool | None:
+    """True for an SSE ``data:`` event that carries a token (chat content, completion text, a finish
+    reason, a Responses text delta); False for one that ends the stream without a token; else None."""
+    if not line.startswith(b"data:"):
+        return None
+    data = line[5:].strip()
+    if data == b"[DONE]":
+        return False
+    try:
+        event = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(event, dict):
+        return None
+    if "error" in event:
+        return False
+    if str(event.get("type", "")).endswith("output_text.delta"):
+        return True
+    for choice in event.get("choices") or []:
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            delta = {}
+        if delta.get("content") or delta.get("reasoning_content") or choice.get("text"):
+            return True
+        if choice.get("finish_reason"):
+            return True
+    return None
 
 
 def _base_url(replica: Replica) -> str:

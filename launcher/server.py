@@ -35,7 +35,7 @@ from coldstart.launcher.deployment import Deployment, Snapshots
 from coldstart.launcher.deployments import single
 from coldstart.launcher.errors import CheckpointerUnavailable, GpuRefused, PortInUse, UsageError
 from coldstart.launcher.gateway import Gateway
-from coldstart.launcher.image import image_mounted, with_mountpoint
+from coldstart.launcher.image import boot_over, image_mounted, with_mountpoint
 from coldstart.launcher.local_host import LocalHost
 from coldstart.launcher.logs import configured_logging
 from coldstart.launcher.metrics import Metrics, ModelMetrics
@@ -164,17 +164,17 @@ async def _deployment(
 ) -> Deployment:
     """One deployment, its image mounted (unmounted by ``undo``) and its snapshots set up; with an image,
     the boot's read order is saved as its profile once a first replica is ready."""
-    if config.image is not None and config.image_mount is None:
-        config = dataclasses.replace(config, image_mount=Path(config.work_dir) / f"image-{index}")
-    mount = await undo.enter_async_context(image_mounted(config))
+    if config.image is not None:
+        mountpoint = Path(config.image_mount or Path(config.work_dir) / f"image-{index}").resolve()
+        config = with_mountpoint(config, mountpoint)  # {image} -> where it is about to be mounted
+    bound = metrics.for_model(config.public_model_name)
+    mount = await undo.enter_async_context(image_mounted(config, bound))
     profile_saver = TaskOwner()
     undo.push_async_callback(profile_saver.close)  # ends before the image is unmounted (LIFO)
     if mount is not None:
-        config = with_mountpoint(config, mount.mountpoint)
         check_model(adapter, config)
     econf = engine_config(config)
     name = config.public_model_name
-    bound = metrics.for_model(name)
     upstream = adapter.upstream_model_name(econf)
     deployment = Deployment(
         name,
@@ -199,7 +199,7 @@ async def _save_profile_when_ready(deployment: Deployment, mount: Any) -> None:
     """The boot is over once a replica is ready: what it read, in order, is the image's profile (what
     follows, requests and later boots, is not). An image unmounted first saves what was read by then."""
     await deployment.first_ready.wait()
-    await asyncio.to_thread(mount.save_profile)
+    await boot_over(mount, deployment.metrics)
 
 
 async def _replica_host(

@@ -160,6 +160,19 @@ def test_profile_is_recorded_then_prefetched(tmp_path, sample_image, mount_image
     assert m.stats["prefetched"] == 3
 
 
+def test_boot_stats_say_what_the_boot_fetched(tmp_path, sample_image, mount_image) -> None:
+    src, store, result = sample_image
+    profile = tmp_path / "boot.profile"
+    with mount_image(result.index_path, [str(store)], profile_path=profile) as m:
+        (m.mountpoint / "exact.bin").read_bytes()
+        stats = m.boot_stats()
+        assert stats["remote_bytes"] == (src / "exact.bin").stat().st_size  # its two chunks, once
+        assert stats["image_bytes"] == ImageIndex.open(result.index_path).total_bytes
+        assert read_profile(profile, ImageIndex.open(result.index_path).digest)  # saved with them
+        (m.mountpoint / "multi.bin").read_bytes()  # after the boot
+        assert m.boot_stats()["remote_bytes"] > stats["remote_bytes"]  # the stats so far, asked again
+
+
 def test_a_save_signal_during_the_stop_does_not_kill_the_daemon(tmp_path, sample_image, mount_image) -> None:
     """The launcher saves the profile (SIGUSR1) as it stops the mount (SIGTERM): a SIGUSR1 that arrives once
     trio has taken the SIGTERM (re-raised by trio, or after its receiver closed) must not kill the daemon by
