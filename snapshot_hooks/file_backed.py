@@ -26,8 +26,8 @@ resets): its pages are released (``MADV_DONTNEED``: zero on next touch) and so a
 ``anonymous_regions(min_bytes)`` lists the process's own large anonymous mappings (from
 ``/proc/self/smaps``) for engines whose weights live in allocations no tensor names (oneDNN's packed
 weights in vLLM): mostly resident private read-write mappings, without thread stacks (a guard page below)
-and glibc arena heaps (reserved space above; glibc's ``calloc`` trusts memory it released there to read as
-zero, which a file mapping would not).
+and glibc arena heaps (64 MiB-aligned, with their reserve above; glibc's ``calloc`` trusts memory it
+released there to read as zero, which a file mapping would not).
 
 Standard library only (``ctypes`` for ``mmap``/``madvise`` at fixed addresses): vLLM's worker extension loads
 this file by path inside vLLM's own environment.
@@ -220,7 +220,23 @@ def anonymous_regions(min_bytes: int = 4 << 20, min_resident: float = 0.5) -> li
         after = maps[i + 1] if i + 1 < len(maps) else None
         if before and before.end == m.start and before.perms == "---p" and before.anonymous:
             continue  # a thread stack above its guard page
-        if after and after.start == m.end and after.perms == "---p" and after.anonymous:
+        if _arena_heap(m, after):
             continue  # a glibc arena heap and the reserve it grows into
         out.append((m.start, size))
     return out
+
+
+# glibc's per-thread arena heaps (``malloc/arena.c``): each is one HEAP_MAX_SIZE reservation (64 MiB on
+# 64-bit: 2 * DEFAULT_MMAP_THRESHOLD_MAX), aligned to that size, its used part read-write and the rest
+# ``---p``. Told apart by that shape, not by a ``---p`` neighbour alone: a weight mapping just below a thread
+# stack's guard page has one too (seen with vLLM and the Qwen3-0.6B shape: 311 MiB of weights stayed
+# anonymous, and were dumped, because the next mapping up was a guard page).
+_ARENA_HEAP_MAX = 64 << 20
+
+
+def _arena_heap(m: Mapping, after: Mapping | None) -> bool:
+    if m.start % _ARENA_HEAP_MAX:
+        return False
+    if after and after.start == m.end and after.perms == "---p" and after.anonymous:
+        return after.end - m.start >= _ARENA_HEAP_MAX  # the reserve (a guard above may have merged into it)
+    return m.end - m.start == _ARENA_HEAP_MAX  # a full arena heap: no reserve left

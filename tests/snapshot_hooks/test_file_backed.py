@@ -3,11 +3,13 @@ anonymous memory left for a checkpoint to dump, one file per content."""
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 from pathlib import Path
 
 import torch
 
-from coldstart.snapshot_hooks.file_backed import anonymous_regions, mappings, whole_pages
+from coldstart.snapshot_hooks.file_backed import PAGE, anonymous_regions, mappings, whole_pages
 from coldstart.snapshot_hooks.torch_helpers import file_back_module
 
 
@@ -57,3 +59,43 @@ def test_anonymous_regions_finds_a_large_buffer_but_not_thread_stacks() -> None:
     assert any(start <= lo and lo + size <= start + n for start, n in regions)
     stacks = [m for m in mappings() if m.path.startswith("[stack")]
     assert not any(start == m.start for m in stacks for start, _ in regions)
+
+
+def test_anonymous_regions_tells_an_arena_heap_from_a_buffer_below_a_guard_page() -> None:
+    """glibc's arena heaps (64 MiB-aligned, their ``---p`` reserve above) stay out; a buffer whose upper
+    neighbour is a ``---p`` mapping that is not its reserve is found (vLLM's tied embedding table, 311 MiB,
+    sat below a thread stack's guard page and was dumped while an older rule took it for an arena)."""
+    mib = 1 << 20
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    anon = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    rw = mmap.PROT_READ | mmap.PROT_WRITE
+    size = 192 * mib
+    reserve = libc.mmap(None, size, 0, anon | 0x4000, -1, 0)  # PROT_NONE, MAP_NORESERVE
+    assert reserve not in (None, ctypes.c_void_p(-1).value)
+    try:
+        # [arena: 8 MiB rw][its reserve: 56 MiB ---p][4 KiB r--p][buffer: 8 MiB rw][---p ...]
+        arena = -(-reserve // (64 * mib)) * (64 * mib)
+        buffer = arena + 64 * mib + PAGE
+        for address, length, prot in (
+            (arena, 8 * mib, rw),
+            (arena + 64 * mib, PAGE, mmap.PROT_READ),
+            (buffer, 8 * mib, rw),
+        ):
+            assert libc.mmap(address, length, prot, anon | 0x10, -1, 0) == address  # MAP_FIXED
+        ctypes.memset(arena, 1, 8 * mib)
+        ctypes.memset(buffer, 1, 8 * mib)
+        starts = {start for start, _ in anonymous_regions(min_bytes=4 * mib)}
+        assert buffer in starts
+        assert arena not in starts
+    finally:
+        libc.munmap(reserve, size)
