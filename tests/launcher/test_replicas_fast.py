@@ -667,4 +667,3 @@ async def test_a_model_bigger_than_the_memory_budget_gets_a_503_naming_the_budge
         assert answer.status_code == 503 and _error(answer)["code"] == "boot_failed"
         assert "--memory-budget" in _error(answer)["message"]
         assert h.gateway.peak_held == 0  # never started
-
