@@ -66,10 +66,9 @@ class Liveness:
         self.http = http
         self.on_dead = on_dead
         self._poke: dict[str, asyncio.Event] = {}
-        self._local_logged_at = 0.0
+        self._logged_at: dict[str, float] = {}  # when each kind of uncounted probe was last logged
         self.local_errors = 0  # probes that could not be sent for a reason of ours (not counted as misses)
         self.busy_misses = 0  # probes an engine busy with requests did not answer (not counted)
-        self._busy_logged_at = 0.0
 
     def suspect(self, replica: Replica, why: str) -> None:
         """A request saw trouble reaching the replica (connection error, read timeout): probe it now."""
@@ -161,11 +160,17 @@ class Liveness:
             return None
         return await sandbox.cpu_seconds()
 
+    def _due(self, kind: str) -> bool:
+        """True at most once a minute for each kind of uncounted probe (the rest are counted, not logged)."""
+        now = time.monotonic()
+        if now - self._logged_at.get(kind, -_LOG_EVERY_S) < _LOG_EVERY_S:
+            return False
+        self._logged_at[kind] = now
+        return True
+
     def _log_busy(self, replica: Replica, why: str, used: float) -> None:
         self.busy_misses += 1
-        now = time.monotonic()
-        if now - self._busy_logged_at >= _LOG_EVERY_S:
-            self._busy_logged_at = now
+        if self._due("busy"):
             log.info(
                 "replica %s: %s, but it is busy (%d in flight, %.2f CPU s since the last probe); not counted",
                 replica.id,
@@ -177,9 +182,7 @@ class Liveness:
 
     def _log_local(self, replica: Replica, exc: Exception) -> None:
         self.local_errors += 1
-        now = time.monotonic()
-        if now - self._local_logged_at >= _LOG_EVERY_S:
-            self._local_logged_at = now
+        if self._due("local"):
             log.warning(
                 "cannot probe replica %s: %s (the launcher's own limit, not the engine's; not counted)",
                 replica.id,
