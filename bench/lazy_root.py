@@ -239,6 +239,31 @@ def root_image() -> tuple[Path, Path]:
     return src, index
 
 
+def vllm_env_image(venv: Path | None = None) -> Path:
+    """The vLLM venv (the set-up's ``/opt/coldstart/engines/vllm`` by default) built as an imagefs image once
+    into .cache/imagefs/vllm-env-KEY (2.4 GB of chunks; rebuilt when the venv changes): its index, whose
+    origin store is ``index.parent.parent``. The interpreter the venv links to (``bin/python ->`` the host's
+    CPython) stays on the host; everything vLLM imports is in the image."""
+    from coldstart.engine_adapters.discovery import engines_root
+    from coldstart.imagefs.build import build
+
+    venv = venv or engines_root() / "vllm"
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    stamp = [str(venv), str(site.stat().st_mtime_ns)]
+    stamp += [
+        (venv / name).read_text() for name in ("pyvenv.cfg", ".coldstart-engine") if (venv / name).exists()
+    ]
+    key = hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:12]
+    base = CACHE / f"vllm-env-{key}"
+    index = base / "store" / "images" / "vllm-env.cidx"
+    if (base / ".complete").exists() and index.exists():
+        return index
+    shutil.rmtree(base, ignore_errors=True)
+    build(venv, base / "store", index)
+    (base / ".complete").write_text(f"{venv}\n")
+    return index
+
+
 def engine_spec(root_prefix: str) -> object:
     """The engine's LaunchSpec as the ``custom`` adapter would make it, with paths under ``root_prefix``
     (the host path of the root: the checkpointer rewrites them to their place in the container)."""

@@ -9,6 +9,13 @@ launch prefetches it (``boot_over``, which also records what the boot fetched fr
 cache as ``coldstart_image_fetched_bytes``). The mount's duration is the ``image_mount`` phase of the
 end-to-end clock. The image digest is part of the snapshot identity (a snapshot maps these files).
 
+The engine's own environment can be in the image too (the vLLM venv, mounted where it was built with
+``--image-mount /opt/coldstart/engines/vllm``, or anywhere with ``--engine-python {image}``: a venv finds
+its site-packages from the interpreter's path, not from where it was built): ``engine_in_image`` says when,
+and the launcher then asks the engine for its version (``check_installed``) only once the image is mounted.
+With CRIU its interpreter and libraries are mapped from under the mount, which is external to the dump like
+the model's files; the snapshot identity holds the image digest and the engine version asked there.
+
 An image that holds a root filesystem (a top-level ``usr/``, ``holds_rootfs``) is also the gVisor container's
 root with ``--snapshot runsc``: ``snapshots_for`` hands the mount point to the runsc checkpointer it makes
 (``RunscCheckpointer(root=...)``; no module global: two deployments of one launcher may mount two images),
@@ -27,6 +34,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from coldstart.engine_adapters.base import EngineAdapter
+from coldstart.engine_adapters.errors import EngineNotInstalled
+from coldstart.engine_adapters.registry import get_adapter
 from coldstart.launcher.config import ServeConfig
 from coldstart.launcher.metrics import ModelMetrics
 
@@ -47,15 +57,46 @@ def default_tiers(index: Path) -> list[str]:
 
 
 def with_mountpoint(config: ServeConfig, mountpoint: Path) -> ServeConfig:
-    """``{image}`` in MODEL and the engine arguments replaced by the mount point (recorded as
-    ``image_mount``: what is under it is pinned by the image's digest)."""
+    """``{image}`` in MODEL, ``--engine-python`` and the engine arguments replaced by the mount point
+    (recorded as ``image_mount``: what is under it is pinned by the image's digest)."""
     where = str(mountpoint)
     return dataclasses.replace(
         config,
         image_mount=Path(mountpoint),
         model=config.model.replace(PLACEHOLDER, where),
+        engine_python=config.engine_python.replace(PLACEHOLDER, where) if config.engine_python else None,
         engine_args=tuple(a.replace(PLACEHOLDER, where) for a in config.engine_args),
     )
+
+
+def engine_in_image(config: ServeConfig) -> bool:
+    """Whether the engine's environment may be inside ``--image``, so that it can be asked for its version
+    only once the image is mounted: ``--engine-python`` with ``{image}`` or under ``--image-mount``, or no
+    ``--engine-python`` at all (the engine is then looked for where the image may put it, e.g. the set-up's
+    ``/opt/coldstart/engines/ENGINE``)."""
+    if config.image is None:
+        return False
+    python = config.engine_python
+    if python is None or PLACEHOLDER in python:
+        return True
+    mount = config.image_mount
+    return mount is not None and Path(python).absolute().is_relative_to(Path(mount).absolute())
+
+
+async def engine_from_image(config: ServeConfig) -> EngineAdapter:
+    """The adapter of an engine whose environment may be in the mounted image (``engine_in_image``), asked
+    for its version there (a subprocess in that environment) and checked against the engine arguments."""
+    adapter = get_adapter(config.engine, engine_python=config.engine_python)
+    try:
+        await asyncio.to_thread(adapter.check_installed)
+    except EngineNotInstalled as exc:
+        raise EngineNotInstalled(
+            f"{exc}; --image {config.image} is mounted at {config.image_mount}: build it from the engine's "
+            "venv (coldstart image build VENV -o STORE) and pass --engine-python '{image}', or mount it "
+            "where the venv was made (--image-mount VENV)"
+        ) from exc
+    adapter.check_engine_args(tuple(config.engine_args))
+    return adapter
 
 
 @contextlib.asynccontextmanager

@@ -35,7 +35,13 @@ from coldstart.launcher.deployment import Deployment, Snapshots
 from coldstart.launcher.deployments import single
 from coldstart.launcher.errors import CheckpointerUnavailable, GpuRefused, PortInUse, UsageError
 from coldstart.launcher.gateway import Gateway
-from coldstart.launcher.image import boot_over, image_mounted, with_mountpoint
+from coldstart.launcher.image import (
+    boot_over,
+    engine_from_image,
+    engine_in_image,
+    image_mounted,
+    with_mountpoint,
+)
 from coldstart.launcher.local_host import LocalHost
 from coldstart.launcher.logs import configured_logging
 from coldstart.launcher.metrics import Metrics, ModelMetrics
@@ -53,12 +59,13 @@ log = logging.getLogger("coldstart.serve")
 
 def validate(config: ServeConfig) -> EngineAdapter:
     """Everything checkable before starting anything; raises one-line errors. A model inside ``--image``
-    is checked once the image is mounted (``check_model``)."""
+    is checked once the image is mounted (``check_model``), and so is an engine whose environment may be
+    there (``engine_in_image``)."""
     if not config.model:
         raise UsageError("MODEL is required: coldstart-serve ENGINE MODEL (see --help)")
     adapter = get_adapter(config.engine, engine_python=config.engine_python)
-    adapter.check_installed()
-    adapter.check_engine_args(tuple(config.engine_args))
+    if not engine_in_image(config):  # else asked once the image is mounted (_deployment)
+        check_engine(adapter, config)
     if config.snapshot == "cuda":  # asked for by name: refuse before anything starts (auto: make_snapshots)
         from coldstart.launcher.checkpointers.cuda import refuse_unsupported_engine_args
 
@@ -69,6 +76,12 @@ def validate(config: ServeConfig) -> EngineAdapter:
     elif not Path(config.image).is_file():
         raise UsageError(f"--image {config.image}: no such index (build one with: coldstart image build)")
     return adapter
+
+
+def check_engine(adapter: EngineAdapter, config: ServeConfig) -> None:
+    """The engine is installed (its version asked of its environment) and takes these engine arguments."""
+    adapter.check_installed()
+    adapter.check_engine_args(tuple(config.engine_args))
 
 
 def ensure_model(config: ServeConfig) -> None:
@@ -172,6 +185,8 @@ async def _deployment(
     profile_saver = TaskOwner()
     undo.push_async_callback(profile_saver.close)  # ends before the image is unmounted (LIFO)
     if mount is not None:
+        if engine_in_image(config):  # its environment may be in the image: found now that it is mounted
+            adapter = await engine_from_image(config)
         check_model(adapter, config)
     econf = engine_config(config)
     name = config.public_model_name

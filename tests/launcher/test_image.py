@@ -1,13 +1,15 @@
 """``launcher/image.py`` with a real imagefs mount and no engine: the mount is the ``image_mount`` phase of
-the end-to-end clock, and what the boot fetched is ``coldstart_image_fetched_bytes`` once the boot is
-over."""
+the end-to-end clock, what the boot fetched is ``coldstart_image_fetched_bytes`` once the boot is over, and
+an engine environment that may be inside the image is looked for once it is mounted."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from prometheus_client import generate_latest
 
 from coldstart.imagefs.build import build
 from coldstart.launcher.config import ServeConfig
-from coldstart.launcher.image import boot_over, image_mounted
+from coldstart.launcher.image import boot_over, engine_in_image, image_mounted, with_mountpoint
 from coldstart.launcher.metrics import Metrics
 
 pytestmark = pytest.mark.skipif(
@@ -58,3 +60,43 @@ def test_the_mount_is_timed_and_the_boot_fetch_counted(tmp_path: Path) -> None:
     # the boot read one file of two: its bytes came from the store, the other's never did
     assert sample(metrics, 'coldstart_image_fetched_bytes{model="m"}') == 3 << 20
     assert Path(f"{index}.profile").exists()  # and its read order is the image's profile
+
+
+def test_an_engine_environment_inside_the_image_is_looked_for_after_the_mount(tmp_path: Path) -> None:
+    vllm = ServeConfig(engine="vllm", model="m", image=tmp_path / "env.cidx")
+    assert engine_in_image(vllm)  # no --engine-python: the set-up's path may be in the image
+    assert engine_in_image(dataclasses.replace(vllm, engine_python="{image}/bin/python"))
+    inside = dataclasses.replace(vllm, image_mount=tmp_path / "mnt")
+    assert engine_in_image(dataclasses.replace(inside, engine_python=f"{tmp_path}/mnt/bin/python"))
+    assert not engine_in_image(dataclasses.replace(inside, engine_python="/opt/venv"))
+    assert not engine_in_image(dataclasses.replace(vllm, image=None, engine_python="/opt/venv"))
+    where = tmp_path / "m"
+    placeholders = dataclasses.replace(vllm, model="{image}/model", engine_python="{image}")
+    mounted_at = with_mountpoint(placeholders, where)
+    assert (mounted_at.engine_python, mounted_at.model) == (str(where), f"{where}/model")
+
+
+def test_an_image_without_the_engine_is_one_line_after_the_mount(tmp_path: Path) -> None:
+    from support import SERVE
+
+    src = tmp_path / "src"
+    (src / "model").mkdir(parents=True)
+    (src / "model" / "config.json").write_text("{}")
+    index = build(src, tmp_path / "store").index_path
+    mountpoint = tmp_path / "mnt"
+    done = subprocess.run(
+        [
+            *SERVE, "vllm", "{image}/model", "--image", str(index), "--engine-python", "{image}",
+            "--image-mount", str(mountpoint), "--image-cache", str(tmp_path / "chunks"),
+            "--work-dir", str(tmp_path / "run"), "--snapshot", "off", "--port", "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("coldstart-serve:")]
+    assert len(errors) == 1 and f"--engine-python {mountpoint}" in errors[0], done.stderr
+    assert "coldstart image build VENV" in errors[0]  # the fix, for an image
+    assert "Traceback" not in done.stderr
+    assert str(mountpoint) not in Path("/proc/mounts").read_text()  # unmounted on the way out

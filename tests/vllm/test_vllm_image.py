@@ -5,9 +5,8 @@ token ids (the image mount is kept in the replica's mount namespace and is exter
 ``CriuCheckpointer(external_mounts=...)``). Measured here: cold boot 39.1 s, snapshot 954 MB + 7.7 MB weight
 files, restore 0.62 s; 1.2 MB fetched (the tiny model).
 
-vLLM itself runs from its own venv on the host here: an engine environment inside the image
-(``--engine-python`` under the mount) needs the launcher to ask the engine's version after mounting, which
-``launcher/server.py`` does before (``validate``): not done in this round.
+vLLM itself runs from its own venv on the host here; ``test_vllm_env_image.py`` runs it from an image of
+that venv (``--engine-python '{image}'``: the launcher asks the engine's version once the image is mounted).
 """
 
 from __future__ import annotations
