@@ -25,6 +25,7 @@ and every replica restored from its snapshot (each restored engine comes back pa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -230,6 +231,11 @@ class VllmAdapter(OwnEnvironmentAdapter):
             "served_model_name": config.public_model_name,
             "device": env_.device,
             "control": self.control,
+            # Our worker extension runs in the engine and changes what it holds (tables left unpacked,
+            # weights moved into files): its code is part of what shapes the snapshot.
+            "worker_extension": "user's"
+            if any(a.split("=", 1)[0] == "--worker-extension-cls" for a in config.engine_args)
+            else _worker_extension_digest(),
         }
 
     def canary_fields(self, chat: bool) -> dict[str, Any]:
@@ -280,7 +286,18 @@ async def file_back(client: httpx.AsyncClient, base_url: str, directory: Path) -
         "bytes": sum(r["bytes"] for r in reports),
         "kv_cache_bytes": sum(r["kv_cache_bytes"] for r in reports),
         "files": {name: size for r in reports for name, size in r["files"].items()},
+        "unpacked_tables": [t for r in reports for t in r.get("unpacked_tables", [])],
     }
+
+
+def _worker_extension_digest() -> str:
+    digest = hashlib.sha256()
+    for path in (
+        EXTENSION_DIR / "coldstart_vllm_ext.py",
+        EXTENSION_DIR.parents[1] / "snapshot_hooks" / "file_backed.py",
+    ):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _inductor_cache() -> str:
