@@ -28,6 +28,25 @@ take turns, so load from others hits them alike):
 through a fresh mount of the same store (empty cache) and written to local disk.
 
     sudo .venv/bin/python bench/lazy_root.py [--repeat 3] [--platform systrap|ptrace] [--tier dir|http]
+
+``--engine vllm`` (issue 19): the real vLLM (CPU build, lean configuration, the tiny model on local disk)
+through ``coldstart-serve`` (CRIU), its own environment -- the set-up's venv, 2.4 GB -- either on local disk
+or in a lazily mounted image of it (``vllm_env_image``) on a host that has only the index. Each row starts
+a launcher and sends one streamed request at once: seconds from the launch to its first token (mount,
+engine probe, boot or restore, canary included), and what the mount fetched:
+
+    local venv, boot                    --engine-python /opt/coldstart/engines/vllm
+    lazy image, boot, empty cache       --image + --engine-python '{image}', empty chunk cache, no profile
+    ... boot profile prefetched         the same, with the read order the previous row recorded
+    copied image, incl. copying it      every file read through a fresh mount (empty cache) and written to
+                                        local disk first, then the boot from that copy
+    lazy image, restore, empty cache    a CRIU snapshot taken from the lazy image by another launcher (same
+                                        mount point), restored with an empty chunk cache: the snapshot is
+                                        local, the engine's files are not
+    ... a later request at zero         a second request at zero on that launcher (timed from sending it)
+    local venv, restore (+ a later one)  the same with the venv on local disk (baseline)
+
+    .venv/bin/python bench/lazy_root.py --engine vllm [--repeat 1] [--tier dir|http]
 """
 
 from __future__ import annotations
@@ -526,6 +545,202 @@ async def _main(args: argparse.Namespace) -> None:
           f"({first / (copy_s + run_base):.2f}x).")  # fmt: skip
 
 
+# -- vLLM from a lazily mounted image of its venv (--engine vllm) -------------------------------------------
+
+
+class VllmRows:
+    """The ``--engine vllm`` rows: each a ``coldstart-serve`` launched, one streamed request sent at once."""
+
+    def __init__(self, index: Path, tier: str, work: Path) -> None:
+        import gateway_clock  # bench/ is on sys.path when this file runs as a script
+
+        from coldstart.engine_adapters.discovery import engines_root
+        from coldstart.engine_adapters.vllm import LEAN_CPU_ARGS, LEAN_CPU_ENV
+        from coldstart.launcher.tiny_model import make_model
+
+        self.clock = gateway_clock
+        self.index, self.tier, self.work = index, tier, work
+        self.venv = engines_root() / "vllm"
+        self.model = make_model(CACHE.parent / "models" / "tiny", "tiny")
+        self.engine_args, self.env = list(LEAN_CPU_ARGS), dict(LEAN_CPU_ENV)
+        self.rows: dict[str, Row] = {}
+        self.phases: dict[str, list[dict[str, float]]] = {}
+        self.n = 0
+
+    def fresh(self, name: str) -> Path:
+        self.n += 1
+        return self.work / f"{name}-{self.n}"
+
+    def index_copy(self, profile: Path | None = None) -> Path:
+        """The index alone in a folder of its own (with ``profile`` beside it, as the launcher finds one)."""
+        folder = self.fresh("index")
+        folder.mkdir()
+        shutil.copy(self.index, folder / self.index.name)
+        if profile is not None:
+            shutil.copy(profile, folder / f"{self.index.name}.profile")
+        return folder / self.index.name
+
+    def image_args(self, index: Path, mount: Path, cache: Path) -> list[str]:
+        return [
+            "--image", str(index), "--engine-python", "{image}", "--image-mount", str(mount),
+            "--image-tiers", self.tier, "--image-cache", str(cache),
+        ]  # fmt: skip
+
+    def launch(
+        self, name: str | None, extra: list[str], snapshots: Path | None = None, first: float = 0.0
+    ) -> Any:
+        """A launcher with ``extra`` flags; one request at once. Records launch -> first token (+ ``first``:
+        a copy made before it) under ``name``; returns the launcher, still running."""
+        snap = (
+            ["--snapshot", "criu", "--snapshot-dir", str(snapshots)] if snapshots else ["--snapshot", "off"]
+        )
+        launcher = self.clock.Launcher(
+            [
+                "vllm", str(self.model), *extra, *snap, "--work-dir", str(self.fresh("run")),
+                "--served-model-name", "m", "--idle-timeout", "3", "--max-replicas", "1",
+                "--boot-timeout", "900", *self.engine_args,
+            ],
+            self.fresh("serve") .with_suffix(".log"),
+            env=self.env,
+        )  # fmt: skip
+        try:
+            launcher.wait_for(lambda _h: True, 300, "the proxy")
+            launcher.first_token("m")
+            took = time.monotonic() - launcher.started
+        except BaseException:
+            launcher.stop()
+            raise
+        if name is not None:
+            self.record(name, launcher, first + took)
+        return launcher
+
+    def record(
+        self, name: str, launcher: Any, seconds: float, phases: dict[str, float] | None = None
+    ) -> None:
+        """``phases``: the split of a later request (no mount; the fetch gauge is the first request's);
+        None: the launch's own (mount, fetched bytes and phases from /metrics)."""
+        row = self.rows.setdefault(name, Row())
+        row.seconds.append(seconds)
+        if phases is None:
+            text = launcher.metrics()
+            fetched = self.clock.gauge(text, "coldstart_image_fetched_bytes", "m")
+            if fetched is not None:
+                row.fetched.append(int(fetched))
+            totals = self.clock.phase_totals(text, "m")
+            if totals["image_mount"][0]:
+                row.mount_s.append(totals["image_mount"][1] / totals["image_mount"][0])
+            phases = {k: s for k, (c, s) in totals.items() if c and k != "image_mount"}
+        self.phases.setdefault(name, []).append(phases)
+        print(f"  {name}: {seconds:.2f} s {phases}", file=sys.stderr, flush=True)
+
+    def copy_image(self) -> tuple[float, int, Path]:
+        """Every file of the image read through a fresh mount (empty cache) and written to local disk."""
+        from coldstart.imagefs.mount import mounted
+
+        dest, mnt = self.fresh("copied"), self.fresh("mnt")
+        mnt.mkdir()
+        started = time.monotonic()
+        with mounted(
+            self.index, mnt, self.fresh("cache"), [self.tier], prefetch=False, record_profile=False
+        ) as mount:
+            shutil.copytree(mnt, dest, symlinks=True)
+        return time.monotonic() - started, int(mount.stats.get("remote_bytes", 0)), dest
+
+    def once(self, profile: Path) -> None:
+        local = ["--engine-python", str(self.venv)]
+        self.launch("local venv, boot", local).stop()
+        cold = self.index_copy()
+        self.launch(
+            "lazy image, boot, empty cache", self.image_args(cold, self.fresh("mnt"), self.fresh("cache"))
+        ).stop()
+        recorded = Path(f"{cold}.profile")  # saved once its first replica was ready
+        if recorded.exists():
+            shutil.copy(recorded, profile)
+        if profile.exists():
+            with_profile = self.image_args(self.index_copy(profile), self.fresh("mnt"), self.fresh("cache"))
+            self.launch("lazy image, boot, empty cache, boot profile prefetched", with_profile).stop()
+        copy_s, _, copied = self.copy_image()
+        self.launch(
+            "copied image, boot, incl. copying it first", ["--engine-python", str(copied)], first=copy_s
+        ).stop()
+        shutil.rmtree(copied, ignore_errors=True)
+        # Restores: a snapshot taken from the lazy image by one launcher, restored by another that has an
+        # empty chunk cache and the same mount point (the engine maps its files there).
+        snapshots, mnt = self.fresh("snapshots"), self.fresh("mnt")
+        taker = self.launch(None, self.image_args(self.index_copy(), mnt, self.fresh("cache")), snapshots)
+        taker.stop()
+        restorer = self.launch(
+            "lazy image, restore, empty cache",
+            self.image_args(self.index_copy(), mnt, self.fresh("cache")),
+            snapshots,
+        )
+        self.later_request(restorer, "lazy image, restore, warm cache, a later request at zero")
+        local_snapshots = self.fresh("snapshots")
+        self.launch(None, local, local_snapshots).stop()
+        restorer = self.launch("local venv, restore", local, local_snapshots)
+        self.later_request(restorer, "local venv, restore, a later request at zero")
+
+    def later_request(self, launcher: Any, name: str) -> None:
+        """Once ``launcher`` is back at zero, one more request (timed from sending it); then stop it."""
+        try:
+            launcher.wait_zero()
+            timing = self.clock.request_at_zero(launcher, "m")
+            self.record(name, launcher, timing.pop("client"), timing)
+        finally:
+            launcher.stop()
+
+
+def vllm_main(args: argparse.Namespace) -> None:
+    index = vllm_env_image()
+    work = Path(tempfile.mkdtemp(prefix="lazy-vllm-", dir="/var/tmp"))
+    server = None
+    store = index.parent.parent
+    if args.tier == "http":
+        server = ChunkServer(store, work / "server.log")
+        tier = server.url
+    else:
+        tier = str(store)
+    rows = VllmRows(index, tier, work)
+    try:
+        for _ in range(args.repeat):
+            rows.once(work / "boot.profile")
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    from coldstart.imagefs.index import ImageIndex
+
+    image_bytes = ImageIndex.open(index).total_bytes
+    print(
+        f"\nvLLM ({rows.venv}, lean CPU configuration, tiny model on local disk) through coldstart-serve, "
+        f"CRIU; the venv image {image_bytes / 1e9:.2f} GB, tier {args.tier} ({tier}), "
+        f"median of {args.repeat}; "
+        "seconds from the launch to the first token of a streamed request sent at once.\n"
+    )
+    print(
+        "| launch -> 1st token | seconds | vs local venv | of which mount | fetched | phases (medians) |"
+        " runs |"
+    )
+    print("|---|---|---|---|---|---|---|")
+
+    def base_of(name: str) -> float:
+        kind = "later request" if "later request" in name else "restore" if "restore" in name else "boot"
+        local = next(n for n in rows.rows if n.startswith("local venv") and kind in n)
+        return statistics.median(rows.rows[local].seconds)
+
+    for name, row in rows.rows.items():
+        median = statistics.median(row.seconds)
+        base = base_of(name)
+        mount = f"{statistics.median(row.mount_s):.2f} s" if row.mount_s else "-"
+        fetched = f"{statistics.median(row.fetched) / 1e6:.1f} MB" if row.fetched else "-"
+        keys = sorted({k for p in rows.phases[name] for k in p}, key=rows.clock.PHASES.index)
+        phases = ", ".join(
+            f"{k} {statistics.median([p.get(k, 0.0) for p in rows.phases[name]]):.2f}" for k in keys
+        )
+        runs = ", ".join(f"{v:.2f}" for v in row.seconds)
+        print(f"| {name} | {median:.2f} | {median / base:.2f}x | {mount} | {fetched} | {phases} | {runs} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=3, help="runs of each row (median reported)")
@@ -536,7 +751,17 @@ def main() -> None:
         choices=("dir", "http"),
         help="where chunks come from: the store directory, or a `coldstart image serve` in front of it",
     )
-    asyncio.run(_main(parser.parse_args()))
+    parser.add_argument(
+        "--engine",
+        default="stdlib",
+        choices=("stdlib", "vllm"),
+        help="stdlib: the runsc root image rows; vllm: the real vLLM from an image of its venv (CRIU)",
+    )
+    args = parser.parse_args()
+    if args.engine == "vllm":
+        vllm_main(args)
+    else:
+        asyncio.run(_main(args))
 
 
 if __name__ == "__main__":
