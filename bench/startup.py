@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import contextlib
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -46,7 +47,7 @@ import statistics  # noqa: E402
 import sys
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Awaitable, Callable  # noqa: E402
+from collections.abc import Awaitable, Callable, Iterator  # noqa: E402
 from pathlib import Path
 
 import gateway_clock  # noqa: E402
@@ -343,6 +344,12 @@ async def bench(args: argparse.Namespace) -> list[dict[str, object]]:
                         lambda i, lr=launcher_restore: lr(100 + i, cache="dropped"),  # type: ignore[misc]
                     )  # fmt: skip
                 pair = await two_replicas_memory(manager, adapter, config, http, work / f"{name}-pair", model)
+                pair_ksm = None
+                if args.ksm:
+                    with ksm_running():
+                        pair_ksm = await two_replicas_memory(
+                            manager, adapter, config, http, work / f"{name}-ksm", model, ksm=True
+                        )
                 binary: str = checkpointer.binary
 
                 def bare_once(
@@ -367,6 +374,7 @@ async def bench(args: argparse.Namespace) -> list[dict[str, object]]:
                         "memory": memory,
                         "weights": weight_bytes,
                         "pair": pair,
+                        "pair_ksm": pair_ksm,
                     }
                 )
             if args.gateway or args.gateway_image:
@@ -434,6 +442,56 @@ def drop_page_cache() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
+KSM = Path("/sys/kernel/mm/ksm")
+KSM_SETTINGS = {"run": "1", "pages_to_scan": "4000", "sleep_millisecs": "20"}  # ~200k pages/s at most
+
+
+@contextlib.contextmanager
+def ksm_running() -> Iterator[None]:
+    """The host's KSM on (``ksmd`` merges the pages of mappings marked ``MADV_MERGEABLE``), its settings
+    put back afterwards (``run`` 2 unmerges what it merged)."""
+    before = {name: (KSM / name).read_text().strip() for name in KSM_SETTINGS}
+    try:
+        for name, value in KSM_SETTINGS.items():
+            (KSM / name).write_text(value)
+        yield
+    finally:
+        if before["run"] == "0":
+            (KSM / "run").write_text("2")
+        for name, value in before.items():
+            (KSM / name).write_text(value)
+
+
+def ksmd_cpu_s() -> float:
+    """CPU seconds ``ksmd`` has used (0 where its kernel thread is not visible)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "comm").read_text().strip() == "ksmd":
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            continue
+    return 0.0
+
+
+async def ksm_settled(timeout: float = 180.0) -> float:
+    """Seconds until ``ksmd`` stops finding pages to merge: ``pages_sharing`` grew by under 1% over three
+    of its full scans (or ``timeout``)."""
+    started = time.monotonic()
+    scans = int((KSM / "full_scans").read_text())
+    last, steady = -1, 0
+    while time.monotonic() - started < timeout and steady < 3:
+        await asyncio.sleep(0.2)
+        now_scans = int((KSM / "full_scans").read_text())
+        if now_scans == scans:
+            continue
+        scans = now_scans
+        sharing = int((KSM / "pages_sharing").read_text())
+        steady = steady + 1 if last >= 0 and sharing <= last * 1.01 else 0
+        last = max(last, sharing)
+    return time.monotonic() - started
+
+
 async def two_replicas_memory(
     manager: SnapshotManager,
     adapter: EngineAdapter,
@@ -441,22 +499,39 @@ async def two_replicas_memory(
     http: httpx.AsyncClient,
     work: Path,
     model: str,
+    ksm: bool = False,
 ) -> tuple[int, int]:
     """PSS of one restored replica's tree alone, then the PSS sum of two restored side by side (weight
-    files mapped by both are shared through the page cache: each is charged half)."""
+    files mapped by both are shared through the page cache: each is charged half). ``ksm``: with the host's
+    KSM running, each read once ``ksmd`` has settled (the restored heaps are marked mergeable)."""
     first = await manager.restore(adapter, config, http, work / "a", "pa")
     try:
         await first_token(http, first.base_url, model)
+        if ksm:
+            await ksm_settled()
         one = tree_memory(first.host_pids())[0]
         second = await manager.restore(adapter, config, http, work / "b", "pb")
         try:
             await first_token(http, second.base_url, model)
+            if ksm:
+                cpu, settle = ksmd_cpu_s(), await ksm_settled()
+                shared = int((KSM / "pages_sharing").read_text()) * os.sysconf("SC_PAGE_SIZE")
+                cpu_settle = ksmd_cpu_s() - cpu
+                await asyncio.sleep(10)  # a fixed window: ksmd's cost once there is little left to merge
+                ksm_notes.append(
+                    f"second replica: ksmd settled in {settle:.1f} s using {cpu_settle:.1f} s of CPU, then "
+                    f"{(ksmd_cpu_s() - cpu - cpu_settle) / 10:.0%} of a core; {shared / 2**20:,.0f} MiB of "
+                    "pages deduplicated host-wide"
+                )
             both = tree_memory(first.host_pids())[0] + tree_memory(second.host_pids())[0]
         finally:
             await second.stop(5.0)
     finally:
         await first.stop(5.0)
     return one, both
+
+
+ksm_notes: list[str] = []
 
 
 phases: dict[str, list[dict[str, float]]] = {}
@@ -588,6 +663,9 @@ def main(argv: list[str] | None = None) -> int:
         "--checkpointers", default="criu,runsc", type=lambda s: [x for x in s.split(",") if x]
     )
     parser.add_argument(
+        "--ksm", action="store_true", help="also two restored replicas' PSS with the host's KSM running"
+    )
+    parser.add_argument(
         "--gateway", action="store_true", help="also the end-to-end clock through coldstart-serve's /metrics"
     )
     parser.add_argument(
@@ -602,6 +680,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.engine == "vllm":
         print(f"engine: {get_adapter('vllm').version()}, {args.vllm_config} configuration, model {args.size}")
     print(table(results, args.runs))
+    for r in results[1:]:
+        if r.get("pair_ksm"):
+            one, two = r["pair_ksm"]  # type: ignore[misc]
+            print(f"{r['name']}, KSM running: two restored replicas' PSS sum / one = {two / 1e9:.2f} / "
+                  f"{one / 1e9:.2f} GB = {two / one:.2f}x")  # fmt: skip
+    for note in ksm_notes:
+        print(f"KSM: {note}")
     for failure in failures:
         print(f"failed once and run again: {failure}")
     return 0

@@ -287,6 +287,7 @@ async def file_back(client: httpx.AsyncClient, base_url: str, directory: Path) -
         "kv_cache_bytes": sum(r["kv_cache_bytes"] for r in reports),
         "files": {name: size for r in reports for name, size in r["files"].items()},
         "unpacked_tables": [t for r in reports for t in r.get("unpacked_tables", [])],
+        "mergeable_bytes": sum(r.get("mergeable_bytes", 0) for r in reports),
     }
 
 

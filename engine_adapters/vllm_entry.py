@@ -80,6 +80,29 @@ def _without_amx_where_denied() -> None:
 _without_amx_where_denied()
 
 
+def _mergeable() -> None:
+    """Every anonymous mapping of this vLLM process, present and future, marked mergeable by KSM
+    (``prctl(PR_SET_MEMORY_MERGE)``, Linux >= 6.4; refused elsewhere, and then nothing changes).
+
+    Why: what a CRIU image of vLLM holds after its weights went into files is the two processes' heaps
+    (API server and engine core, ~0.6 GB each with the Qwen3-0.6B shape: the state of importing torch and
+    vLLM, measured by ``bench/vllm_memory.py``), and every replica restored from it gets them as private
+    pages. CRIU keeps each mapping's mark (``VmFlags: mg``) and sets it again at restore, so where the host
+    runs KSM (``/sys/kernel/mm/ksm/run`` = 1) ``ksmd`` merges the pages that are still the same in every
+    replica. The mark alone costs nothing: ``ksmd`` scans marked memory only while KSM runs. Runs at import,
+    so in every vLLM process (spawned ones import this main module again).
+    """
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_memory_merge = 67
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_memory_merge, 1, 0, 0, 0)
+
+
+_mergeable()
+
+
 def probe() -> int:
     found = installed_distribution()
     if found is None:

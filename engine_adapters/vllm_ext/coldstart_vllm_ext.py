@@ -8,7 +8,10 @@ vLLM's worker process, in vLLM's environment; the launcher calls it through ``PO
 3. every large anonymous mapping left (the weights: torch tensors and oneDNN's packed copies, which no
    tensor names) is moved into a private mapping of a content-addressed file under ``directory``
    (``snapshot_hooks/file_backed.py``): not in the checkpoint image, shared by every replica restored on
-   a host through the page cache.
+   a host through the page cache;
+4. the rest of its anonymous memory (Python's and torch's heaps, ~640 MiB with the Qwen3-0.6B shape) is
+   marked mergeable (``MADV_MERGEABLE``; CRIU restores the mark): where the host runs KSM, replicas
+   restored from one image share those pages too.
 Returns the report as JSON (``FileBackReport.to_json`` plus ``kv_cache_bytes``), which the launcher pins
 in the snapshot's manifest.
 
@@ -126,4 +129,7 @@ class ColdstartWorkerExtension:
         fb.release_free_heap()
         # Released pages are not resident: anonymous_regions leaves the KV cache out by itself.
         report = fb.file_back(fb.anonymous_regions(int(min_bytes)), directory).to_json()
+        # What stays anonymous (the interpreter's and torch's heaps) is marked for KSM: replicas restored
+        # from this image start with the same bytes there and, where the host runs KSM, come to share them.
+        report["mergeable_bytes"] = fb.mergeable()
         return json.dumps({**report, "kv_cache_bytes": dropped, "unpacked_tables": UNPACKED})

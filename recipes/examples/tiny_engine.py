@@ -7,7 +7,8 @@ What it shows (the pattern to copy into your own server):
 - all model work on one thread (a single-worker executor), so hooks never race a generation step;
 - before checkpoint: refuse while requests are in flight, on CPU with ``--weights-dir DIR`` move the weights
   into content-addressed files under DIR (``file_back_module``: not in the CPU checkpoint, shared by every
-  replica restored on a host; keep DIR as long as the snapshot), move the weights to (pinned) host memory,
+  replica restored on a host; keep DIR as long as the snapshot) and mark the rest of its memory mergeable
+  (``mergeable``: shared by KSM where the host runs it), move the weights to (pinned) host memory,
   free the KV cache, empty the CUDA allocator, then record this engine's own report of what it holds;
 - after restore (reverse order): re-create the KV cache with the same shape, move the weights back;
   ``snapshot_hooks`` reseeds the RNGs first, so two restored replicas sample differently.
@@ -42,6 +43,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache
 
 from coldstart import snapshot_hooks as hooks
+from coldstart.snapshot_hooks.file_backed import mergeable
 from coldstart.snapshot_hooks.torch_helpers import (
     ReleasableBuffers,
     WeightOffloader,
@@ -163,7 +165,9 @@ class TinyEngine:
             if self.weights_dir is not None:
                 # Every tensor with whole pages in it (64 KiB and up): the small model's are small.
                 report = self.on_model_thread(file_back_module, self.model, self.weights_dir, 64 << 10)
-                self.weights_in_files = report.to_json()
+                # The rest of the process's memory (the interpreter's, torch's) marked for KSM: where the
+                # host runs it, replicas restored from one image share what they still hold alike.
+                self.weights_in_files = {**report.to_json(), "mergeable_bytes": mergeable()}
 
         @hooks.before_checkpoint(timeout_s=120)
         def offload_weights() -> None:

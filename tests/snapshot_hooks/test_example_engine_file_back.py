@@ -42,5 +42,9 @@ def test_weights_move_into_files_the_engine_maps(engine: tuple[Engine, Path]) ->
     assert {p.name: p.stat().st_size for p in weights.iterdir()} == report["files"]
     maps = Path(f"/proc/{running.state()['pid']}/maps").read_text()
     assert all(name in maps for name in report["files"])
+    assert report["mergeable_bytes"] > 0  # the rest of its memory marked for KSM
+    smaps = Path(f"/proc/{running.state()['pid']}/smaps").read_text()
+    heap_flags = smaps.split("[heap]", 1)[1].split("VmFlags:", 1)[1].splitlines()[0].split()
+    assert "mg" in heap_flags
     running.call("after_restore")
     assert greedy(running) == before

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import re
 from pathlib import Path
 
 import torch
 
-from coldstart.snapshot_hooks.file_backed import PAGE, anonymous_regions, mappings, whole_pages
+from coldstart.snapshot_hooks.file_backed import PAGE, anonymous_regions, mappings, mergeable, whole_pages
 from coldstart.snapshot_hooks.torch_helpers import file_back_module
 
 
@@ -99,3 +100,28 @@ def test_anonymous_regions_tells_an_arena_heap_from_a_buffer_below_a_guard_page(
         assert arena not in starts
     finally:
         libc.munmap(reserve, size)
+
+
+def vm_flags() -> dict[int, list[str]]:
+    """Start address -> ``VmFlags`` of each mapping of this process."""
+    flags: dict[int, list[str]] = {}
+    start = 0
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line.startswith("VmFlags:"):
+            flags[start] = line.split()[1:]
+        elif re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            start = int(line.split("-", 1)[0], 16)
+    return flags
+
+
+def test_mergeable_marks_the_heap_and_large_buffers_for_ksm() -> None:
+    """``mergeable`` sets ``MADV_MERGEABLE`` on the process's anonymous memory (``VmFlags: mg``, which CRIU
+    records and sets again at restore), so KSM may merge what restored replicas still hold alike."""
+    buffer = torch.zeros(64 << 20, dtype=torch.uint8) + 1
+    lo, _ = whole_pages(buffer.data_ptr(), buffer.numel())
+    heap = min(m.start for m in mappings() if m.path == "[heap]")
+    assert mergeable() >= 64 << 20
+    flags = vm_flags()
+    (holding,) = [m for m in mappings() if m.start <= lo < m.end]
+    assert "mg" in flags[holding.start]
+    assert "mg" in flags[heap]  # (the heap grown since is a mapping of its own, not marked)
