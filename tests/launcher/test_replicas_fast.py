@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import re
 import resource
 import socket
 import time
@@ -31,7 +32,7 @@ from coldstart.launcher.gateway import Gateway
 from coldstart.launcher.liveness import HEALTH_FAILURES
 from coldstart.launcher.local_host import LocalHost
 from coldstart.launcher.metrics import Metrics
-from coldstart.launcher.proxy import Proxy
+from coldstart.launcher.proxy import Proxy, _token_event
 from coldstart.launcher.replica import FailureKind, ReplicaState
 from coldstart.pool import Pool, make_provider
 
@@ -667,3 +668,55 @@ async def test_a_model_bigger_than_the_memory_budget_gets_a_503_naming_the_budge
         assert answer.status_code == 503 and _error(answer)["code"] == "boot_failed"
         assert "--memory-budget" in _error(answer)["message"]
         assert h.gateway.peak_held == 0  # never started
+
+
+# ---------------------------------------------------------------------------- the end-to-end clock
+def phase(metrics: str, name: str) -> tuple[float, float]:
+    """(count, sum) of ``coldstart_phase_seconds`` for the fake deployment's phase ``name``."""
+
+    def value(kind: str) -> float:
+        found = re.search(rf'coldstart_phase_seconds_{kind}{{model="fake",phase="{name}"}} (\S+)', metrics)
+        return float(found.group(1)) if found else 0.0
+
+    return value("count"), value("sum")
+
+
+async def streamed(client: httpx.AsyncClient, chunks: int = 3) -> list[str]:
+    body = {"model": "fake", "messages": [], "stream": True, "chunks": chunks}
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        return [line async for line in response.aiter_lines() if line.startswith("data: {")]
+
+
+@run
+async def test_first_token_of_a_request_that_arrived_at_zero_is_on_the_clock() -> None:
+    async with launched(restore_s=0.3, initial_replicas=0, idle_timeout=60) as h:
+        assert h.deployment().state == "at_zero"
+        assert len(await streamed(h.client)) == 3
+        count, seconds = phase((await h.client.get("/metrics")).text, "first_token")
+        assert count == 1 and 0.3 <= seconds < 5, (count, seconds)  # the restore is inside it
+        await streamed(h.client)  # a replica was ready when it came: not the clock of a cold request
+        await h.client.post("/v1/chat/completions", json={"model": "fake", "messages": []})
+        assert phase((await h.client.get("/metrics")).text, "first_token")[0] == 1
+
+
+@run
+async def test_a_whole_answer_at_zero_has_no_first_token() -> None:
+    async with launched(restore_s=0.05, initial_replicas=0) as h:
+        answer = await h.client.post("/v1/chat/completions", json={"model": "fake", "messages": []})
+        assert answer.status_code == 200
+        metrics = (await h.client.get("/metrics")).text
+        assert phase(metrics, "first_token")[0] == 0
+        assert phase(metrics, "restore")[0] == 1  # the lifecycle's own step was measured
+
+
+def test_a_token_is_content_text_a_finish_or_a_text_delta_not_a_role() -> None:
+    assert _token_event(b'data: {"choices": [{"delta": {"role": "assistant", "content": ""}}]}') is None
+    assert _token_event(b'data: {"choices": [{"delta": {"content": "Hi"}}]}') is True
+    assert _token_event(b'data: {"choices": [{"index": 0, "text": " the"}]}') is True
+    assert _token_event(b'data: {"choices": [{"delta": {}, "finish_reason": "length"}]}') is True
+    assert _token_event(b'data: {"type": "response.output_text.delta", "delta": "Hi"}') is True
+    assert _token_event(b'data: {"type": "response.created"}') is None
+    assert _token_event(b"data: [DONE]") is False
+    assert _token_event(b'data: {"error": {"message": "lost"}}') is False
+    assert _token_event(b": keep-alive") is None
