@@ -1,6 +1,7 @@
 """What a CRIU image of vLLM would hold, per process and per kind of mapping, before and after ``file_back``.
 
     flock /tmp/coldstart-heavy.lock .venv/bin/python bench/vllm_memory.py [--size qwen3-0.6b] [--top 12]
+        [-- more vLLM arguments, e.g. --enforce-eager]
 
 Boots vLLM in its lean CPU configuration as a plain host process (no checkpointer: this reads
 ``/proc/PID/smaps``, which is what CRIU's dump walks), warms it up with one greedy chat, pauses it as the
@@ -143,6 +144,7 @@ async def main(args: argparse.Namespace) -> None:
     engine_args = LEAN_CPU_ARGS
     if args.size == "qwen3-0.6b":  # as bench/startup.py: 128 MiB of KV cache for 512 tokens
         engine_args = tuple("134217728" if a == "67108864" else a for a in engine_args)
+    engine_args = (*engine_args, *args.vllm_args)
     config = EngineConfig(model=str(model_dir), engine_args=engine_args, env=dict(LEAN_CPU_ENV))
     sandbox = PlainSandbox("vllm-memory")
     spec = adapter.launch_spec(config_for(sandbox, config))
@@ -178,5 +180,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="qwen3-0.6b", choices=["tiny", "qwen3-0.6b"])
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("vllm_args", nargs="*", help="after --: more vLLM arguments")
     asyncio.run(main(parser.parse_args()))
     sys.exit(0)
