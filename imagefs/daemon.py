@@ -269,6 +269,7 @@ class Daemon:
             "remote_bytes": self.fetcher.remote_bytes(),
             "tiers": self.fetcher.stats(),
             "chunk_reads": self.ops.chunk_reads,
+            "requests": dict(self.ops.requests),
             "readahead_chunks": self.ops.readahead_started,
             "max_request_bytes": self.ops.max_request,
             "profile_chunks": len(self.profile),

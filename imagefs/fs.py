@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import pyfuse3
@@ -53,9 +54,10 @@ def errno_of(exc: BaseException) -> int:
 def fuse_errors(fn: Callable) -> Callable:
     """Wrap a handler so only FUSEError leaves it."""
 
-    async def wrapper(*args: object, **kwargs: object) -> object:
+    async def wrapper(self: ImageFS, *args: object, **kwargs: object) -> object:
+        self.requests[fn.__name__] += 1
         try:
-            return await fn(*args, **kwargs)
+            return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except (ImageError, OSError) as exc:
@@ -104,6 +106,7 @@ class ImageFS(pyfuse3.Operations):
         self.counts = LookupCounts()
         self._limiter = trio.CapacityLimiter(fetch_threads)
         self.chunk_reads = 0
+        self.requests: Counter[str] = Counter()  # handled requests by kind (the stats file shows them)
         self.readahead_chunks = readahead_chunks
         self.readahead_started = 0
         self._streaks: dict[int, tuple[int, int]] = {}  # inode -> (last chunk read, contiguous reads)
@@ -148,7 +151,13 @@ class ImageFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         child = self.index.lookup(parent_inode, name)
         if child is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            # Inode 0 is a negative entry the kernel keeps for entry_timeout (ENOENT would not be kept):
+            # an interpreter or the dynamic loader probes the same missing names many times.
+            self.requests["lookup_missing"] += 1
+            missing = pyfuse3.EntryAttributes()
+            missing.st_ino = FuseInode(0)
+            missing.entry_timeout = CACHE_TIMEOUT_S
+            return missing
         attr = self._attr(child)
         self.counts.add(child)
         return attr

@@ -173,6 +173,23 @@ def test_boot_stats_say_what_the_boot_fetched(tmp_path, sample_image, mount_imag
         assert m.boot_stats()["remote_bytes"] > stats["remote_bytes"]  # the stats so far, asked again
 
 
+def test_the_kernel_keeps_what_it_was_told_once(sample_image, mount_image) -> None:
+    """The image never changes: a name looked up, a missing name probed again (as an interpreter's import
+    path search does), a page read twice reach the daemon once each."""
+    _, store, result = sample_image
+    with mount_image(result.index_path, [str(store)]) as m:
+        seen = []
+        for _ in range(3):
+            assert not (m.mountpoint / "no-such-module.py").exists()
+            assert (m.mountpoint / "exact.bin").stat().st_size > 0
+            (m.mountpoint / "exact.bin").read_bytes()
+            seen.append(m.boot_stats()["requests"])
+        assert seen[-1]["lookup_missing"] == 1
+        assert seen[-1]["lookup"] == 2  # exact.bin, and no-such-module.py once
+        assert seen[-1]["read"] == seen[0]["read"] >= 1  # later reads come from the page cache
+        assert seen[-1]["open"] == 3  # opens are not cached: pyfuse3's read needs the handle open gives
+
+
 def test_a_save_signal_during_the_stop_does_not_kill_the_daemon(tmp_path, sample_image, mount_image) -> None:
     """The launcher saves the profile (SIGUSR1) as it stops the mount (SIGTERM): a SIGUSR1 that arrives once
     trio has taken the SIGTERM (re-raised by trio, or after its receiver closed) must not kill the daemon by
