@@ -38,6 +38,7 @@ import httpx
 
 from coldstart.launcher.cluster.node import NodeSettings, with_node
 from coldstart.launcher.config import ServeConfig
+from coldstart.launcher.control import control_client
 
 log = logging.getLogger("coldstart.cluster")
 
@@ -220,11 +221,7 @@ class ReplicaActor:
             holds_snapshot=False,
             actor_pid=os.getpid(),
         )
-        async with httpx.AsyncClient(
-            trust_env=False,
-            timeout=httpx.Timeout(300.0, connect=5.0),
-            limits=httpx.Limits(max_keepalive_connections=0),
-        ) as http:
+        async with control_client() as http:
             if restore:
                 from coldstart.launcher.errors import RestoreFailed
 
@@ -270,12 +267,11 @@ class ReplicaActor:
     async def _published_to(self, origin: Path) -> str | None:
         """Publish the snapshot this replica took into the node's chunk store (the other nodes pull it)."""
         from coldstart.launcher.errors import SnapshotError
-        from coldstart.launcher.snapshots.remote import SnapshotTiers
 
         key = self.manager.identity.key
         snapshot = self.manager.store.lookup(key)
         try:
-            await asyncio.to_thread(SnapshotTiers([], publish_to=origin).publish, snapshot)
+            await asyncio.to_thread(node_tiers(self.config, (), None, origin).publish, snapshot)
         except (SnapshotError, OSError) as exc:
             log.warning("snapshot %s not published: %s", key, exc)
             return None
@@ -344,6 +340,16 @@ def _snapshots(config: ServeConfig, adapter: Any, econf: Any) -> Any:
         return None
 
 
+def node_tiers(
+    config: ServeConfig, tiers: tuple[str, ...], cache: Path | None, publish_to: Path | None
+) -> Any:
+    """The node's ``SnapshotTiers`` with the deployment's trust key (``--snapshot-trust-key``, the same path
+    on every node): what an actor publishes is signed, what a node pulls ahead is checked, as on one host."""
+    from coldstart.launcher.snapshots.remote import remote_for
+
+    return remote_for(list(tiers), cache, publish_to, config.snapshot_trust_key)
+
+
 def pull_ahead(config: ServeConfig) -> dict[str, Any]:
     """Pull the deployment's snapshot into this node's store, if it has none (a Ray task pinned to a node).
     Returns ``{"key", "held", "pulled", "seconds"}``; a failure is reported, never raised (the first restore
@@ -354,7 +360,6 @@ def pull_ahead(config: ServeConfig) -> dict[str, Any]:
     from coldstart.launcher.metrics import Metrics
     from coldstart.launcher.settings import engine_config, snapshot_settings
     from coldstart.launcher.snapshots.manager import snapshots_for
-    from coldstart.launcher.snapshots.remote import remote_for
 
     _default_loop_policy()
     node = NodeSettings.load()
@@ -372,7 +377,7 @@ def pull_ahead(config: ServeConfig) -> dict[str, Any]:
     key = manager.identity.key
     if manager.store.has(key):
         return {"key": key, "held": True, "pulled": False, "seconds": 0.0, "node_id": node_id}
-    manager.remote = remote_for(node.tiers, node.chunk_cache, None)
+    manager.remote = node_tiers(config, node.tiers, node.chunk_cache, None)
     started = time.monotonic()
     thread = manager.prefetch(adapter, econf)
     if thread is not None:

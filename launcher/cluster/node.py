@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coldstart.launcher.atomic import write_text_atomic
 from coldstart.launcher.errors import UsageError
 
 CONFIG_ENV = "COLDSTART_NODE_CONFIG"
@@ -59,9 +60,7 @@ class NodeSettings:
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2))
-        tmp.replace(path)
+        write_text_atomic(path, json.dumps(self.to_json(), indent=2))
 
     @classmethod
     def load(cls) -> NodeSettings:

@@ -512,3 +512,26 @@ def test_with_a_trust_key_only_signed_refs_are_pulled(tmp_path: Path, chunk_serv
         puller(signed_store).pull(KEY, SnapshotStore(tmp_path / "b3"))
     # without a key configured, unsigned refs are pulled as before
     SnapshotTiers([chunk_server(unsigned_store).url]).pull(KEY, SnapshotStore(tmp_path / "b4"))
+
+
+def test_cluster_nodes_sign_and_check_with_the_deployments_trust_key(tmp_path: Path, chunk_server) -> None:  # type: ignore[no-untyped-def]
+    """On a Ray cluster the replica actor publishes and the other nodes pull ahead through ``node_tiers``:
+    with ``--snapshot-trust-key`` what a node publishes is signed (a restore elsewhere, which checks, takes
+    it) and what it pulls is checked (an unsigned ref is refused)."""
+    from coldstart.launcher.cluster.actor import node_tiers
+    from coldstart.launcher.config import ServeConfig
+
+    key_file = tmp_path / "trust.key"
+    key_file.write_bytes(os.urandom(32).hex().encode())
+    config = ServeConfig(engine="example", model="m", snapshot_trust_key=key_file)
+    a = fake_snapshot(tmp_path / "a", pages_mb=1)
+    published, unsigned = tmp_path / "published", tmp_path / "unsigned"
+    node_tiers(config, (), None, published).publish(a.lookup(KEY))
+    SnapshotTiers([], publish_to=unsigned).publish(a.lookup(KEY))  # type: ignore[arg-type]
+
+    snap, _ = node_tiers(config, (chunk_server(published).url,), None, None).pull(
+        KEY, SnapshotStore(tmp_path / "b")
+    )
+    assert snap.key == KEY
+    with pytest.raises(RemoteSnapshotError, match="not signed"):
+        node_tiers(config, (chunk_server(unsigned).url,), None, None).pull(KEY, SnapshotStore(tmp_path / "c"))
