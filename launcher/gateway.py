@@ -39,10 +39,10 @@ import httpx
 from coldstart.launcher.autoscaler import IdleReplica, desired_replicas, replicas_to_stop
 from coldstart.launcher.buffer_plan import BufferPlan, Observed, plan_buffer
 from coldstart.launcher.deployment import Deployment
-from coldstart.launcher.lifecycle import resident_bytes
 from coldstart.launcher.liveness import Liveness
 from coldstart.launcher.metrics import Metrics
 from coldstart.launcher.placement import Holder, ReplicaHost, choose_victim, over_share
+from coldstart.launcher.process import resident_bytes
 from coldstart.launcher.replica import FailureKind, Replica, ReplicaState, Swap
 from coldstart.launcher.tasks import TaskOwner
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -110,15 +109,3 @@ def with_env(engine_config: EngineConfig, env: dict[str, str]) -> EngineConfig:
     if not env:
         return engine_config
     return dataclasses.replace(engine_config, env={**engine_config.env, **env})
-
-
-def resident_bytes(pids: list[int]) -> int:
-    """Resident memory of these processes (RSS summed; 0 when unreadable): what a replica needs on a host."""
-    page = os.sysconf("SC_PAGE_SIZE")
-    total = 0
-    for pid in pids:
-        try:
-            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
-        except (OSError, IndexError, ValueError):
-            continue
-    return total

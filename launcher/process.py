@@ -441,3 +441,15 @@ async def host_lock(path: Path) -> AsyncIterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def resident_bytes(pids: Iterable[int]) -> int:
+    """Resident memory of these processes (RSS summed; 0 when unreadable): what a replica needs on a host."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = 0
+    for pid in pids:
+        try:
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
+        except (OSError, IndexError, ValueError):
+            continue
+    return total

@@ -205,6 +205,8 @@ async def _deployment(
         priority=config.priority,
         aliases=(upstream,) if upstream != name else (),
     )
+    if deployment.snapshots is not None:  # before any replica ran here: what its snapshot recorded
+        deployment.memory_estimate = deployment.snapshots.resident_hint()
     if mount is not None:
         profile_saver.spawn(_save_profile_when_ready(deployment, mount), name=f"profile-{name}")
     return deployment

@@ -229,6 +229,9 @@ class FakeSnapshots:
     def has_snapshot(self) -> bool:
         return True
 
+    def resident_hint(self) -> int:
+        return 0
+
     def new_sandbox(self, workdir: Path, replica_id: str) -> Sandbox:
         sandbox = self.sandboxes[replica_id] = FakeSandbox(self.stop_s)
         return sandbox

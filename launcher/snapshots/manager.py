@@ -70,7 +70,7 @@ from coldstart.launcher.errors import (
 )
 from coldstart.launcher.image import holds_rootfs
 from coldstart.launcher.metrics import Metrics, ModelMetrics
-from coldstart.launcher.process import host_lock
+from coldstart.launcher.process import host_lock, resident_bytes
 from coldstart.launcher.sandboxes.base import Sandbox
 from coldstart.launcher.snapshots.canary import DEFAULT_CANARY, CanaryAnswer, canary_request
 from coldstart.launcher.snapshots.file_digests import DigestCache
@@ -167,6 +167,15 @@ class SnapshotManager:
             return True
         return bool(self.remote and self.remote.tiers) and not self._remote_missing.is_set()
 
+    def resident_hint(self) -> int:
+        """Resident bytes of the engine when this host's snapshot of it was taken (0: no snapshot here, or
+        one from before it was recorded): the memory a replica restored from it will need."""
+        try:
+            snapshot = self.store.lookup(self.identity.key)
+        except SnapshotCorrupt:
+            return 0
+        return int((snapshot.manifest.get("resident_bytes") or 0) if snapshot else 0)
+
     def new_sandbox(self, workdir: Path, replica_id: str) -> Sandbox:
         return self.checkpointer.new_sandbox(workdir, replica_id)
 
@@ -241,6 +250,9 @@ class SnapshotManager:
                 answer = await self._run_canary(control, sandbox.base_url)
                 answer.require_meaningful(adapter.name)
                 timings["canary"] = time.monotonic() - t
+                # What the warmed-up engine holds (before its KV cache is dropped): a restarted launcher
+                # sizes its first replica of this model by it (``resident_hint``).
+                resident = await asyncio.to_thread(resident_bytes, sandbox.host_pids())
                 await adapter.before_checkpoint(control, sandbox.base_url)
                 weights: dict[str, Any] = {}
                 # CRIU only: the restored engine maps the files again at their host path (runsc's sandbox
@@ -269,6 +281,7 @@ class SnapshotManager:
                     "canary": {**self.canary.to_json(), **answer.to_json()},
                     "timings": {k: round(v, 4) for k, v in timings.items()},
                     "weights": weights,
+                    "resident_bytes": resident,
                 }
                 snapshot = await asyncio.to_thread(self.store.commit, pending, manifest)
                 # commit chmods the snapshot's files, hard links to the weight files included (a new

@@ -42,9 +42,9 @@ def snapshot_store(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -
     return root / "store"
 
 
-def serve_with(store: Path, model: Path, log: Path, initial: int = 0) -> Served:
+def serve_with(store: Path, model: Path, log: Path, initial: int = 0, extra: tuple[str, ...] = ()) -> Served:
     args = ["transformers", str(model), "--snapshot", "criu", "--snapshot-dir", str(store)]
-    args += ["--work-dir", str(log.parent / f"{log.stem}-work"), "--initial-replicas", str(initial)]
+    args += ["--work-dir", str(log.parent / f"{log.stem}-work"), "--initial-replicas", str(initial), *extra]
     return Served(args, log)
 
 
@@ -86,6 +86,29 @@ def test_scale_from_zero_restores(snapshot_store: Path, tiny_model: Path, tmp_pa
         assert not any(to == "booting" for _, _, to in served.lifecycle()), "booted instead of restoring"
         assert metric(served, "coldstart_restores_total") == {"": 1.0}
         assert metric(served, "coldstart_cold_boots_total").get("", 0.0) == 0.0  # no sample until one
+    finally:
+        served.stop()
+
+
+def test_a_restarted_launcher_sizes_its_first_replica_by_the_snapshot(
+    snapshot_store: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    """The snapshot records the engine's resident memory; a launcher that has run no replica of the model
+    yet checks it against --memory-budget before restoring, and answers 503 naming the budget."""
+    (snap,) = [p for p in snapshot_store.iterdir() if not p.name.startswith(".")]
+    resident = json.loads((snap / "manifest.json").read_text())["resident_bytes"]
+    assert resident > 50 << 20, resident  # transformers serve with torch loaded
+    served = serve_with(snapshot_store, tiny_model, tmp_path / "serve.log", extra=("--memory-budget", "40MB"))
+    try:
+        served.wait_for(lambda health: True, 60, "the proxy to listen")
+        answer = httpx.post(
+            f"{served.url}/v1/chat/completions",
+            json={"model": str(tiny_model), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+            timeout=60,
+        )
+        assert answer.status_code == 503, answer.text
+        assert "--memory-budget" in answer.json()["error"]["message"], answer.text
+        assert not served.lifecycle(), "a replica was started"
     finally:
         served.stop()
 
