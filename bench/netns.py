@@ -45,20 +45,23 @@ def measure(name: str, runs: int, firewall_each_time: bool) -> tuple[float, floa
     return statistics.median(create), statistics.median(delete)
 
 
+def table(runs: int) -> str:
+    """The rows side by side, measured now (as root)."""
+    firewall.ensure_replica_subnet_guarded()
+    rows = [
+        ("ip + iptables (before)", measure("ip", runs, True)),
+        ("ip", measure("ip", runs, False)),
+        ("netlink (now)", measure("netlink", runs, False)),
+    ]
+    lines = [f"replica network namespace, median of {runs} (ms)", f"{'how':<24}{'create':>10}{'delete':>10}"]
+    lines += [f"{name:<24}{create * 1000:>10.1f}{delete * 1000:>10.1f}" for name, (create, delete) in rows]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=20)
-    args = parser.parse_args()
-    firewall.ensure_replica_subnet_guarded()
-    rows = [
-        ("ip + iptables (before)", measure("ip", args.runs, True)),
-        ("ip", measure("ip", args.runs, False)),
-        ("netlink (now)", measure("netlink", args.runs, False)),
-    ]
-    print(f"replica network namespace, median of {args.runs} (ms)")
-    print(f"{'how':<24}{'create':>10}{'delete':>10}")
-    for name, (create, delete) in rows:
-        print(f"{name:<24}{create * 1000:>10.1f}{delete * 1000:>10.1f}")
+    print(table(parser.parse_args().runs))
 
 
 if __name__ == "__main__":

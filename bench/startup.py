@@ -23,6 +23,10 @@ token: decoding 8 tokens on CPU takes ~1 s and would hide the restore):
 - bare restore: the tool alone on the same image (``criu restore`` / ``runsc create`` + ``runsc restore``
   into a namespace made beforehand), health polled the same way, then the request.
 
+``--restore-path`` adds the step of every replica start that issue 18 took off processes: making the
+replica's network namespace and veth pair, with ``ip`` processes (before) and through netlink (now), from
+``bench/netns.py`` (as root).
+
 ``--gateway`` adds the end-to-end clock as a user meets it (``bench/gateway_clock.py``): ``coldstart-serve
 --snapshot criu`` (with ``--gateway-image``: the model from a lazily mounted image of it, empty chunk cache)
 boots and snapshots once, scales to zero, and each run is one streamed request sent at zero replicas; its
@@ -52,6 +56,7 @@ from pathlib import Path
 
 import gateway_clock  # noqa: E402
 import httpx  # noqa: E402
+import netns as namespace_bench  # bench/netns.py  # noqa: E402
 
 from coldstart.engine_adapters.base import EngineAdapter, EngineConfig  # noqa: E402
 from coldstart.engine_adapters.registry import get_adapter  # noqa: E402
@@ -671,7 +676,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--gateway-image", action="store_true", help="--gateway with the model in a lazily mounted image"
     )
+    parser.add_argument(
+        "--restore-path",
+        action="store_true",
+        help="also the replica namespace step alone: ip processes (before) vs netlink (now), bench/netns.py",
+    )
     args = parser.parse_args(argv)
+    if args.restore_path:
+        print(namespace_bench.table(max(args.runs, 20)))
     if args.cold_runs is None:
         args.cold_runs = args.runs
     if args.size is None:

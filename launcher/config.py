@@ -204,14 +204,18 @@ class ServeConfig:
         "comma-separated tiers to pull snapshots this host lacks from, nearest first, origin last "
         "(cache server URLs, chunk store dirs)",
     )
-    snapshot_cache: Path | None = server_opt(None, "local chunk cache for pulled snapshots (default: none)")
+    snapshot_cache: Path | None = server_opt(
+        None, "local chunk cache for pulled snapshots, made private (0700) (default: none)"
+    )
     snapshot_trust_key: Path | None = server_opt(
         None,
         "a file of 16+ secret bytes shared by a deployment's hosts: snapshots published here are signed "
         "with it, and pulled ones whose signature does not check are refused",
     )
     snapshot_publish: Path | None = server_opt(
-        None, "publish every snapshot taken here into this chunk store dir (serve it: coldstart image serve)"
+        None,
+        "publish every snapshot taken here into this chunk store dir (made private, 0700: page images hold "
+        "the engine's memory; serve it: coldstart image serve)",
     )
 
     # From recipes only (no flag): engine environment, warm-up requests, canary prompt, and how to make a

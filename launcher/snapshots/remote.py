@@ -60,7 +60,7 @@ from coldstart.imagefs.refs import Published, Ref, RefError, find_ref, materiali
 from coldstart.imagefs.tiers import DirectoryTier, MemoryTier, Tier, open_tier, split_token
 from coldstart.launcher.errors import RemoteSnapshotError, RestoreReason, SnapshotError, UsageError
 from coldstart.launcher.process import file_lock
-from coldstart.launcher.snapshots.store import MANIFEST, Snapshot, SnapshotStore
+from coldstart.launcher.snapshots.store import MANIFEST, Snapshot, SnapshotStore, private_dir
 
 log = logging.getLogger("coldstart.snapshots")
 
@@ -175,6 +175,7 @@ class SnapshotTiers:
         if self.publish_to is None:
             raise UsageError("no store to publish into: pass --snapshot-publish DIR")
         (store or SnapshotStore(snapshot.path.parent)).verify(snapshot, full=True)
+        private_dir(self.publish_to)  # chunks of page images: the engine's memory and environment
         manifest_bytes = (snapshot.path / MANIFEST).read_bytes()
         ident = snapshot.manifest.get("identity", {})
         summary = {
@@ -216,7 +217,7 @@ class SnapshotTiers:
                 tier.close()
             raise UsageError(f"--snapshot-tiers: {exc}") from exc
         disk = (
-            DirectoryTier(self.cache_dir, name=f"cache:{self.cache_dir}", writable=True)
+            DirectoryTier(private_dir(self.cache_dir), name=f"cache:{self.cache_dir}", writable=True)
             if self.cache_dir
             else None
         )

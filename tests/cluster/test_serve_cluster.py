@@ -139,3 +139,52 @@ def test_one_endpoint_serves_from_both_nodes_and_a_killed_gateway_leaves_nothing
     finally:
         again.stop()
     assert replica_namespaces(cluster.a.netns) == replica_namespaces(cluster.b.netns) == []
+
+
+def post_chat(url: str, prompt: str, max_tokens: int) -> httpx.Response:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
+    return httpx.post(
+        f"{url}/v1/chat/completions", json={**body, "temperature": 0}, timeout=300, trust_env=False
+    )
+
+
+def serving(url: str) -> int:
+    health: dict[str, Any] = httpx.get(f"{url}/health", timeout=5, trust_env=False).json()
+    return sum(r["state"] == "ready" and r["in_flight"] > 0 for r in health["replicas"])
+
+
+def test_a_node_that_dies_fails_what_ran_there_and_the_survivor_serves(
+    cluster: RayNodes, deployments: Path, tmp_path: Path
+) -> None:
+    """Node B dies (every process SIGKILLed, its namespace removed) while a request runs on its replica:
+    that request gets the gateway's OpenAI-shaped 502, the one on A finishes, the gateway drops B's replica
+    and the next requests are answered by A with the same greedy answer. Last in the module: B stays dead."""
+    gateway = Gateway(deployments, cluster, tmp_path / "gateway-3.log")
+    try:
+        answer = ask(gateway.url)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            running = [pool.submit(post_chat, gateway.url, "tell me a long story", 1500) for _ in range(2)]
+            deadline = time.monotonic() + 180
+            while serving(gateway.url) < 2:  # a replica generating on each node
+                assert time.monotonic() < deadline, (
+                    "no replica generating on each node: " + gateway.log_tail()
+                )
+                assert not any(f.done() for f in running), [f.result().text for f in running if f.done()]
+                time.sleep(0.2)
+            assert replica_namespaces(cluster.a.netns) and replica_namespaces(cluster.b.netns)
+            cluster.kill_node(cluster.b)
+            answers = [f.result(timeout=300) for f in running]
+        statuses = sorted(a.status_code for a in answers)
+        assert statuses == [200, 502], [a.text for a in answers]
+        failed = next(a for a in answers if a.status_code == 502).json()
+        assert failed["error"]["type"] == "server_error", failed
+        assert failed["error"]["code"] in ("upstream_lost", "upstream_unreachable"), failed
+        deadline = time.monotonic() + 60
+        while len(httpx.get(f"{gateway.url}/health", timeout=5, trust_env=False).json()["replicas"]) > 1:
+            assert time.monotonic() < deadline, "B's replica was never dropped: " + gateway.log_tail()
+            time.sleep(0.2)
+        assert [ask(gateway.url) for _ in range(2)] == [answer, answer]  # served from A
+        assert replica_namespaces(cluster.b.netns) == [] and cluster.b.alive is False
+    finally:
+        gateway.stop()
+    assert replica_namespaces(cluster.a.netns) == []

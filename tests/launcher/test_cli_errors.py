@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -115,4 +116,50 @@ def test_a_work_dir_that_cannot_be_written_is_one_line(tiny_model: Path) -> None
         "coldstart-serve: error: --work-dir /proc/nope: cannot write there (No such file or directory); "
         "pass a writable folder"
     ]
+    assert "Traceback" not in result.stderr
+
+
+def test_two_launchers_on_one_work_dir_get_folders_of_their_own(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Replica ids (r1, r2, ...) are per launcher: two launchers on the default --work-dir must never share
+    a replica's folder. Each gets launcher-PID (private, 0700, as is the work dir even when it existed
+    open); a running launcher's folder is left alone, a gone one's is removed."""
+    from coldstart.launcher import server
+
+    work = tmp_path / "run"
+    work.mkdir(mode=0o755)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    (work / f"launcher-{gone.stdout.strip()}" / "r1").mkdir(parents=True)
+    monkeypatch.setattr(server.os, "getpid", lambda: os.getppid())
+    first = server.launcher_work_dir(work)
+    (first / "r1").mkdir()
+    monkeypatch.undo()
+    second = server.launcher_work_dir(work)
+    assert first != second and first.parent == second.parent == work
+    assert (first / "r1").is_dir()  # the other launcher is alive: its replica's files stay
+    assert sorted(p.name for p in work.iterdir()) == sorted([first.name, second.name])
+    assert {p.stat().st_mode & 0o777 for p in (work, first, second)} == {0o700}
+
+
+def test_an_unwritable_home_is_one_line(tiny_model: Path, tmp_path: Path) -> None:
+    """Every default folder is under $XDG_CACHE_HOME or ~/.cache: where HOME cannot be written (a service
+    user, a read-only home) the launcher says which folder and what to pass, with no traceback."""
+    home = tmp_path / "home"
+    home.mkdir(mode=0o555)
+    env = {k: v for k, v in os.environ.items() if k != "XDG_CACHE_HOME"}
+    env["HOME"] = str(home)
+    argv = ["transformers", str(tiny_model), "--port", "0", "--snapshot", "off"]
+    result = subprocess.run(
+        ["unshare", "--map-user=65534", "--map-group=65534", "--", *SERVE, *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("coldstart-serve: error:")]
+    assert len(errors) == 1 and str(home) in errors[0] and "pass a writable folder" in errors[0], (
+        result.stderr
+    )
     assert "Traceback" not in result.stderr

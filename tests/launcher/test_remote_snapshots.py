@@ -535,3 +535,16 @@ def test_cluster_nodes_sign_and_check_with_the_deployments_trust_key(tmp_path: P
     assert snap.key == KEY
     with pytest.raises(RemoteSnapshotError, match="not signed"):
         node_tiers(config, (chunk_server(unsigned).url,), None, None).pull(KEY, SnapshotStore(tmp_path / "c"))
+
+
+def test_published_and_cached_chunks_are_private(tmp_path: Path, chunk_server) -> None:  # type: ignore[no-untyped-def]
+    """Published chunks and pulled ones hold page images (the engine's memory, its environment's secrets):
+    the publish store and the pull cache are folders only their owner can enter, also when they existed."""
+    a = fake_snapshot(tmp_path / "a", pages_mb=1)
+    store, cache = tmp_path / "published", tmp_path / "cache"
+    store.mkdir(mode=0o755)
+    cache.mkdir(mode=0o755)
+    SnapshotTiers([], publish_to=store).publish(a.lookup(KEY))  # type: ignore[arg-type]
+    SnapshotTiers([chunk_server(store).url], cache).pull(KEY, SnapshotStore(tmp_path / "b"))
+    assert store.stat().st_mode & 0o777 == 0o700
+    assert cache.stat().st_mode & 0o777 == 0o700 and any(cache.rglob("*"))
