@@ -23,6 +23,8 @@ def test_the_example_file_serves_both_models_taking_turns_on_one_unit(tmp_path: 
             "1",
             "--work-dir",
             str(tmp_path / "run"),
+            "--snapshot-dir",
+            str(tmp_path / "snapshots"),
         ],
         tmp_path / "serve.log",
         env={"XDG_CACHE_HOME": str(tmp_path / "cache")},  # the models are made there on first use
