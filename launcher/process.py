@@ -29,7 +29,7 @@ import shutil
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 log = logging.getLogger("coldstart.engine")
@@ -271,6 +271,20 @@ class PidHandle:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def signal_listed(listing: Callable[[], Iterable[int]], sig: signal.Signals) -> list[int]:
+    """Signal the processes ``listing`` names (those of a namespace, of a Ray node) that the launcher did not
+    fork: a pidfd is taken for each, the listing is read again, and only a process in both is signalled,
+    through its pidfd. One that exited and whose PID was reused in between is never hit. Returns the PIDs
+    signalled."""
+    handles = [PidHandle(pid) for pid in dict.fromkeys(listing())]
+    try:
+        still = set(listing())
+        return [h.pid for h in handles if h.pid in still and h.send(sig)]
+    finally:
+        for handle in handles:
+            handle.close()
 
 
 async def terminate(proc: asyncio.subprocess.Process, grace_s: float) -> int:

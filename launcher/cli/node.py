@@ -28,7 +28,7 @@ from pathlib import Path
 from coldstart.launcher.cluster.node import CONFIG_ENV, NodeSettings, NodeStart
 from coldstart.launcher.config import coldstart_cache
 from coldstart.launcher.errors import UsageError
-from coldstart.launcher.process import process_tree
+from coldstart.launcher.process import process_tree, signal_listed
 
 
 def parser() -> argparse.ArgumentParser:
@@ -116,9 +116,7 @@ def node_processes(temp_dir: Path) -> list[int]:
 def stop(temp_dir: Path, grace: float) -> list[int]:
     pids = node_processes(temp_dir)
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
+        signal_listed(lambda: node_processes(temp_dir), sig)  # through pidfds: a reused PID is never hit
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
             time.sleep(0.05)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import ipaddress
 import logging
 import os
@@ -46,7 +47,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from coldstart.launcher.errors import NetnsError
-from coldstart.launcher.process import file_lock
+from coldstart.launcher.process import file_lock, signal_listed
 from coldstart.launcher.sandboxes.firewall import ensure_replica_subnet_guarded
 
 log = logging.getLogger("coldstart.netns")
@@ -330,10 +331,7 @@ def cleanup_stale() -> list[str]:
         match = _NAME.match(entry.name)
         if not match or Path(f"/proc/{match.group(1)}").exists():
             continue
-        pids = processes_in(entry)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        pids = signal_listed(functools.partial(processes_in, entry), signal.SIGKILL)  # through pidfds
         if pids:
             removed.append(f"killed {len(pids)} process(es) of dead launcher {match.group(1)}: {pids}")
         _wait_gone(pids)

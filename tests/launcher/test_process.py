@@ -20,6 +20,7 @@ from coldstart.launcher.process import (
     one_line_cause,
     root_cause,
     running,
+    signal_listed,
     spawn,
     terminate,
 )
@@ -183,3 +184,20 @@ def test_a_pid_handle_never_signals_a_reused_pid() -> None:
     child.wait(10)  # reaped: the number is free for another process
     assert not handle.send(signal.SIGKILL)
     handle.close()
+
+
+def test_signal_listed_hits_only_what_is_still_listed_through_its_pidfd() -> None:
+    """Processes we did not fork (a dead launcher's namespace, a Ray node's) are signalled through pidfds
+    taken before the listing is read again: one that left the listing in between (it exited; its PID may
+    belong to someone else by then) is not signalled."""
+    kept = subprocess.Popen(["sleep", "60"])
+    left = subprocess.Popen(["sleep", "60"])
+    listings = iter([[kept.pid, left.pid], [kept.pid]])
+    try:
+        assert signal_listed(lambda: next(listings), signal.SIGTERM) == [kept.pid]
+        assert kept.wait(10) == -signal.SIGTERM
+        assert left.poll() is None
+    finally:
+        for proc in (kept, left):
+            proc.kill()
+            proc.wait()
