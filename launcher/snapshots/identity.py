@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,18 +46,30 @@ BEHAVIOUR_ENV_PREFIXES = (
 )  # fmt: skip
 # TMPDIR is left out: the sandboxes give the engine its own (CRIU: a private tmpfs).
 BEHAVIOUR_ENV_NAMES = frozenset({"LD_PRELOAD", "LD_LIBRARY_PATH"})
+# Variables whose values are secrets (HF_TOKEN, VLLM_API_KEY, ...): the manifest, which is published, pulled
+# by other hosts and shown by ``coldstart snapshot inspect``, holds a digest of the value, never the value.
+# A new value still gives a new key (the restored engine would carry the old one in its memory).
+SECRET_ENV_NAME = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|API_KEY|(^|_)KEY$|AUTH", re.IGNORECASE)
 # EngineConfig fields that never reach the snapshot key: the sandbox decides where the engine binds.
 NOT_IN_KEY = frozenset({"host", "port"})
 
 
+def secret_digest(name: str, value: str) -> str:
+    return "sha256:" + hashlib.sha256("\0".join(("coldstart-env", name, value)).encode()).hexdigest()
+
+
+def without_secrets(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` sorted, each secret's value (``SECRET_ENV_NAME``) replaced by a digest of name and value."""
+    return {k: secret_digest(k, v) if SECRET_ENV_NAME.search(k) else v for k, v in sorted(env.items())}
+
+
 def inherited_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The launcher's variables that change an engine's behaviour (see ``BEHAVIOUR_ENV_PREFIXES``)."""
+    """The launcher's variables that change an engine's behaviour (see ``BEHAVIOUR_ENV_PREFIXES``), secrets
+    as digests."""
     env = os.environ if environ is None else environ
-    return {
-        k: v
-        for k, v in sorted(env.items())
-        if k in BEHAVIOUR_ENV_NAMES or k.startswith(BEHAVIOUR_ENV_PREFIXES)
-    }
+    return without_secrets(
+        {k: v for k, v in env.items() if k in BEHAVIOUR_ENV_NAMES or k.startswith(BEHAVIOUR_ENV_PREFIXES)}
+    )
 
 
 def config_fields(config: EngineConfig) -> dict[str, Any]:
@@ -67,7 +80,7 @@ def config_fields(config: EngineConfig) -> dict[str, Any]:
             continue
         value = getattr(config, f.name)
         if f.name == "env":
-            value = dict(sorted(value.items()))
+            value = without_secrets(value)
         elif f.name == "warmup":
             value = [[path, dict(body)] for path, body in value]
         elif isinstance(value, tuple):

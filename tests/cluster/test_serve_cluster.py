@@ -156,29 +156,33 @@ def serving(url: str) -> int:
 def test_a_node_that_dies_fails_what_ran_there_and_the_survivor_serves(
     cluster: RayNodes, deployments: Path, tmp_path: Path
 ) -> None:
-    """Node B dies (every process SIGKILLed, its namespace removed) while a request runs on its replica:
-    that request gets the gateway's OpenAI-shaped 502, the one on A finishes, the gateway drops B's replica
-    and the next requests are answered by A with the same greedy answer. Last in the module: B stays dead."""
+    """Node B dies (every process SIGKILLed, its namespace removed) while a request runs on its replica and
+    others wait in the gateway's queue: the one on B gets the gateway's OpenAI-shaped 502, the one on A
+    finishes, the held ones are answered (by A), B's replica is dropped and new requests get the same greedy
+    answer. Last in the module: B stays dead."""
     gateway = Gateway(deployments, cluster, tmp_path / "gateway-3.log")
     try:
         answer = ask(gateway.url)
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            running = [pool.submit(post_chat, gateway.url, "tell me a long story", 1500) for _ in range(2)]
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            # Two run (one replica per node, target_concurrency 1), four wait in the queue; each is a few
+            # hundred tokens (the tiny model stops by itself), so some still run when both replicas serve.
+            requests = [pool.submit(post_chat, gateway.url, "tell me a long story", 1500) for _ in range(6)]
             deadline = time.monotonic() + 180
             while serving(gateway.url) < 2:  # a replica generating on each node
                 assert time.monotonic() < deadline, (
                     "no replica generating on each node: " + gateway.log_tail()
                 )
-                assert not any(f.done() for f in running), [f.result().text for f in running if f.done()]
+                assert not all(f.done() for f in requests), "all answered before both replicas served"
                 time.sleep(0.2)
             assert replica_namespaces(cluster.a.netns) and replica_namespaces(cluster.b.netns)
             cluster.kill_node(cluster.b)
-            answers = [f.result(timeout=300) for f in running]
-        statuses = sorted(a.status_code for a in answers)
-        assert statuses == [200, 502], [a.text for a in answers]
-        failed = next(a for a in answers if a.status_code == 502).json()
-        assert failed["error"]["type"] == "server_error", failed
-        assert failed["error"]["code"] in ("upstream_lost", "upstream_unreachable"), failed
+            answers = [f.result(timeout=300) for f in requests]
+        statuses = [a.status_code for a in answers]
+        assert set(statuses) <= {200, 502} and statuses.count(502) >= 1, [a.text[:300] for a in answers]
+        assert statuses.count(200) >= 3, statuses  # the one on A and held ones, answered by A
+        for failed in (a.json() for a in answers if a.status_code == 502):
+            assert failed["error"]["type"] == "server_error", failed
+            assert failed["error"]["code"] in ("upstream_lost", "upstream_unreachable"), failed
         deadline = time.monotonic() + 60
         while len(httpx.get(f"{gateway.url}/health", timeout=5, trust_env=False).json()["replicas"]) > 1:
             assert time.monotonic() < deadline, "B's replica was never dropped: " + gateway.log_tail()

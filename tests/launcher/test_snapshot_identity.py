@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -65,3 +66,20 @@ def test_inherited_env_keeps_the_documented_families_only() -> None:
     }
     assert inherited_env(environ) == {"HF_HUB_OFFLINE": "1", "LD_PRELOAD": "x", "OMP_NUM_THREADS": "2"}
     assert all(p.isupper() for p in BEHAVIOUR_ENV_PREFIXES)
+
+
+def test_secrets_in_the_environment_never_reach_the_manifest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manifest (published, pulled by other hosts, shown by ``coldstart snapshot inspect``) records the
+    identity: a token the engine inherits or is given holds a digest there, never its value; a new token is
+    still a new key (the restored engine would otherwise carry the old one)."""
+    monkeypatch.setenv("HF_TOKEN", "hf_inherited_secret")
+    config = EngineConfig(
+        model="org/model", env={"VLLM_API_KEY": "given-secret", "VLLM_LOGGING_LEVEL": "INFO"}
+    )
+    identity = snapshot_identity(get_adapter("transformers"), config, CRIU, {"c": 1})
+    manifest = json.dumps(identity.to_json())
+    assert "hf_inherited_secret" not in manifest and "given-secret" not in manifest
+    assert identity.engine["inherited_env"]["HF_TOKEN"].startswith("sha256:")
+    assert identity.engine["config"]["env"]["VLLM_LOGGING_LEVEL"] == "INFO"  # not a secret: kept as it is
+    monkeypatch.setenv("HF_TOKEN", "hf_rotated")
+    assert key(config) != identity.key
