@@ -1,11 +1,14 @@
-"""The launcher: the life of a replica behind an OpenAI proxy.
+"""The launcher: many models behind one OpenAI endpoint, each replica restored from a snapshot or booted.
 
-Top level, in the order a replica lives: ``config`` (ServeConfig, what a user asks for) -> ``server`` (run:
-the proxy, the pool, the replicas) -> ``replicas`` (autoscaler: start, route, drain, stop) -> ``replica`` (one
-replica's states) -> ``boot`` (cold boot) / ``snapshots/`` (restore, checkpoint) -> ``proxy`` (OpenAI routes).
+Top level, in the order a request meets it: ``config`` (ServeConfig; ``deployments`` reads a deployments
+file into a GatewayConfig) -> ``server`` (run: the proxy, the host, the gateway) -> ``proxy`` (OpenAI routes,
+by model) -> ``gateway`` (many deployments on one set of units: swaps, fair shares, the buffer plan) ->
+``deployment`` / ``router`` (one model's replicas and queue) -> ``autoscaler`` (pure: demand -> replicas) ->
+``placement`` (the ReplicaHost seam; ``local_host`` here, ``cluster/`` on Ray) -> ``lifecycle`` (restore,
+else cold boot) -> ``liveness`` (who decides a replica is dead) -> ``replica`` (one replica's states).
 Rooms: ``cli/`` (one file per command), ``sandboxes/`` (where an engine runs), ``checkpointers/`` (CRIU,
-runsc, CUDA), ``snapshots/`` (manager, store, identity, fingerprint), ``gpu/`` (CUDA driver API, inventory,
-doctor, the fake driver).
+runsc, CUDA), ``snapshots/`` (manager, store, identity, fingerprint, remote), ``gpu/`` (CUDA driver API,
+inventory, doctor, the fake driver), ``cluster/`` (Ray).
 """
 
 from typing import TYPE_CHECKING, Any

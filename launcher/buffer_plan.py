@@ -72,7 +72,7 @@ def plan_buffer(
         )
     try:
         from coldstart.pool.catalog import InstanceType
-        from coldstart.pool.sizing import Forecast, SizingInput, size_buffer
+        from coldstart.pool.sizing import Forecast, SizingInput, explain_plan, size_buffer
     except ImportError as exc:  # the pool extra (OR-Tools) is not installed
         return BufferPlan(0, f"sizing LP unavailable ({exc}); install coldstart[pool]", rates)
     from coldstart.pool.errors import InfeasibleSizingError
@@ -83,15 +83,15 @@ def plan_buffer(
     std = math.sqrt(busy + sum(p * (1 - p) for p in needs))
     unit = InstanceType(f"{kind}-unit", price_per_hour=1.0, lead_time_s=lead_time_s, supply_cap=free_units)
     forecast = Forecast(mean=mean, std=std, horizon_s=horizon)
+    inp = SizingInput(forecast, [unit], confidence=CONFIDENCE, wait_budget_s=WAIT_BUDGET_S)
     try:
-        plan = size_buffer(
-            SizingInput(forecast, [unit], confidence=CONFIDENCE, wait_budget_s=WAIT_BUDGET_S), explain=True
-        )
+        plan = size_buffer(inp, explain=False)  # re-solved every few seconds: the gateway logs changes only
     except InfeasibleSizingError:
         why = f"demand may outgrow the {free_units} free unit(s): hold them all"
         return BufferPlan(free_units, why, rates)
     target = min(plan.hold_total, free_units)
-    why = plan.lines[0] if plan.lines else "the LP holds nothing"
+    lines = explain_plan(plan, inp)
+    why = lines[0] if lines else "the LP holds nothing"
     summary = (
         f"hold {target} idle {kind} unit(s) for {busy} request(s) in flight and {at_zero:.2f}/s arriving "
         f"at zero (unit lead time {lead_time_s:.1f} s): {why}"

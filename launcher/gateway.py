@@ -536,6 +536,10 @@ class Gateway:
                 "capacity": capacity,
                 "held": self._held(),
                 "peak_held": self.peak_held,
+                # A cluster: units last asked of its autoscaler (replicas + the plan's buffer)
+                **(
+                    {"requested": r} if (r := getattr(self.host, "requested_units", None)) is not None else {}
+                ),
             },
             "buffer": self.plan.as_json(),
         }

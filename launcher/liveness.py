@@ -86,8 +86,8 @@ class Liveness:
         poke = self._poke.setdefault(replica.id, asyncio.Event())
         policy = deployment.policy
         failures = 0
-        cpu: float | None = None  # the engine's CPU seconds at the previous probe, while it had requests
         try:
+            cpu = await self._cpu(replica)  # the engine's CPU seconds at the previous probe (first: start)
             while watched():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(poke.wait(), policy.health_interval)
@@ -99,7 +99,7 @@ class Liveness:
                 except _LocalProbeError as exc:
                     self._log_local(replica, exc)
                     continue
-                before, cpu = cpu, await self._busy_cpu(replica)
+                before, cpu = cpu, await self._cpu(replica)
                 if why is None:
                     failures = 0
                     continue
@@ -107,8 +107,9 @@ class Liveness:
                 exited = sandbox is not None and sandbox.exit_code() is not None
                 if not watched():
                     return  # its stop began while the probe ran
-                if not exited and before is not None and cpu is not None and cpu - before >= BUSY_CPU_S:
-                    self._log_busy(replica, why, cpu - before)
+                used = cpu - before if cpu is not None and before is not None else 0.0
+                if not exited and replica.in_flight > 0 and used >= BUSY_CPU_S:
+                    self._log_busy(replica, why, used)
                     continue
                 failures += 1
                 if exited or failures >= HEALTH_FAILURES:
@@ -152,13 +153,12 @@ class Liveness:
         return "health probe failed"
 
     @staticmethod
-    async def _busy_cpu(replica: Replica) -> float | None:
-        """The engine's CPU seconds while the replica has requests in flight (else None: an idle engine
-        that does not answer its probe is not excused)."""
+    async def _cpu(replica: Replica) -> float | None:
+        """The engine's CPU seconds so far (None: not known). Read at every probe, idle or not, so that the
+        first probe an engine misses once a request arrived compares with the one before it; only a replica
+        with requests in flight is excused (an idle engine that does not answer is not)."""
         sandbox = replica.sandbox
-        if replica.in_flight <= 0 or sandbox is None:
-            return None
-        return await sandbox.cpu_seconds()
+        return None if sandbox is None else await sandbox.cpu_seconds()
 
     def _due(self, kind: str) -> bool:
         """True at most once a minute for each kind of uncounted probe (the rest are counted, not logged)."""

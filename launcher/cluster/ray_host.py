@@ -62,7 +62,8 @@ log = logging.getLogger("coldstart.cluster")
 
 STOP_TIMEOUT_S = 60.0  # an actor's own stop (SIGTERM, grace, SIGKILL) beyond which it is killed anyway
 NODES_TTL_S = 2.0  # ray.nodes() is a GCS call: capacity() reuses it this long
-CPU_QUERY_S = 2.0  # the engine's CPU time from its node (liveness); slower than this: not known
+CPU_QUERY_S = 5.0  # the engine's CPU time from its node (liveness); slower than this: not known
+# (2 s was too short on a loaded 2-core node: the busy replica's probe was counted and the replica lost)
 CONNECT_ATTEMPTS = 3
 
 
@@ -192,6 +193,7 @@ class RayHost:
         self._tasks: set[asyncio.Task[None]] = set()  # exit watchers and pull-ahead fan-outs
         self._nodes: tuple[float, list[dict[str, Any]]] = (0.0, [])
         self._buffer = 0
+        self.requested_units: int | None = None  # units last asked of Ray's autoscaler (in use + buffer)
         self._closed = False
         self.removed = self.remove_left_behind()
 
@@ -327,7 +329,8 @@ class RayHost:
             import ray
 
             with contextlib.suppress(Exception):
-                ray.get(ray.remote(_request_resources).options(num_cpus=0).remote(bundles), timeout=30)
+                fn = ray.remote(_request_resources).options(num_cpus=0)
+                self.requested_units = ray.get(fn.remote(bundles), timeout=30)
             return
         self._spawn(self._request(bundles), "request_resources")
 
@@ -336,7 +339,7 @@ class RayHost:
 
         fn = ray.remote(_request_resources).options(num_cpus=0)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(_awaitable(fn.remote(bundles)), 30.0)
+            self.requested_units = await asyncio.wait_for(_awaitable(fn.remote(bundles)), 30.0)
 
     # ---------------------------------------------------------------- nodes, orphans, snapshots
     def alive_nodes(self) -> list[dict[str, Any]]:

@@ -1,6 +1,6 @@
 """Snapshot orchestration: take a snapshot of a warmed-up replica, and restore replicas from it.
 
-Take (``snapshot``, after the replica manager's cold boot + warm-up; ``boot_and_snapshot`` does both):
+Take (``snapshot``, after the lifecycle's cold boot + warm-up; ``boot_and_snapshot`` does both):
     model file digests -> canary (greedy completion, recorded) -> adapter.before_checkpoint
     -> [CRIU, adapters with ``file_back``: weights moved into content-addressed files under
     ``<store>/weights``, KV cache dropped; the files are pinned by digest in the manifest]
@@ -16,7 +16,7 @@ Restore (``restore``), every failure a ``RestoreFailed(reason)`` after the sandb
     ("checkpointer" if it died, "timeout") -> adapter.after_restore ("hook") -> canary must match ("canary":
     token ids, logprobs and text; see ``canary.py``).
 
-The replica manager (``replicas.py``) counts restores and restore failures and cold-boots on failure; this
+The lifecycle (``lifecycle.py``) counts restores and restore failures and cold-boots on failure; this
 module records phase durations (``snapshot_checkpoint``, ``snapshot_save``, ``snapshot_file_back``,
 ``snapshot_restore``, ``snapshot_canary``, and a restore's steps ``pull``, ``verify``,
 ``checkpointer_restore``, ``wake``, ``canary``), snapshots taken and snapshot bytes (the image; weight files
@@ -159,7 +159,7 @@ class SnapshotManager:
         self._publishing: set[asyncio.Task[None]] = set()  # awaited by close(): a publish is not lost
         self._prefetching: threading.Thread | None = None
 
-    # -- what the replica manager calls ------------------------------------------------------------
+    # -- what the lifecycle calls ------------------------------------------------------------------
     def has_snapshot(self) -> bool:
         # With tiers, try: the lookup is a network call, made in restore() (a miss cold-boots, "missing"),
         # unless the pull at launch already found that no tier has it (then a cold boot is no failed restore).
@@ -533,7 +533,7 @@ class SnapshotManager:
         self, image_dir: Path, workdir: Path, replica_id: str, engine_config: EngineConfig
     ) -> Sandbox:
         """CPU restore, or with the CUDA checkpointer a restore onto the GPU the pool gave this replica
-        (``CUDA_VISIBLE_DEVICES`` = its UUID, set by the replica manager from the pool unit)."""
+        (``CUDA_VISIBLE_DEVICES`` = its UUID, set by ``LocalHost`` from the pool unit)."""
         target_gpu = engine_config.env.get("CUDA_VISIBLE_DEVICES") or None
         return await self.checkpointer.restore_onto(image_dir, workdir, replica_id, target_gpu)
 

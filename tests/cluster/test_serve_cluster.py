@@ -11,6 +11,7 @@ ahead) with the same greedy answer; the gateway killed -9 and started again remo
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import signal
 import subprocess
@@ -69,6 +70,24 @@ class Gateway:
         self._out.close()
 
 
+READ_REQUEST = """
+import sys, ray
+from ray.experimental.internal_kv import _internal_kv_get
+ray.init(sys.argv[1], logging_level="ERROR")
+read = ray.remote(lambda: _internal_kv_get(b"autoscaler_resource_request")).options(num_cpus=0)
+print((ray.get(read.remote(), timeout=60) or b"").count(b"coldstart_slot"))
+"""
+
+
+def ray_requested(cluster: RayNodes) -> int:
+    """The coldstart units in the cluster's standing request to Ray's autoscaler (request_resources)."""
+    done = subprocess.run(
+        [sys.executable, "-c", READ_REQUEST, cluster.address], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return int(done.stdout.split()[-1])
+
+
 def ask(url: str, prompt: str = "hello there", max_tokens: int = 8) -> str:
     from openai import OpenAI
 
@@ -120,11 +139,31 @@ def test_one_endpoint_serves_from_both_nodes_and_a_killed_gateway_leaves_nothing
                 assert time.monotonic() < deadline, "no replica on each node: " + gateway.log_tail()
                 time.sleep(0.2)
             assert [a.result(timeout=300) for a in answers] == [long, long]
-        assert ask(gateway.url) == answer
-        health: dict[str, Any] = httpx.get(f"{gateway.url}/health", timeout=5, trust_env=False).json()
-        assert "restor" in str(health), health  # the second replica: restoring or restored
+        # The buffer is real: the LP's plan (a Ray unit takes 60 s to come) is asked of Ray's autoscaler
+        # as the units in use plus the plan's idle ones, and Ray records that request.
+        deadline = time.monotonic() + 60
+        while True:
+            health: dict[str, Any] = httpx.get(f"{gateway.url}/health", timeout=5, trust_env=False).json()
+            target, requested = health["buffer"]["target"], health["units"].get("requested")
+            if target > 0 and requested == len(health["replicas"]) + target == ray_requested(cluster):
+                break
+            assert time.monotonic() < deadline, f"plan {health['buffer']}, asked of Ray {requested}"
+            time.sleep(1.0)
+        assert "lead time 60.0 s" in health["buffer"]["explanation"], health["buffer"]
+        assert ask(gateway.url) == answer  # from zero again: a restore
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            inflight = pool.submit(post_chat, gateway.url, "tell me a long story", 1500)
+            deadline = time.monotonic() + 120
+            while serving(gateway.url) < 1:  # a replica busy (not scaling down) when the gateway dies
+                assert time.monotonic() < deadline, "no replica generating: " + gateway.log_tail()
+                time.sleep(0.2)
+            health = httpx.get(f"{gateway.url}/health", timeout=5, trust_env=False).json()
+            assert "restore" in str(health), health
+            gateway.stop(signal.SIGKILL)  # killed -9: its detached actors and their engines stay
+            with contextlib.suppress(httpx.HTTPError):
+                inflight.result(timeout=120)
     finally:
-        gateway.stop(signal.SIGKILL)  # killed -9: its detached actors and their engines stay
+        gateway.stop(signal.SIGKILL)
     assert replica_namespaces(cluster.a.netns) or replica_namespaces(cluster.b.netns)
     again = Gateway(deployments, cluster, tmp_path / "gateway-2.log")  # same address: same gateway id
     try:
