@@ -87,7 +87,8 @@ def plan_buffer(
     try:
         plan = size_buffer(inp, explain=False)  # re-solved every few seconds: the gateway logs changes only
     except InfeasibleSizingError:
-        why = f"demand may outgrow the {free_units} free unit(s): hold them all"
+        lead = f"unit lead time {lead_time_s:.1f} s"
+        why = f"demand may outgrow the {free_units} free unit(s) ({lead}): hold them all"
         return BufferPlan(free_units, why, rates)
     target = min(plan.hold_total, free_units)
     lines = explain_plan(plan, inp)
