@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import os
 import re
 import resource
@@ -235,9 +236,12 @@ async def test_hung_engine_is_detected_its_requests_fail_and_it_is_replaced() ->
 
 
 @run
-async def test_a_busy_engine_that_misses_probes_keeps_its_request_until_it_is_idle() -> None:
+async def test_a_busy_engine_that_misses_probes_keeps_its_request_until_it_is_idle(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """No /health answer while the engine uses CPU for a request in flight: not a miss (its request ends
-    well); the same silence once it has nothing in flight fails it."""
+    well; said once a minute, not once a probe); the same silence once it has nothing in flight fails it."""
+    caplog.set_level(logging.INFO, logger="coldstart.lifecycle")
     async with launched(health_interval=0.1, health_timeout=0.2) as h:
         await h.ready()
         liveness = h.gateway.liveness
@@ -246,6 +250,7 @@ async def test_a_busy_engine_that_misses_probes_keeps_its_request_until_it_is_id
         h.sandbox("r1").engine.busy()
         await h.until(lambda: liveness.busy_misses >= 3, "probes missed while busy")
         assert h.states() == {"r1": ReplicaState.READY}
+        assert sum("but it is busy" in r.getMessage() for r in caplog.records) == 1
         answer = await pending
         assert answer.status_code == 200 and answer.json()["port"] == h.sandbox("r1").engine.port
         await h.until(lambda: h.states().get("r1") is not ReplicaState.READY, "r1 failed once idle")
@@ -587,7 +592,11 @@ async def test_health_shows_every_deployment_and_the_buffer_plan() -> None:
 
 
 @run
-async def test_the_launcher_out_of_descriptors_is_not_an_engine_failure() -> None:
+async def test_the_launcher_out_of_descriptors_is_not_an_engine_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Probes the launcher cannot send (EMFILE on its side) are not misses; said once a minute."""
+    caplog.set_level(logging.INFO, logger="coldstart.lifecycle")
     async with launched(health_interval=0.05, health_timeout=0.5) as h:
         await h.ready()
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -605,6 +614,7 @@ async def test_the_launcher_out_of_descriptors_is_not_an_engine_failure() -> Non
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         assert h.states() == {"r1": ReplicaState.READY}
         assert (await h.chat()).status_code == 200
+        assert sum("cannot probe replica" in r.getMessage() for r in caplog.records) == 1
 
 
 @run
