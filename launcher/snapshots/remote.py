@@ -225,6 +225,10 @@ class SnapshotTiers:
         with self._open_lock:
             self._open.add(fetcher)
         try:
+            # After close(): a pull that waited for another's lock (the pull ahead) must not start one
+            # more request that nothing will shut.
+            if self._closing.is_set():
+                raise RemoteSnapshotError(RestoreReason.FETCH, "pull cancelled (stopping)")
             yield fetcher
         finally:
             with self._open_lock:
