@@ -528,6 +528,25 @@ async def test_a_flood_for_one_model_does_not_starve_another() -> None:
 
 
 @run
+async def test_nothing_to_evict_is_a_503_with_retry_after_for_the_waiting_model() -> None:
+    """One unit, model a's replica busy with a request in flight and inside its residency: nothing can be
+    evicted, so b's request waits in b's bounded queue and gets an OpenAI-shaped 503 with Retry-After past
+    b's queue timeout; a's request is answered (an eviction never cuts it)."""
+    async with gateway_launched(
+        {"a": {}, "b": {"initial_replicas": 0, "queue_timeout": 0.5}}, min_residency=60.0
+    ) as h:
+        await h.ready()
+        busy = asyncio.create_task(h.chat("a", sleep=2.0))
+        await h.until(lambda: h.deployment("a").in_flight() == 1, "a's request in flight")
+        waited = await h.chat("b")
+        assert waited.status_code == 503, waited.text
+        assert _error(waited)["code"] == "queue_timeout" and waited.headers["retry-after"]
+        assert "b" in _error(waited)["message"] or "queue" in _error(waited)["message"]
+        assert (await busy).status_code == 200
+        assert set(h.deployment("a").replicas) == {"r1"} and not h.deployment("b").replicas
+
+
+@run
 async def test_idle_replica_of_lowest_priority_is_evicted_first() -> None:
     async with gateway_launched(
         {
