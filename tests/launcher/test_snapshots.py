@@ -86,6 +86,14 @@ def test_scale_from_zero_restores(snapshot_store: Path, tiny_model: Path, tmp_pa
         assert not any(to == "booting" for _, _, to in served.lifecycle()), "booted instead of restoring"
         assert metric(served, "coldstart_restores_total") == {"": 1.0}
         assert metric(served, "coldstart_cold_boots_total").get("", 0.0) == 0.0  # no sample until one
+        # The end-to-end clock, phase by phase: each step of this one restore observed once, in seconds (no
+        # pull: the snapshot was local).
+        counts = metric(served, "coldstart_phase_seconds_count")
+        sums = metric(served, "coldstart_phase_seconds_sum")
+        for phase in ("verify", "checkpointer_restore", "canary"):
+            assert counts.get(f'{{phase="{phase}"}}') == 1.0, counts
+            assert 0 < sums[f'{{phase="{phase}"}}'] < 120, sums
+        assert '{phase="pull"}' not in counts
     finally:
         served.stop()
 
