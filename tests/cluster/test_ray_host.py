@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -113,6 +114,23 @@ def greedy(base_url: str, prompt: str = "hello there", max_tokens: int = 8) -> s
     response = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=120, trust_env=False)
     response.raise_for_status()
     return str(response.json()["choices"][0]["message"]["content"])
+
+
+def stream_until_cut(base_url: str, started: threading.Event) -> None:
+    """Stream a long greedy answer; ``started`` is set at its first chunk. Raises ``httpx.HTTPError`` when
+    the connection is cut mid-answer; returns when the answer ends (the test then fails: nothing was cut)."""
+    body = {
+        "model": MODEL["name"],
+        "messages": [{"role": "user", "content": "tell me a long story"}],
+        "max_tokens": 2000,
+        "temperature": 0,
+        "stream": True,
+    }
+    url = f"{base_url}/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, timeout=120, trust_env=False) as response:
+        response.raise_for_status()
+        for _ in response.iter_lines():
+            started.set()
 
 
 def wait_for(predicate: Any, timeout: float, loop: asyncio.AbstractEventLoop, what: str) -> None:
@@ -276,8 +294,11 @@ def test_node_b_killed_its_replica_fails_and_the_next_goes_to_a(
     import concurrent.futures
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        inflight = pool.submit(greedy, r2.sandbox.base_url, "tell me a long story", 2000)
-        time.sleep(1.0)  # generating (thousands of tokens: seconds on the tiny model)
+        # Killed at its first streamed chunk (a few hundred tokens follow: seconds on the tiny model); a
+        # fixed sleep let the whole answer finish first on a fast run.
+        generating = threading.Event()
+        inflight = pool.submit(stream_until_cut, r2.sandbox.base_url, generating)
+        assert generating.wait(120), "the long answer never started"
         t0 = time.monotonic()
         cluster.kill_node(cluster.b)
         with pytest.raises(httpx.HTTPError):
