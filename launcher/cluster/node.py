@@ -27,6 +27,7 @@ from coldstart.launcher.atomic import write_text_atomic
 from coldstart.launcher.errors import UsageError
 
 CONFIG_ENV = "COLDSTART_NODE_CONFIG"
+CONFIG_NAME = "coldstart-node.json"  # beside Ray's temp dir of the node
 SLOT = "coldstart_slot"  # the Ray custom resource a CPU unit is
 NAMESPACE = "coldstart"  # the Ray namespace of every replica actor
 
@@ -122,4 +123,4 @@ class NodeStart:
 
     @property
     def config_path(self) -> Path:
-        return self.temp_dir / "coldstart-node.json"
+        return self.temp_dir / CONFIG_NAME

@@ -62,6 +62,7 @@ log = logging.getLogger("coldstart.cluster")
 
 STOP_TIMEOUT_S = 60.0  # an actor's own stop (SIGTERM, grace, SIGKILL) beyond which it is killed anyway
 NODES_TTL_S = 2.0  # ray.nodes() is a GCS call: capacity() reuses it this long
+RELAY_PROBE_PORT = 9  # any port: a UDP connect only asks the kernel which source address it would use
 CPU_QUERY_S = 5.0  # the engine's CPU time from its node (liveness); slower than this: not known
 # (2 s was too short on a loaded 2-core node: the busy replica's probe was counted and the replica lost)
 CONNECT_ATTEMPTS = 3
@@ -237,7 +238,7 @@ class RayHost:
                 f"deployment {deployment.name} has no ServeConfig: a cluster node rebuilds from it"
             )
         t0 = time.monotonic()
-        actor = self._actor_cls.options(**options).remote(config, replica.id, self.allowed)
+        actor = self._actor_cls.options(**options).remote(config, replica.id, self.peers())
         try:
             try:
                 await asyncio.wait_for(_awaitable(actor.ping.remote()), config.boot_timeout)
@@ -340,6 +341,15 @@ class RayHost:
         fn = ray.remote(_request_resources).options(num_cpus=0)
         with contextlib.suppress(Exception):
             self.requested_units = await asyncio.wait_for(_awaitable(fn.remote(bundles)), 30.0)
+
+    def peers(self) -> tuple[str, ...]:
+        """The addresses a node's relay lets in: this gateway's source address toward the head and toward
+        every alive node (they differ where Ray advertises a node by another interface than the one the
+        gateway reached the head on, e.g. a one-machine cluster reached at 127.0.0.1)."""
+        found = set(self.allowed)
+        for node in self.alive_nodes():
+            found.update(_own_addresses(f"{node.get('NodeManagerAddress', '')}:{RELAY_PROBE_PORT}"))
+        return tuple(sorted(found))
 
     # ---------------------------------------------------------------- nodes, orphans, snapshots
     def alive_nodes(self) -> list[dict[str, Any]]:

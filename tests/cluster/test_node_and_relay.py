@@ -119,3 +119,42 @@ def test_choose_node_takes_a_free_unit_holders_first() -> None:
     assert choose_node({"a": 2, "b": 2}, ["a"], set()) == "b"  # the least loaded
     assert choose_node({"a": 2, "b": 1}, [], {"b"}) == "b"
     assert choose_node({"a": 0, "b": 1}, [], set()) == "b"  # a declares no unit
+
+
+def test_node_stop_finds_what_inherited_the_nodes_environment(tmp_path: Path) -> None:
+    """The head's Ray Client servers name neither the node's temp dir nor a parent of ours (they were left
+    running by ``coldstart node stop`` on a one-machine cluster): a process that inherited ``coldstart node
+    start``'s ``COLDSTART_NODE_CONFIG`` for this node is found; one of another node is not."""
+    from coldstart.launcher.cli.node import node_processes
+    from coldstart.launcher.cluster.node import CONFIG_NAME
+
+    ours, theirs = tmp_path / "ray-a", tmp_path / "ray-b"
+    procs = [
+        subprocess.Popen(["sleep", "60"], env={CONFIG_ENV: str(temp / CONFIG_NAME)})
+        for temp in (ours, theirs)
+    ]
+    try:
+        found = node_processes(ours)
+        assert procs[0].pid in found and procs[1].pid not in found
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def test_relays_let_in_the_gateways_address_toward_every_node() -> None:
+    """A one-machine cluster reached at 127.0.0.1 whose node Ray advertises by its eth0 address: the
+    gateway's connections to that node's relay come from the eth0 address, which must be let in."""
+    from coldstart.launcher.cluster.ray_host import RayHost, _own_addresses
+
+    out = subprocess.run(
+        ["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True
+    )
+    addresses = [line.split()[3].split("/")[0] for line in out.stdout.splitlines()]
+    if not addresses:
+        pytest.skip("no global IPv4 address on this machine")
+    host = object.__new__(RayHost)
+    host.allowed = _own_addresses("ray://127.0.0.1:10001")
+    host.alive_nodes = lambda: [{"NodeManagerAddress": addresses[0]}]  # type: ignore[method-assign]
+    assert host.allowed == ("127.0.0.1",)
+    assert set(host.peers()) == {"127.0.0.1", addresses[0]}
