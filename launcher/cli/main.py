@@ -28,6 +28,7 @@ def _usage() -> str:
     lines = ["usage: coldstart COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     lines += ["", "Serve a model with: coldstart-serve ENGINE MODEL [options] [-- engine args]"]
+    lines += ["Many models, one endpoint: coldstart-serve --config FILE.toml [--cluster ray://HEAD:10001]"]
     lines += ["Run 'coldstart COMMAND --help' for a command's options."]
     return "\n".join(lines)
 
