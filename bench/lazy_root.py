@@ -283,6 +283,77 @@ def vllm_env_image(venv: Path | None = None) -> Path:
     return index
 
 
+def make_vllm_rootfs(dest: Path, model: Path) -> Path:
+    """A root filesystem for the real vLLM under gVisor, nothing of the host's ``/`` needed: the set-up's vLLM
+    venv and the CPython it links to (stdlib, no tests), each at its own path (hard links: same disk), the
+    launcher's vLLM entry, worker extension and ``snapshot_hooks`` at theirs (the adapter names them by host
+    path), the shared libraries all of it loads (ldd), ``cat``, and ``model`` at ``/models/tiny``."""
+    from coldstart.engine_adapters.discovery import engines_root
+
+    venv = engines_root() / "vllm"
+    exe = Path(os.path.realpath(venv / "bin" / "python3"))
+    prefix = exe.parent.parent
+    dest.mkdir(parents=True)
+    for link, target in (
+        ("bin", "usr/bin"),
+        ("lib", "usr/lib"),
+        ("lib64", "usr/lib64"),
+        ("sbin", "usr/sbin"),
+    ):
+        (dest / target).mkdir(parents=True, exist_ok=True)
+        os.symlink(target, dest / link)  # merged /usr, as Debian 12
+    skip = shutil.ignore_patterns("test", "tests", "__pycache__", "idlelib", "tkinter", "turtledemo")
+
+    def linked(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(prefix, dest / str(prefix).lstrip("/"), symlinks=True, ignore=skip, copy_function=linked)
+    shutil.copytree(venv, dest / str(venv).lstrip("/"), symlinks=True, copy_function=linked)
+    for folder in ("engine_adapters", "snapshot_hooks"):
+        shutil.copytree(REPO / folder, dest / str(REPO / folder).lstrip("/"), ignore=skip)
+    _copy_host_file("/usr/bin/cat", dest)
+    objects = [exe, Path("/usr/bin/cat")]
+    objects += [p for p in venv.rglob("*.so*") if p.is_file() and not p.is_symlink()]
+    objects += list((prefix / "lib").rglob("*.so"))
+    for lib in sorted(_libraries(objects)):
+        if not lib.startswith((str(venv), str(prefix))):
+            _copy_host_file(lib, dest)
+    shutil.copytree(model, dest / "models" / "tiny")
+    (dest / "etc").mkdir()
+    (dest / "etc" / "passwd").write_text(
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n"
+    )
+    (dest / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
+    (dest / "etc" / "hosts").write_text("127.0.0.1 localhost\n")
+    for d in ("root", "tmp", "proc", "dev", "sys"):
+        (dest / d).mkdir(exist_ok=True)
+    (dest / "tmp").chmod(0o1777)
+    return dest
+
+
+def vllm_root_image(model: Path) -> Path:
+    """``make_vllm_rootfs`` built once into .cache/imagefs/vllm-root-KEY: its index (origin store beside)."""
+    from coldstart.engine_adapters.discovery import engines_root
+    from coldstart.imagefs.build import build
+
+    site = next((engines_root() / "vllm" / "lib").glob("python3*/site-packages"))
+    stamp = f"{site.stat().st_mtime_ns}{model}{sys.version}{ENGINE}"
+    key = hashlib.sha256(stamp.encode()).hexdigest()[:12]
+    base = CACHE / f"vllm-root-{key}"
+    index = base / "store" / "images" / "vllm-root.cidx"
+    if (base / ".complete").exists() and index.exists():
+        return index
+    shutil.rmtree(base, ignore_errors=True)
+    make_vllm_rootfs(base / "src", model)
+    build(base / "src", base / "store", index)
+    shutil.rmtree(base / "src")  # the store holds it
+    (base / ".complete").write_text("ok\n")
+    return index
+
+
 def engine_spec(root_prefix: str) -> object:
     """The engine's LaunchSpec as the ``custom`` adapter would make it, with paths under ``root_prefix``
     (the host path of the root: the checkpointer rewrites them to their place in the container)."""

@@ -9,10 +9,12 @@ HEALTH_FAILURES x (interval + timeout) (10 s by default), its engine killed (whi
 requests with an error), and demand starts a replacement.
 
 A busy engine is not a hung one: a failed probe while the replica has requests in flight and its engine's
-processes used CPU since the previous probe (``EngineHandle.cpu_seconds``, at least ``BUSY_CPU_S``) is not
-counted. ``transformers serve`` on a loaded CPU host answered no /health for seconds while it generated and
-lost its replica, and the request with it; a stopped or deadlocked engine uses no CPU and is still failed.
-An engine whose CPU time is not known here (gVisor) is probed as before.
+processes used CPU while that probe waited (``EngineHandle.cpu_seconds`` read before and after it, at
+least ``BUSY_CPU_S``) is not counted. Measured around the probe, not since the previous one: an engine
+stopped just after a busy stretch must not be excused for that stretch. ``transformers serve`` on a loaded
+CPU host answered no /health for seconds while it generated and lost its replica, and the request with it;
+a stopped or deadlocked engine uses no CPU and is still failed. An engine whose CPU time is not known
+here (gVisor) is probed as before.
 
 A probe that fails on *our* side (the launcher out of file descriptors: EMFILE/ENFILE) says nothing about the
 engine and is not counted (``process.is_local_exhaustion``); it is logged at most once a minute.
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("coldstart.lifecycle")
 
 HEALTH_FAILURES = 2  # consecutive failed liveness probes that fail a replica
-BUSY_CPU_S = 0.05  # CPU seconds an engine used between two probes to count as busy, not hung
+BUSY_CPU_S = 0.05  # CPU seconds an engine used during a probe it missed to count as busy, not hung
 _LOG_EVERY_S = 60.0
 
 
@@ -87,22 +89,23 @@ class Liveness:
         policy = deployment.policy
         failures = 0
         try:
-            cpu = await self._cpu(replica)  # the engine's CPU seconds at the previous probe (first: start)
             while watched():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(poke.wait(), policy.health_interval)
                 poke.clear()
                 if not watched():
                     return
+                # The engine's CPU time around the probe: did it work while it did not answer?
+                before = await self._cpu(replica)
                 try:
                     why = await self.probe(deployment, replica)
                 except _LocalProbeError as exc:
                     self._log_local(replica, exc)
                     continue
-                before, cpu = cpu, await self._cpu(replica)
                 if why is None:
                     failures = 0
                     continue
+                cpu = await self._cpu(replica)
                 sandbox = replica.sandbox
                 exited = sandbox is not None and sandbox.exit_code() is not None
                 if not watched():
@@ -154,9 +157,10 @@ class Liveness:
 
     @staticmethod
     async def _cpu(replica: Replica) -> float | None:
-        """The engine's CPU seconds so far (None: not known). Read at every probe, idle or not, so that the
-        first probe an engine misses once a request arrived compares with the one before it; only a replica
-        with requests in flight is excused (an idle engine that does not answer is not)."""
+        """The engine's CPU seconds so far (None: not known). Read before and after each probe: an engine
+        that used CPU during the probe it missed is busy, one stopped or deadlocked since (however busy
+        before) is not; only a replica with requests in flight is excused (an idle one that does not answer
+        is not)."""
         sandbox = replica.sandbox
         return None if sandbox is None else await sandbox.cpu_seconds()
 
