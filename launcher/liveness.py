@@ -116,10 +116,14 @@ class Liveness:
                     continue
                 failures += 1
                 if exited or failures >= HEALTH_FAILURES:
+                    # What the busy rule saw, so that a busy engine failed anyway can be told from a hung one.
+                    seen = "unknown" if cpu is None or before is None else f"{used:.2f} s"
                     log.warning(
-                        "replica %s is not alive: %s",
+                        "replica %s is not alive: %s (%d in flight; engine CPU during the last probe: %s)",
                         replica.id,
                         why,
+                        replica.in_flight,
+                        seen,
                         extra={"event": "replica_dead", "replica": replica.id, "model": replica.deployment},
                     )
                     self.on_dead(
