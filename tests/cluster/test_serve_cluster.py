@@ -117,7 +117,7 @@ idle_timeout = 0
 boot_timeout = 300
 # transformers serve answers no /health while it generates; on this 2-core host under two Ray nodes the
 # engine's CPU reading (through its actor) was sometimes not had in time, and a busy replica was failed
-# 4 s after it became ready (two fresh-clone runs): probes every 5 s leave it 14 s of silence.
+# 4 s after it became ready (twice this session): probes every 5 s leave it 14 s of silence.
 health_interval = 5
 """
     )
