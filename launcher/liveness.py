@@ -95,8 +95,9 @@ class Liveness:
                 poke.clear()
                 if not watched():
                     return
-                # The engine's CPU time around the probe: did it work while it did not answer?
-                before = await self._cpu(replica)
+                # The engine's CPU time around the probe: did it work while it did not answer? Read only
+                # while requests are in flight (only then is a miss excused): an idle probe costs no query.
+                before = await self._cpu(replica) if replica.in_flight > 0 else None
                 try:
                     why = await self.probe(deployment, replica)
                 except _LocalProbeError as exc:
@@ -105,7 +106,7 @@ class Liveness:
                 if why is None:
                     failures = 0
                     continue
-                cpu = await self._cpu(replica)
+                cpu = await self._cpu(replica) if before is not None else None
                 sandbox = replica.sandbox
                 exited = sandbox is not None and sandbox.exit_code() is not None
                 if not watched():
@@ -161,10 +162,9 @@ class Liveness:
 
     @staticmethod
     async def _cpu(replica: Replica) -> float | None:
-        """The engine's CPU seconds so far (None: not known). Read before and after each probe: an engine
-        that used CPU during the probe it missed is busy, one stopped or deadlocked since (however busy
-        before) is not; only a replica with requests in flight is excused (an idle one that does not answer
-        is not)."""
+        """The engine's CPU seconds so far (None: not known). Read before and after a probe sent while
+        requests are in flight: an engine that used CPU during the probe it missed is busy, one stopped or
+        deadlocked since (however busy before) is not."""
         sandbox = replica.sandbox
         return None if sandbox is None else await sandbox.cpu_seconds()
 
