@@ -27,6 +27,7 @@ class _Drip(socketserver.StreamRequestHandler):
             for _ in range(100000):
                 self.wfile.write(b"x")
                 self.wfile.flush()
+                self.server.sent += 1  # type: ignore[attr-defined]
                 time.sleep(0.2)
         except OSError:
             pass  # the launcher hung up
@@ -36,7 +37,7 @@ class _Drip(socketserver.StreamRequestHandler):
 def dripping() -> Iterator[socketserver.ThreadingTCPServer]:
     server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Drip)
     server.daemon_threads = True
-    server.requests = 0  # type: ignore[attr-defined]
+    server.requests = server.sent = 0  # type: ignore[attr-defined]
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield server
@@ -57,7 +58,7 @@ def test_sigterm_stops_a_launcher_stuck_pulling_from_a_dripping_tier(
     )
     try:
         until(lambda: dripping.requests > 0, "the launcher asking the dripping tier", timeout=120)  # type: ignore[attr-defined]
-        time.sleep(1.0)  # a few bytes in: the pull is under way
+        until(lambda: dripping.sent >= 3, "a few bytes of the ref sent: the pull is under way")  # type: ignore[attr-defined]
         started = time.monotonic()
         served.proc.send_signal(signal.SIGTERM)
         code = served.proc.wait(30)
