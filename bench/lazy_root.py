@@ -47,6 +47,14 @@ engine probe, boot or restore, canary included), and what the mount fetched:
     local venv, restore (+ a later one)  the same with the venv on local disk (baseline)
 
     .venv/bin/python bench/lazy_root.py --engine vllm [--repeat 1] [--tier dir|http]
+
+``--engine vllm-runsc``: the same container rows as the stdlib engine's, for the real vLLM (lean CPU
+configuration, tiny model) under runsc, its root ``bench/vllm_rootfs.py``'s Debian image (CPython, the vLLM
+venv, the model; 3.1 GB): the first boot on a copied root and the first on a lazy root (empty cache, its read
+order recorded) are the first rows, then per --repeat a lazy boot with that profile prefetched, a restore on
+the copied root and a restore on a lazy root with an empty cache (each boot takes minutes under gVisor).
+
+    .venv/bin/python bench/lazy_root.py --engine vllm-runsc [--repeat 1]
 """
 
 from __future__ import annotations
@@ -70,6 +78,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
+VLLM_VENV = "/opt/coldstart/engines/vllm"  # where bench/vllm_rootfs.py puts the venv (the set-up's path)
 CACHE = Path(os.environ.get("COLDSTART_TEST_CACHE", REPO / ".cache")) / "imagefs"
 WEIGHTS_MIB = 32
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -369,8 +378,18 @@ class Row:
 
 
 class Bench:
-    def __init__(self, index: Path, work: Path, platform: str, tier: str) -> None:
+    def __init__(
+        self,
+        index: Path,
+        work: Path,
+        platform: str,
+        tier: str,
+        spec_for: Callable[[str], object] | None = None,
+        healthy_in_s: float = 120.0,
+    ) -> None:
         self.index, self.work, self.platform, self.tier = index, work, platform, tier
+        self.spec_for = spec_for or engine_spec  # the engine's LaunchSpec for a root's host path
+        self.healthy_in_s = healthy_in_s
         self.rows: dict[str, Row] = {}
         self.second: list[float] = []
         self.n = 0
@@ -397,8 +416,8 @@ class Bench:
         sandbox: Any = checkpointer.new_sandbox(self.fresh("run"), f"bench{self.n}")
         started = time.monotonic()
         try:
-            await sandbox.start(engine_spec(str(root)))
-            await wait_healthy(sandbox)
+            await sandbox.start(self.spec_for(str(root)))
+            await wait_healthy(sandbox, self.healthy_in_s)
             took = time.monotonic() - started
             if keep is not None:
                 keep.mkdir()
@@ -421,7 +440,7 @@ class Bench:
         started = time.monotonic()
         sandbox: Any = await checkpointer.restore(image, self.fresh("restore"), f"bench{self.n}")
         try:
-            await wait_healthy(sandbox)
+            await wait_healthy(sandbox, self.healthy_in_s)
             return time.monotonic() - started
         finally:
             await sandbox.stop(2.0)
@@ -472,8 +491,31 @@ class Bench:
         return total, fetched, dest
 
 
+def vllm_root_spec(root: str) -> object:
+    """vLLM's LaunchSpec (lean CPU configuration, the tiny model) with its venv and model under ``root``,
+    the host path of ``bench/vllm_rootfs.py``'s root filesystem."""
+    from coldstart.engine_adapters.base import EngineConfig
+    from coldstart.engine_adapters.registry import get_adapter
+    from coldstart.engine_adapters.vllm import LEAN_CPU_ARGS, LEAN_CPU_ENV
+
+    adapter = get_adapter("vllm", engine_python=f"{root}{VLLM_VENV}/bin/python")
+    config = EngineConfig(model=f"{root}/models/tiny", engine_args=LEAN_CPU_ARGS, host="0.0.0.0", port=8000)
+    spec: Any = adapter.launch_spec(config)
+    spec.env.update(LEAN_CPU_ENV)
+    return spec
+
+
 async def _main(args: argparse.Namespace) -> None:
-    _src, index = root_image()
+    quick = args.engine == "vllm-runsc"  # a vLLM boot under gVisor takes minutes: the rows that matter
+    if quick:
+        from coldstart.launcher.tiny_model import make_model
+
+        sys.path.insert(0, str(REPO / "bench"))
+        from vllm_rootfs import vllm_root_image
+
+        index = vllm_root_image([make_model(CACHE.parent / "models" / "tiny", "tiny")])
+    else:
+        _src, index = root_image()
     work = Path(tempfile.mkdtemp(prefix="lazy-root-", dir="/var/tmp"))
     store = index.parent.parent
     server = None
@@ -482,21 +524,36 @@ async def _main(args: argparse.Namespace) -> None:
         tier = server.url
     else:
         tier = str(store)
-    bench = Bench(index, work, args.platform, tier)
+    if quick:
+        bench = Bench(index, work, args.platform, tier, vllm_root_spec, healthy_in_s=1200.0)
+    else:
+        bench = Bench(index, work, args.platform, tier)
     copies: list[float] = []
     try:
         copy_s, copy_bytes, copied = await bench.copy_through_tiers()
         copies.append(copy_s)
         image_bytes = sum(f.stat().st_size for f in copied.rglob("*") if f.is_file() and not f.is_symlink())
         copied_ckpt, lazy_ckpt = bench.fresh("ckpt"), bench.fresh("ckpt")
-        await bench.run(copied, keep=copied_ckpt)
+        took = await bench.run(copied, keep=copied_ckpt)
         # A checkpoint taken on a lazy root, restored below on other mount points of the same image; this
         # boot's read order is the profile the launcher would record (written at unmount).
         profile = work / "boot.profile"
-        await bench.lazy(
+        lazy_first = await bench.lazy(
             bench.fresh("cache"), lambda m: bench.run(m, keep=lazy_ckpt), profile=profile, record=True
         )
-        for _ in range(args.repeat):  # rows take turns, so load from others hits them alike
+        if quick:  # those two boots are the first rows; then one of each other row that matters
+            bench.record("copied root, run", took)
+            bench.record("lazy root, run, cold cache", *lazy_first)
+            for _ in range(args.repeat):
+                bench.record(
+                    "lazy root, run, cold cache, boot profile prefetched",
+                    *await bench.lazy(bench.fresh("cache"), bench.run, profile=profile),
+                )
+                bench.record("copied root, restore", await bench.restore(copied, copied_ckpt))
+                restore = functools.partial(bench.restore, image=lazy_ckpt)
+                lazy_restore = await bench.lazy(bench.fresh("cache"), restore)
+                bench.record("lazy root, restore, cold cache", *lazy_restore)
+        for _ in range(0 if quick else args.repeat):  # rows take turns, so load from others hits them alike
             bench.record("copied root, run", await bench.run(copied))
             cache = bench.fresh("cache")
             bench.record("lazy root, run, cold cache", *await bench.lazy(cache, bench.run_twice))
@@ -754,8 +811,9 @@ def main() -> None:
     parser.add_argument(
         "--engine",
         default="stdlib",
-        choices=("stdlib", "vllm"),
-        help="stdlib: the runsc root image rows; vllm: the real vLLM from an image of its venv (CRIU)",
+        choices=("stdlib", "vllm", "vllm-runsc"),
+        help="stdlib: the runsc root image rows; vllm: the real vLLM from an image of its venv (CRIU); "
+        "vllm-runsc: the real vLLM under runsc with bench/vllm_rootfs.py's Debian image as its root",
     )
     args = parser.parse_args()
     if args.engine == "vllm":

@@ -33,6 +33,10 @@ class LaunchSpec:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     cwd: str | None = None
+    # Folders of coldstart's own that the engine reads (an entry script, a worker extension). With an image
+    # as the gVisor container's root they are mounted there read-only at the same path: the image holds the
+    # engine's environment, not the launcher's files.
+    launcher_dirs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

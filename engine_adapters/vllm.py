@@ -198,7 +198,9 @@ class VllmAdapter(OwnEnvironmentAdapter):
                 filter(None, [str(EXTENSION_DIR), os.environ.get("PYTHONPATH")])
             )
             env.update(FILE_BACK_ENV)
-        return LaunchSpec(argv=[*argv, *config.engine_args], env=env)
+        # The extension loads snapshot_hooks/file_backed.py by its path (see coldstart_vllm_ext.py).
+        ours = (str(ENTRY.parent), str(ENTRY.parent.parent / "snapshot_hooks"))
+        return LaunchSpec(argv=[*argv, *config.engine_args], env=env, launcher_dirs=ours)
 
     def boot_warnings(self, config: EngineConfig) -> list[str]:
         """vLLM's CPU build with no KV-cache bound wants ``--gpu-memory-utilization`` (0.92) of the host's

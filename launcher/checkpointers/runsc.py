@@ -65,6 +65,7 @@ from coldstart.launcher.errors import (
     RestoreFailed,
     RestoreReason,
     SnapshotError,
+    UsageError,
 )
 from coldstart.launcher.process import OutputTail
 from coldstart.launcher.sandboxes.base import NetnsSandbox, Sandbox
@@ -83,6 +84,7 @@ def _container_id(replica_id: str) -> str:
     return f"cs-{os.getpid()}-{safe}-{secrets.token_hex(3)}"
 
 
+LAUNCHER_DIRS_IN_ROOT = "/coldstart"
 IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -95,13 +97,46 @@ def in_root(value: str, root: Path) -> str:
     return value.replace(where + "/", "/")
 
 
+def launcher_dirs_in(root: Path, spec: LaunchSpec) -> dict[str, str]:
+    """Where coldstart's own folders (``spec.launcher_dirs``) are mounted in an image root:
+    ``/coldstart/NAME``. runsc's gofer cannot make a mount point in the read-only image, so the image holds
+    these empty folders (``bench/vllm_rootfs.py`` makes them); a clear error names the ones it lacks."""
+    ours = {d: f"{LAUNCHER_DIRS_IN_ROOT}/{Path(d).name}" for d in spec.launcher_dirs}
+    missing = [inside for inside in ours.values() if not (root / inside.lstrip("/")).is_dir()]
+    if missing:
+        raise UsageError(
+            f"the image mounted at {root} is a root filesystem without the empty folder(s) "
+            f"{', '.join(missing)} where the launcher mounts its own files for the engine: add them to the "
+            "image and rebuild it"
+        )
+    return ours
+
+
+def _inside(value: str, root: Path, ours: dict[str, str]) -> str:
+    """``value`` as seen in the container: under the image root (``in_root``) or in coldstart's folders."""
+    for host, inside in ours.items():
+        value = value.replace(host.rstrip("/") + "/", inside + "/")
+        value = inside if value == host else value
+    return in_root(value, root)
+
+
 def oci_spec(spec: LaunchSpec, netns_path: str, root: Path | None = None) -> dict[str, Any]:
+    binds: list[dict[str, Any]] = []
     if root is None:  # the host's files: its environment makes sense inside
         env = {**os.environ, **spec.env}
         argv, cwd = list(spec.argv), spec.cwd or "/"
     else:  # the image's files only: host variables (venvs, PATH entries) would point at nothing
-        env = {"PATH": IMAGE_PATH, "LANG": "C.UTF-8", **{k: in_root(v, root) for k, v in spec.env.items()}}
-        argv, cwd = [in_root(a, root) for a in spec.argv], in_root(spec.cwd or str(root), root)
+        ours = launcher_dirs_in(root, spec)
+        env = {
+            "PATH": IMAGE_PATH,
+            "LANG": "C.UTF-8",
+            **{k: _inside(v, root, ours) for k, v in spec.env.items()},
+        }
+        argv, cwd = [_inside(a, root, ours) for a in spec.argv], in_root(spec.cwd or str(root), root)
+        binds = [
+            {"destination": d, "type": "bind", "source": h, "options": ["rbind", "ro"]}
+            for h, d in ours.items()
+        ]
     env.setdefault("HOME", "/root")
     return {
         "ociVersion": "1.0.0",
@@ -125,6 +160,7 @@ def oci_spec(spec: LaunchSpec, netns_path: str, root: Path | None = None) -> dic
                 "source": "sysfs",
                 "options": ["nosuid", "noexec", "nodev", "ro"],
             },
+            *binds,
         ],
         "linux": {
             "namespaces": [

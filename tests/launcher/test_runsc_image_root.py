@@ -23,7 +23,7 @@ from support import REPO, Served
 
 from coldstart.engine_adapters.base import LaunchSpec
 from coldstart.launcher.checkpointers.runsc import SIDECAR, RunscCheckpointer, in_root, oci_spec
-from coldstart.launcher.errors import RestoreFailed, RestoreReason
+from coldstart.launcher.errors import RestoreFailed, RestoreReason, UsageError
 
 
 def lazy_root() -> ModuleType:
@@ -51,6 +51,37 @@ def test_paths_under_the_image_mount_are_rewritten_to_the_container_root() -> No
     assert in_root("/run/c/img", root) == "/"
     host = oci_spec(spec, "/run/netns/x")  # no image root: the host's / as before
     assert host["root"]["path"] == "/" and host["process"]["args"] == spec.argv
+
+
+def test_the_launchers_own_folders_are_mounted_read_only_on_the_images_mount_points(tmp_path: Path) -> None:
+    spec = LaunchSpec(
+        argv=[f"{tmp_path}/venv/bin/python", "/srv/cs/engine_adapters/vllm_entry.py", "serve"],
+        env={"PYTHONPATH": "/srv/cs/engine_adapters/vllm_ext:/elsewhere"},
+        launcher_dirs=("/srv/cs/engine_adapters", "/srv/cs/snapshot_hooks"),
+    )
+    with pytest.raises(
+        UsageError,
+        match=r"without the empty folder\(s\) /coldstart/engine_adapters, /coldstart/snapshot_hooks",
+    ):
+        oci_spec(spec, "/run/netns/x", tmp_path)
+    for name in ("engine_adapters", "snapshot_hooks"):
+        (tmp_path / "coldstart" / name).mkdir(parents=True)
+    config = oci_spec(spec, "/run/netns/x", tmp_path)
+    binds = [m for m in config["mounts"] if m["type"] == "bind"]
+    assert binds == [
+        {
+            "destination": f"/coldstart/{name}",
+            "type": "bind",
+            "source": f"/srv/cs/{name}",
+            "options": ["rbind", "ro"],
+        }
+        for name in ("engine_adapters", "snapshot_hooks")
+    ]
+    assert config["process"]["args"][:2] == ["/venv/bin/python", "/coldstart/engine_adapters/vllm_entry.py"]
+    env = dict(e.split("=", 1) for e in config["process"]["env"])
+    assert env["PYTHONPATH"] == "/coldstart/engine_adapters/vllm_ext:/elsewhere"
+    host = oci_spec(spec, "/run/netns/x")  # the host's root has them where they are
+    assert not [m for m in host["mounts"] if m["type"] == "bind"] and host["process"]["args"] == spec.argv
 
 
 def _runsc_or_skip() -> RunscCheckpointer:
