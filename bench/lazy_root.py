@@ -77,6 +77,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "bench") not in sys.path:  # its sibling modules, also when a test loads this file by path
+    sys.path.append(str(REPO / "bench"))
+from vllm_rootfs import shared_libraries, vllm_root_image  # noqa: E402
 
 VLLM_VENV = "/opt/coldstart/engines/vllm"  # where bench/vllm_rootfs.py puts the venv (the set-up's path)
 CACHE = Path(os.environ.get("COLDSTART_TEST_CACHE", REPO / ".cache")) / "imagefs"
@@ -183,24 +186,6 @@ def _copy_host_file(path: str, root: Path) -> None:
         os.symlink(real, alias)
 
 
-def _libraries(files: list[Path]) -> set[str]:
-    """Shared libraries (and the loader) that ``files`` load, from ldd."""
-    libs: set[str] = set()
-    for f in files:
-        out = subprocess.run(["ldd", str(f)], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            parts = line.split()
-            if (
-                "=>" in parts
-                and len(parts) > parts.index("=>") + 1
-                and parts[parts.index("=>") + 1][0] == "/"
-            ):
-                libs.add(parts[parts.index("=>") + 1])
-            elif parts and parts[0].startswith("/"):
-                libs.add(parts[0])
-    return libs
-
-
 def make_rootfs(dest: Path) -> Path:
     """A minimal root filesystem that runs ``/srv/engine.py`` with this host's CPython (see the docstring)."""
     exe = Path(os.path.realpath(getattr(sys, "_base_executable", sys.executable)))
@@ -220,7 +205,7 @@ def make_rootfs(dest: Path) -> Path:
     skip = shutil.ignore_patterns("config-*", *_SKIP_STDLIB)
     shutil.copytree(stdlib, dest / str(stdlib).lstrip("/"), symlinks=True, ignore=skip)
     extensions = sorted((stdlib / "lib-dynload").glob("*.so"))
-    for lib in sorted(_libraries([exe, Path("/usr/bin/cat"), *extensions])):
+    for lib in sorted(shared_libraries([exe, Path("/usr/bin/cat"), *extensions])):
         _copy_host_file(lib, dest)
     os.symlink(exe, dest / "usr" / "bin" / "python3")
     hooks = dest / str(stdlib).lstrip("/") / "site-packages" / "coldstart"
@@ -510,9 +495,6 @@ async def _main(args: argparse.Namespace) -> None:
     if quick:
         from coldstart.launcher.tiny_model import make_model
 
-        sys.path.insert(0, str(REPO / "bench"))
-        from vllm_rootfs import vllm_root_image
-
         index = vllm_root_image([make_model(CACHE.parent / "models" / "tiny", "tiny")])
     else:
         _src, index = root_image()
@@ -609,7 +591,7 @@ class VllmRows:
     """The ``--engine vllm`` rows: each a ``coldstart-serve`` launched, one streamed request sent at once."""
 
     def __init__(self, index: Path, tier: str, work: Path) -> None:
-        import gateway_clock  # bench/ is on sys.path when this file runs as a script
+        import gateway_clock
 
         from coldstart.engine_adapters.discovery import engines_root
         from coldstart.engine_adapters.vllm import LEAN_CPU_ARGS, LEAN_CPU_ENV

@@ -84,8 +84,8 @@ def _copy_tree(src: Path, dest: Path, ignore: object = None) -> None:
     shutil.copytree(src, dest, symlinks=True, ignore=ignore, copy_function=copy)  # type: ignore[arg-type]
 
 
-def _libraries(files: list[Path]) -> set[str]:
-    """Absolute paths of the shared libraries ``files`` load (ldd)."""
+def shared_libraries(files: list[Path]) -> set[str]:
+    """Absolute paths of the shared libraries (and the loader) ``files`` load, from ldd."""
     libs: set[str] = set()
     for f in files:
         out = subprocess.run(["ldd", str(f)], capture_output=True, text=True).stdout
@@ -134,7 +134,7 @@ def _add_python(root: Path, venv: Path) -> None:
     site = next((venv / "lib").glob("python3*/site-packages"))
     natives = [exe, *(prefix / "lib" / version / "lib-dynload").glob("*.so")]
     natives += [*(site / "torch" / "lib").glob("*.so*"), *(site / "vllm").glob("*.so")]
-    for found in sorted(_libraries(natives)):
+    for found in sorted(shared_libraries(natives)):
         if not found.startswith((str(prefix), str(venv))):
             _add_host_file(found, root)
 

@@ -175,6 +175,18 @@ def needs_vllm() -> pytest.MarkDecorator:
     return pytest.mark.skipif(missing is not None, reason=f"no vLLM environment: {missing}")
 
 
+def needs_runsc() -> pytest.MarkDecorator:
+    """Skip (with the probe's reason) where runsc does not work here."""
+    from coldstart.launcher.checkpointers.runsc import RunscCheckpointer
+    from coldstart.launcher.errors import CheckpointerUnavailable
+
+    try:
+        RunscCheckpointer().probe()
+    except CheckpointerUnavailable as exc:
+        return pytest.mark.skip(reason=f"runsc unavailable here: {exc}")
+    return pytest.mark.skipif(False, reason="runsc works here")
+
+
 def vllm_module_marks() -> list[pytest.MarkDecorator]:
     """``pytestmark`` of a module that boots the real vLLM: ``vllm``, ``slow``, and ``needs_vllm``."""
     return [pytest.mark.vllm, pytest.mark.slow, needs_vllm()]

@@ -18,28 +18,17 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from support import Served, make_cached_model, ready_lines, vllm_greedy_ids, vllm_module_marks
+from support import Served, make_cached_model, needs_runsc, ready_lines, vllm_greedy_ids, vllm_module_marks
 
 from coldstart.engine_adapters.vllm import LEAN_CPU_ARGS, LEAN_CPU_ENV
-from coldstart.launcher.checkpointers.runsc import RunscCheckpointer
-from coldstart.launcher.errors import CheckpointerUnavailable
 
 MODEL = "tiny-vllm-runsc"
 PROMPT = [{"role": "user", "content": "Name a colour."}]
 
 
-def _runsc_missing() -> str | None:
-    try:
-        RunscCheckpointer().probe()
-    except CheckpointerUnavailable as exc:
-        return str(exc)
-    return None
-
-
-_missing = _runsc_missing()
 pytestmark = [
     *vllm_module_marks(),
-    pytest.mark.skipif(_missing is not None, reason=f"runsc unavailable here: {_missing}"),
+    needs_runsc(),
 ]
 
 

@@ -18,28 +18,26 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from support import REPO, Served, make_cached_model, ready_lines, vllm_greedy_ids, vllm_module_marks
+from support import (
+    REPO,
+    Served,
+    make_cached_model,
+    needs_runsc,
+    ready_lines,
+    vllm_greedy_ids,
+    vllm_module_marks,
+)
 
 from coldstart.engine_adapters.vllm import ENTRY, LEAN_CPU_ARGS, LEAN_CPU_ENV
-from coldstart.launcher.checkpointers.runsc import SIDECAR, RunscCheckpointer
-from coldstart.launcher.errors import CheckpointerUnavailable
+from coldstart.launcher.checkpointers.runsc import SIDECAR
 
 MODEL = "tiny-vllm-rootfs"
 PROMPT = [{"role": "user", "content": "Name a colour."}]
 
 
-def _runsc_missing() -> str | None:
-    try:
-        RunscCheckpointer().probe()
-    except CheckpointerUnavailable as exc:
-        return str(exc)
-    return None
-
-
-_missing = _runsc_missing()
 pytestmark = [
     *vllm_module_marks(),
-    pytest.mark.skipif(_missing is not None, reason=f"runsc unavailable here: {_missing}"),
+    needs_runsc(),
     pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="no /dev/fuse on this host"),
 ]
 
