@@ -262,11 +262,6 @@ def read_bandwidth(files: list[Path]) -> float:
 failures: list[str] = []  # runs that failed and were run again (printed under the table)
 
 
-# The page cache before a restore: warm; dropped (the weight files read into it during the restore,
-# launcher/snapshots/page_cache.py); dropped with that read-ahead off.
-CACHE_STATES = ("warm", "dropped", "dropped, no read-ahead")
-
-
 async def repeat(what: str, runs: int, once: Callable[[int], Awaitable[float]]) -> list[float]:
     times = []
     for i in range(runs):
@@ -331,16 +326,15 @@ async def bench(args: argparse.Namespace) -> list[dict[str, object]]:
                 async def launcher_restore(
                     i: int, m: SnapshotManager = manager, n: str = name, cache: str = "warm"
                 ) -> float:
-                    if cache != "warm":
+                    if cache == "dropped":
                         drop_page_cache()
-                    m.warmer.enabled = cache != "dropped, no read-ahead"
                     started = time.monotonic()
                     sandbox = await m.restore(adapter, config, http, work / f"{n}-r{i}", f"r{i}")
                     try:
                         await first_token(http, sandbox.base_url, model)
                         timing = dict(m.restore_timings[f"r{i}"])
                         timing["first_token"] = time.monotonic() - started - timing["total"]
-                        timing["page_cache_dropped"] = float(CACHE_STATES.index(cache))
+                        timing["page_cache_dropped"] = float(cache == "dropped")
                         phases[n].append(timing)
                         print(f"    phases: { {k: round(v, 3) for k, v in timing.items()} }", file=sys.stderr)
                         return time.monotonic() - started
@@ -353,10 +347,6 @@ async def bench(args: argparse.Namespace) -> list[dict[str, object]]:
                     await repeat(
                         f"{name} launcher restore, page cache dropped", args.runs,
                         lambda i, lr=launcher_restore: lr(100 + i, cache="dropped"),  # type: ignore[misc]
-                    )  # fmt: skip
-                    await repeat(  # what reading the weight files during the restore gains (page_cache.py)
-                        f"{name} launcher restore, page cache dropped, weights not read ahead", args.runs,
-                        lambda i, lr=launcher_restore: lr(200 + i, cache=CACHE_STATES[2]),  # type: ignore[misc]
                     )  # fmt: skip
                 pair = await two_replicas_memory(manager, adapter, config, http, work / f"{name}-pair", model)
                 pair_ksm = None
@@ -619,8 +609,8 @@ def table(results: list[dict[str, object]], runs: int) -> str:
     ]
     for r in results[1:]:
         ph = r["phases"]  # type: ignore[assignment]
-        for state, cache in enumerate(CACHE_STATES):
-            rows = [p for p in ph if p.get("page_cache_dropped", 0.0) == float(state)]
+        for cache in ("warm", "dropped"):
+            rows = [p for p in ph if p.get("page_cache_dropped", 0.0) == float(cache == "dropped")]
             if not rows:
                 continue
             cells = [med([p.get(k, 0.0) for p in rows]) for k in ("verify", "restore", "wake", "canary")]

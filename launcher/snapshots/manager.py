@@ -75,7 +75,6 @@ from coldstart.launcher.sandboxes.base import Sandbox
 from coldstart.launcher.snapshots.canary import DEFAULT_CANARY, CanaryAnswer, canary_request
 from coldstart.launcher.snapshots.file_digests import DigestCache
 from coldstart.launcher.snapshots.identity import SnapshotIdentity, snapshot_identity
-from coldstart.launcher.snapshots.page_cache import PageCacheWarmer
 from coldstart.launcher.snapshots.store import WEIGHTS_DIR, Snapshot, SnapshotStore
 
 if TYPE_CHECKING:
@@ -159,7 +158,6 @@ class SnapshotManager:
         self._remote_missing = threading.Event()  # set by prefetch() when no tier has this identity
         self._publishing: set[asyncio.Task[None]] = set()  # awaited by close(): a publish is not lost
         self._prefetching: threading.Thread | None = None
-        self.warmer = PageCacheWarmer()  # weight files read while the checkpointer restores (page_cache.py)
 
     # -- what the lifecycle calls ------------------------------------------------------------------
     def has_snapshot(self) -> bool:
@@ -349,7 +347,6 @@ class SnapshotManager:
             moved = self.store.quarantine(snapshot)
             raise RestoreFailed(RestoreReason.DIGEST, f"{exc} (moved to {moved.name})") from exc
         timings["verify"] = time.monotonic() - t
-        self.warmer.start(self._weight_paths(snapshot), replica_id)
 
         async with contextlib.AsyncExitStack() as undo:
             t = time.monotonic()
@@ -454,7 +451,6 @@ class SnapshotManager:
         if self._prefetching is not None:
             await asyncio.to_thread(self._prefetching.join, timeout_s)
         await asyncio.to_thread(self.store.join_background, timeout_s)
-        await asyncio.to_thread(self.warmer.close, timeout_s)
 
     async def _pull(self, adapter: EngineAdapter, engine_config: EngineConfig) -> Snapshot:
         """This identity's snapshot through the tiers into the local store; the gate (checkpointer,
@@ -565,9 +561,6 @@ class SnapshotManager:
         (image_dir / WEIGHTS_DIR).mkdir()
         for name in weights["files"]:
             os.link(self.weights_dir / name, image_dir / WEIGHTS_DIR / name)
-
-    def _weight_paths(self, snapshot: Snapshot) -> list[Path]:
-        return [self.weights_dir / name for name in (snapshot.manifest.get("weights") or {}).get("files", {})]
 
     def _verify_weights(self, snapshot: Snapshot) -> None:
         """Every weight file the snapshot maps is at the path the restored engine maps (``<store>/weights``),
