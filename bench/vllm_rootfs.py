@@ -97,6 +97,8 @@ def shared_libraries(files: list[Path]) -> set[str]:
                 and parts[parts.index("=>") + 1][0] == "/"
             ):
                 libs.add(parts[parts.index("=>") + 1])
+            elif parts and parts[0].startswith("/"):  # the loader: "/lib64/ld-linux-x86-64.so.2 (0x...)"
+                libs.add(parts[0])
     return libs
 
 
