@@ -135,6 +135,29 @@ def choose_node(units: dict[str, int], ours: list[str], holders: set[str]) -> st
     return min(free, key=lambda n: (n not in holders, load[n] - units[n], n))
 
 
+def connect(address: str) -> None:
+    """``ray.init`` to ``address`` in the ``coldstart`` namespace. Ray Client starts a server process per
+    session on the head; on a loaded head it can miss its start deadline ("Starting Ray client server
+    failed"): tried ``CONNECT_ATTEMPTS`` times, then ``ClusterUnreachable`` that says what to start."""
+    import ray
+
+    for attempt in range(CONNECT_ATTEMPTS):
+        try:
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+            return
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            if attempt + 1 < CONNECT_ATTEMPTS:
+                log.warning("connecting to %s failed (%s); trying again", address, str(exc).splitlines()[0])
+                time.sleep(2.0)
+                continue
+            raise ClusterUnreachable(
+                f"--cluster {address}: no Ray cluster answers there ({exc}); start one with "
+                "'coldstart node start --head' (Ray Client: ray://HEAD:10001)"
+            ) from exc
+
+
 class RayHost:
     """Replicas as Ray actors on the cluster at ``address`` (``ray://HEAD:10001`` through Ray Client, or
     ``HEAD:6379`` from a process on a Ray node)."""
@@ -162,25 +185,7 @@ class RayHost:
             gateway_id
             or "gw-" + hashlib.sha256(f"{server_config.host}:{server_config.port}".encode()).hexdigest()[:8]
         )
-        for attempt in range(CONNECT_ATTEMPTS):
-            try:
-                ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
-                break
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                # Ray Client starts a server process per session on the head; on a loaded head it can
-                # miss its start deadline ("Starting Ray client server failed"): try again, then say so.
-                with contextlib.suppress(Exception):
-                    ray.shutdown()
-                if attempt + 1 < CONNECT_ATTEMPTS:
-                    log.warning(
-                        "connecting to %s failed (%s); trying again", address, str(exc).splitlines()[0]
-                    )
-                    time.sleep(2.0)
-                    continue
-                raise ClusterUnreachable(
-                    f"--cluster {address}: no Ray cluster answers there ({exc}); start one with "
-                    "'coldstart node start --head' (Ray Client: ray://HEAD:10001)"
-                ) from exc
+        connect(address)
         self._actor_cls = ray.remote(ReplicaActor)
         self._pull = ray.remote(pull_ahead)
         self.unit = "GPU" if ray.cluster_resources().get("GPU") else SLOT

@@ -325,9 +325,11 @@ def test_node_b_killed_its_replica_fails_and_the_next_goes_to_a(
 def test_a_clean_close_leaves_nothing(cluster: Any, host: Any, loop: Any) -> None:
     import ray
 
+    from coldstart.launcher.cluster.ray_host import connect
+
     pids = [h.report.actor_pid for h in host._handles.values()]
     loop.run_until_complete(host.close())
-    ray.init(cluster.address, namespace="coldstart", log_to_driver=False)
+    connect(cluster.address)  # retried as the gateway's own: a new Ray Client session may miss its start
     try:
         names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
         assert not any(n.startswith(host.gateway_id) for n in names), names
