@@ -144,9 +144,7 @@ class Liveness:
             return f"engine exited with status {code}"
         timeout = deployment.policy.health_timeout
         try:
-            healthy = await asyncio.wait_for(
-                deployment.adapter.is_healthy(self.http, sandbox.base_url), timeout
-            )
+            healthy = await asyncio.wait_for(sandbox.is_healthy(deployment.adapter, self.http), timeout)
         except TimeoutError:
             return f"health probe got no answer within {timeout:.0f} s (engine hung?)"
         except Exception as exc:  # an adapter's probe that raises says why it is not alive

@@ -29,6 +29,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    import httpx
+
+    from coldstart.engine_adapters.base import EngineAdapter
     from coldstart.launcher.deployment import Deployment
     from coldstart.launcher.replica import Replica, StartKind
 
@@ -50,6 +53,11 @@ class EngineHandle(Protocol):
     async def cpu_seconds(self) -> float | None:
         """CPU time the engine's processes used so far (None: not known here, e.g. under gVisor): liveness
         tells a busy engine from a hung one by it."""
+        ...
+
+    async def is_healthy(self, adapter: EngineAdapter, http: httpx.AsyncClient) -> bool:
+        """``adapter``'s health probe of the engine, made where the engine's control channel is reachable
+        (a Ray replica's relay carries the engine's port alone: its actor probes on the node)."""
         ...
 
 

@@ -177,6 +177,15 @@ class ReplicaActor:
         sandbox = self.sandbox
         return None if sandbox is None else await self._own(sandbox.cpu_seconds())
 
+    async def is_healthy(self) -> bool:
+        """The adapter's health probe of the engine, from this node (the gateway's liveness)."""
+        sandbox = self.sandbox
+        return sandbox is not None and bool(await self._own(self._is_healthy(sandbox)))
+
+    async def _is_healthy(self, sandbox: Any) -> bool:
+        async with control_client() as http:
+            return bool(await sandbox.is_healthy(self.adapter, http))
+
     async def _prepare(self) -> bool:
         """Set up on this node (the node's settings, leftovers of dead actors removed, the adapter and the
         snapshot manager); returns whether a restore will be tried (the gateway moves the replica's state)."""

@@ -106,6 +106,12 @@ class RayEngine:
             return None
         return float(seconds) if seconds is not None else None
 
+    async def is_healthy(self, adapter: Any, http: Any) -> bool:
+        """Probed by the actor on the engine's node: the relay carries the engine's port alone, and an
+        engine's snapshot_hooks control channel (port + 1 beside it: transformers, custom engines) is reached
+        there only. An adapter's error (e.g. no control channel) comes back as the actor's, with its text."""
+        return bool(await _awaitable(self.actor.is_healthy.remote()))
+
     async def stop(self, grace: float) -> None:
         """The actor stops its relay and engine, then the actor itself is killed. Idempotent; a dead actor
         or node is not an error here (there is nothing left to stop)."""

@@ -20,6 +20,9 @@ from coldstart.launcher.errors import ReplicaStateError
 from coldstart.launcher.process import cpu_seconds
 
 if TYPE_CHECKING:
+    import httpx
+
+    from coldstart.engine_adapters.base import EngineAdapter
     from coldstart.launcher.process import OutputTail
     from coldstart.launcher.sandboxes.netns import NetNamespace
 
@@ -71,6 +74,10 @@ class Sandbox(abc.ABC):
     async def cpu_seconds(self) -> float | None:
         """CPU time the engine's process tree used so far; None when its processes are not host ones."""
         return cpu_seconds(self.host_pids())
+
+    async def is_healthy(self, adapter: EngineAdapter, http: httpx.AsyncClient) -> bool:
+        """``adapter``'s health probe of this engine: its /health, and its control channel if it has one."""
+        return await adapter.is_healthy(http, self.base_url)
 
 
 class NetnsSandbox(Sandbox):

@@ -113,11 +113,13 @@ min_replicas = 0
 max_replicas = 2
 initial_replicas = 0
 target_concurrency = 1
-idle_timeout = 0
+# Back to zero between the test's phases (the LP then holds a free unit, and the next request restores).
+idle_timeout = 2
 boot_timeout = 300
-# transformers serve answers no /health while it generates; on this 2-core host under two Ray nodes the
-# engine's CPU reading (through its actor) was sometimes not had in time, and a busy replica was failed
-# 4 s after it became ready (twice this session): probes every 5 s leave it 14 s of silence.
+# Probes every 5 s: each replica lives through several, and each must reach the engine's snapshot_hooks
+# control channel, which only its actor on the node can (the relay carries the engine's port alone). Probed
+# through the relay, every transformers replica was failed ~10 s after ready ("answers /health but not the
+# snapshot_hooks control channel"), which made this test flaky.
 health_interval = 5
 """
     )
@@ -171,6 +173,7 @@ def test_one_endpoint_serves_from_both_nodes_and_a_killed_gateway_leaves_nothing
     finally:
         gateway.stop(signal.SIGKILL)
     assert replica_namespaces(cluster.a.netns) or replica_namespaces(cluster.b.netns)
+    assert "is not alive" not in (tmp_path / "gateway.log").read_text()  # no replica failed by its probes
     again = Gateway(deployments, cluster, tmp_path / "gateway-2.log")  # same address: same gateway id
     try:
         deadline = time.monotonic() + 60
