@@ -163,6 +163,9 @@ def test_node_a_cold_boots_snapshots_and_b_pulls_it_ahead(
     assert placed.node_ip == cluster.a.ip
     assert r1.sandbox is not None and r1.sandbox.base_url.startswith(f"http://{cluster.a.ip}:")
     STATE["answer"] = greedy(r1.sandbox.base_url)
+    # Healthy as liveness probes it: by its actor on node A, where the engine's snapshot_hooks control channel
+    # is (the relay carries the engine's port alone; through it the probe could never reach the channel).
+    assert loop.run_until_complete(r1.sandbox.is_healthy(None, None)) is True
     STATE["r1"] = r1
     STATE.setdefault("actor_pids", []).append(r1.sandbox.report.actor_pid)
     key = host._keys["tiny"]
