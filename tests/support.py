@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import httpx
 import pytest
@@ -173,6 +174,20 @@ def needs_vllm() -> pytest.MarkDecorator:
     """Skip (with the reason) where no vLLM environment exists; never in CI."""
     missing = vllm_missing()
     return pytest.mark.skipif(missing is not None, reason=f"no vLLM environment: {missing}")
+
+
+def bench_module(name: str) -> ModuleType:
+    """``bench/NAME.py`` imported once (in ``sys.modules``: its dataclasses look their module up)."""
+    import importlib.util
+
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def needs_runsc() -> pytest.MarkDecorator:

@@ -5,7 +5,6 @@ overall deadline, at most 8 files back. Times here mean nothing."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -14,20 +13,14 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from support import bench_module
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_FILES_BACK = 8  # the device tool returns at most 8 files from $OUT; the run command adds log.txt
 
 
 def bench() -> ModuleType:
-    if "gpu_coldstart" in sys.modules:
-        return sys.modules["gpu_coldstart"]
-    spec = importlib.util.spec_from_file_location("gpu_coldstart", REPO / "bench" / "gpu_coldstart.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_coldstart"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("gpu_coldstart")
 
 
 def run_bench(out: Path, *extra: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:

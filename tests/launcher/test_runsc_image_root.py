@@ -8,18 +8,16 @@ filesystem: this host's CPython, ``coldstart.snapshot_hooks``, a stdlib engine a
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 from openai import OpenAI
-from support import REPO, Served
+from support import Served, bench_module
 
 from coldstart.engine_adapters.base import LaunchSpec
 from coldstart.launcher.checkpointers.runsc import SIDECAR, RunscCheckpointer, in_root, oci_spec
@@ -27,12 +25,7 @@ from coldstart.launcher.errors import RestoreFailed, RestoreReason, UsageError
 
 
 def lazy_root() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("lazy_root", REPO / "bench" / "lazy_root.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["lazy_root"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("lazy_root")
 
 
 def test_paths_under_the_image_mount_are_rewritten_to_the_container_root() -> None:

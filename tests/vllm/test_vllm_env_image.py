@@ -13,17 +13,22 @@ the interpreter's path. Its ``bin/python`` links to the host's CPython, which st
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import httpx
 import pytest
-from support import REPO, Served, make_cached_model, ready_lines, vllm_greedy_ids, vllm_module_marks
+from support import (
+    Served,
+    bench_module,
+    make_cached_model,
+    ready_lines,
+    vllm_greedy_ids,
+    vllm_module_marks,
+)
 
 from coldstart.engine_adapters.vllm import LEAN_CPU_ARGS, LEAN_CPU_ENV
 
@@ -37,12 +42,7 @@ pytestmark = [
 
 
 def lazy_root() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("lazy_root", REPO / "bench" / "lazy_root.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["lazy_root"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("lazy_root")
 
 
 @pytest.fixture(scope="module")

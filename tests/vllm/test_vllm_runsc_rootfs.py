@@ -9,10 +9,8 @@ nothing of the host's files but coldstart's entry script and worker extension, m
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -21,6 +19,7 @@ import pytest
 from support import (
     REPO,
     Served,
+    bench_module,
     make_cached_model,
     needs_runsc,
     ready_lines,
@@ -43,12 +42,7 @@ pytestmark = [
 
 
 def vllm_rootfs() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("vllm_rootfs", REPO / "bench" / "vllm_rootfs.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["vllm_rootfs"] = module
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("vllm_rootfs")
 
 
 @pytest.fixture(scope="module")
