@@ -35,6 +35,7 @@ import hmac
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections import deque
@@ -45,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from coldstart.imagefs.build import build
+from coldstart.imagefs.compressed import SUFFIX, Expander, stage
 from coldstart.imagefs.errors import ImageError, IndexFormatError, UsageError
 from coldstart.imagefs.index import ImageIndex
 from coldstart.imagefs.store import DEFAULT_CHUNK_SIZE, ChunkStore, is_hex_digest, write_atomic
@@ -79,6 +81,8 @@ class Ref:
     chunks: int
     chunk_size: int
     extra: dict[str, Any] = field(default_factory=dict)
+    # Files published zstd-compressed as NAME.zst (``imagefs.compressed``); materialize expands them.
+    compressed: list[str] = field(default_factory=list)
     mac: str | None = None  # HMAC-SHA256 hex of ``signed_bytes()`` with the publisher's key; None: unsigned
 
     def signed_bytes(self) -> bytes:
@@ -97,7 +101,7 @@ class Ref:
             raise RefError(f"{source}: the ref's signature does not match this host's trust key")
 
     def _body(self) -> dict[str, Any]:
-        return {
+        body = {
             "format": REF_FORMAT,
             "name": self.name,
             "index": self.index,
@@ -107,6 +111,9 @@ class Ref:
             "chunk_size": self.chunk_size,
             "extra": self.extra,
         }
+        if self.compressed:  # absent when empty: refs published before compression sign the same bytes
+            body["compressed"] = self.compressed
+        return body
 
     def to_json(self) -> bytes:
         body = self._body()
@@ -126,6 +133,7 @@ class Ref:
                 chunks=int(body["chunks"]),
                 chunk_size=int(body["chunk_size"]),
                 extra=dict(body.get("extra") or {}),
+                compressed=[str(name) for name in body.get("compressed") or []],
                 mac=str(body["mac"]) if body.get("mac") is not None else None,
             )
             fmt = body.get("format")
@@ -154,9 +162,11 @@ def publish(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     extra: dict[str, Any] | None = None,
     key: bytes | None = None,
+    compress: bool = False,
 ) -> Published:
     """Publish directory ``src`` into the store as ``refs/<name>`` (replacing an older ref of that name),
-    signed with ``key`` when given (``Ref.mac``)."""
+    signed with ``key`` when given (``Ref.mac``). With ``compress``, files that shrink are published
+    zstd-compressed (``imagefs.compressed``; staged in a folder beside ``src``, removed after)."""
     started = time.monotonic()
     check_ref_name(name)
     store_root = Path(store_root)
@@ -164,11 +174,15 @@ def publish(
     (store_root / "refs").mkdir(parents=True, exist_ok=True)
     fd, tmp_index = tempfile.mkstemp(prefix=".publish-", suffix=".cidx", dir=store_root)
     os.close(fd)
+    staging = Path(tempfile.mkdtemp(prefix=".publish-", dir=Path(src).parent)) if compress else None
     try:
-        result = build(src, store_root, tmp_index, chunk_size)
+        compressed = stage(Path(src), staging) if staging is not None else []
+        result = build(staging or src, store_root, tmp_index, chunk_size)
         index_bytes = Path(tmp_index).read_bytes()
     finally:
         Path(tmp_index).unlink(missing_ok=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     index_digest, new_index = store.put(index_bytes)
     blob_digests = {}
     new_blobs = 0
@@ -184,6 +198,7 @@ def publish(
         chunks=result.chunks,
         chunk_size=chunk_size,
         extra=extra or {},
+        compressed=compressed,
     )
     if key is not None:
         ref = ref.signed(key)
@@ -294,6 +309,7 @@ def materialize(
     window: int = 64,
     progress: Callable[[int], None] | None = None,
     hash_files: bool = True,
+    compressed: Iterable[str] = (),
 ) -> dict[str, FileDigest]:
     """Write every directory and regular file of ``index`` under ``dest`` (which must exist).
 
@@ -301,8 +317,11 @@ def materialize(
     returns each file's size and SHA-256 (computed as it is written; skipped with ``hash_files=False``
     when the caller trusts the publisher's binding of index and file digests: every chunk is still
     verified by the getter). Symlinks and special files are not
-    materialized (a snapshot holds none); on any error the caller removes ``dest``."""
+    materialized (a snapshot holds none); on any error the caller removes ``dest``. Each name in
+    ``compressed`` (``Ref.compressed``), published as ``NAME.zst``, is written expanded as ``NAME``; its
+    size and digest are the expanded bytes' (``progress`` counts the bytes fetched)."""
     dest = Path(dest)
+    expand = set(compressed)
     files: list[tuple[str, int]] = list(order) if order is not None else regular_files(index)
     for rel, node in index.walk():
         if rel and index.is_dir(node):
@@ -324,23 +343,34 @@ def materialize(
             for path, inode in files:
                 size = index.size[inode]
                 hasher = hashlib.sha256() if hash_files else None
-                target = dest / path
+                raw_name = path.removesuffix(SUFFIX)
+                expander = Expander(path) if path.endswith(SUFFIX) and raw_name in expand else None
+                target = dest / (raw_name if expander is not None else path)
                 target.parent.mkdir(parents=True, exist_ok=True)
+                fetched = 0
                 with open(target, "wb", buffering=0) as f:
                     for _ in range(index.chunk_count(inode)):
                         top_up()
                         data = pending.popleft().result()
+                        fetched += len(data)
+                        if progress is not None:
+                            progress(len(data))
+                        if expander is not None:
+                            data = expander.feed(data)
                         if hasher is not None:
                             hasher.update(data)
                         view = memoryview(data)
                         while view:
                             view = view[f.write(view) :]
-                        if progress is not None:
-                            progress(len(data))
-                    if f.tell() != size:
-                        raise IndexFormatError(f"{path}: wrote {f.tell()} bytes, index says {size}")
+                    if fetched != size:
+                        raise IndexFormatError(f"{path}: got {fetched} bytes, index says {size}")
+                    if expander is not None:
+                        expander.finish()
+                    written = f.tell()
                 os.chmod(target, index.mode[inode] & SAFE_MODE_BITS)
-                out[path] = FileDigest(size, hasher.hexdigest() if hasher is not None else None)
+                out[target.relative_to(dest).as_posix()] = FileDigest(
+                    written, hasher.hexdigest() if hasher is not None else None
+                )
         finally:
             for fut in pending:
                 fut.cancel()

@@ -38,6 +38,16 @@ def write_token(path: Path) -> str:
     return token
 
 
+def heap_like(size: int) -> bytes:
+    """Bytes that compress about as a process heap does (repeated words, pointers, zero runs): ~4x with
+    zstd, where ``os.urandom`` (weights) does not compress at all."""
+    import random
+
+    rng = random.Random(7)
+    words = [rng.randbytes(8) for _ in range(512)] + [b"\0" * 8] * 512
+    return b"".join(rng.choice(words) for _ in range(size // 8))
+
+
 def free_port() -> int:
     """A free port whose + 1 is free too (engines with snapshot_hooks listen there for control calls)."""
     from coldstart.launcher.process import free_port_pair

@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+from support import heap_like
 
 from coldstart.imagefs.build import build
-from coldstart.imagefs.errors import UsageError
+from coldstart.imagefs.errors import IndexFormatError, UsageError
 from coldstart.imagefs.fetcher import Fetcher
 from coldstart.imagefs.index import ImageIndex
 from coldstart.imagefs.refs import (
@@ -127,3 +128,69 @@ def test_materialize_strips_setuid_setgid_sticky_and_group_other_write(tmp_path:
     materialize(index, lambda d: tier.get(d) or b"", out)
     got = {name: (out / name).stat().st_mode & 0o7777 for name in modes}
     assert got == {"suid": 0o755, "sgid": 0o755, "sticky": 0o644, "world-writable": 0o644, "plain": 0o640}
+
+
+def published_tree(src: Path, store: Path, **kwargs: object) -> tuple[Ref, ImageIndex, DirectoryTier]:
+    done = publish(src, store, "snapshot.z", {"manifest": b"m"}, chunk_size=CHUNK, **kwargs)  # type: ignore[arg-type]
+    tier = DirectoryTier(store)
+    return done.ref, ImageIndex.from_bytes(tier.get(done.ref.index) or b""), tier
+
+
+def test_compressed_publish_stores_less_and_materializes_the_same_bytes(tmp_path: Path) -> None:
+    src = tmp_path / "snaps" / "src"
+    (src / "sub").mkdir(parents=True)
+    heap, noise = heap_like(3 << 20), os.urandom(2 << 20)
+    (src / "sub" / "pages-1.img").write_bytes(heap)  # a heap: published as pages-1.img.zst
+    (src / "weights").write_bytes(noise)  # incompressible (bf16 weights): published as it is
+    (src / "inventory.img").write_bytes(b"small")  # under MIN_BYTES: as it is
+    os.chmod(src / "sub" / "pages-1.img", 0o600)
+    ref, index, tier = published_tree(src, tmp_path / "store", compress=True)
+    assert ref.compressed == ["sub/pages-1.img"]
+    assert ref.size < len(heap) / 2 + len(noise) + 5  # what the store holds and a puller fetches
+    assert sorted(p for p, _ in index.walk() if p) == [
+        "inventory.img",
+        "sub",
+        "sub/pages-1.img.zst",
+        "weights",
+    ]
+    assert not list((tmp_path / "snaps").glob(".publish-*"))  # the staging folder is gone
+    out = tmp_path / "out"
+    out.mkdir()
+    fetched: list[int] = []
+    files = materialize(
+        index, lambda d: tier.get(d) or b"", out, progress=fetched.append, compressed=ref.compressed
+    )
+    assert (out / "sub" / "pages-1.img").read_bytes() == heap and not (
+        out / "sub" / "pages-1.img.zst"
+    ).exists()
+    assert (out / "weights").read_bytes() == noise and (out / "inventory.img").read_bytes() == b"small"
+    assert files["sub/pages-1.img"].size == len(heap)
+    assert files["sub/pages-1.img"].sha256 == hashlib.sha256(heap).hexdigest()
+    assert (out / "sub" / "pages-1.img").stat().st_mode & 0o777 == 0o600
+    assert sum(fetched) == ref.size  # progress counts bytes fetched, not bytes written
+    # Published twice, the same bytes: every chunk is shared (two snapshots of one model share weights).
+    again = publish(src, tmp_path / "store", "snapshot.z2", chunk_size=CHUNK, compress=True)
+    assert again.new_chunks == 1  # the index alone is new (it records the staged files' times)
+
+
+def test_a_damaged_compressed_stream_fails_the_materialize(tmp_path: Path) -> None:
+    """Chunks are verified as published, so damage here means a publisher that wrote a bad stream: the
+    materialize fails with a one-line error naming the file (the caller removes the folder)."""
+    src = tmp_path / "snaps" / "src"
+    src.mkdir(parents=True)
+    (src / "pages-1.img").write_bytes(heap_like(1 << 20))
+    ref, index, tier = published_tree(src, tmp_path / "store", compress=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    last = index.chunk_digest(
+        dict(index.walk())["pages-1.img.zst"], index.chunk_count(dict(index.walk())["pages-1.img.zst"]) - 1
+    ).hex()
+
+    def truncated(digest: str) -> bytes:
+        data = tier.get(digest) or b""
+        return data[:-10] if digest == last else data
+
+    with pytest.raises(IndexFormatError, match=r"pages-1.img.zst: got \d+ bytes, index says"):
+        materialize(index, truncated, out, compressed=ref.compressed)
+    with pytest.raises(IndexFormatError, match="pages-1.img.zst: not a zstd stream"):
+        materialize(index, lambda d: b"\0" * len(tier.get(d) or b""), out, compressed=ref.compressed)

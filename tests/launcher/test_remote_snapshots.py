@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from support import ChunkServer
+from support import ChunkServer, heap_like
 
 from coldstart.imagefs.store import ChunkStore
 from coldstart.launcher.errors import RemoteSnapshotError, RestoreReason
@@ -42,13 +42,18 @@ def chunk_server(chunk_server: Callable[..., ChunkServer]) -> Callable[..., Chun
     return functools.partial(chunk_server, ready_timeout_s=30.0)
 
 
-def fake_snapshot(root: Path, key: str = KEY, pages_mb: int = 24) -> SnapshotStore:
-    """A committed snapshot with CRIU-like files: small metadata files and one large page image."""
+def fake_snapshot(
+    root: Path, key: str = KEY, pages_mb: int = 24, pages: bytes | None = None
+) -> SnapshotStore:
+    """A committed snapshot with CRIU-like files: small metadata files and one large page image (random
+    bytes, which do not compress, unless ``pages`` is given)."""
     store = SnapshotStore(root)
     with store.begin(key) as pending:
         (pending.image_dir / "inventory.img").write_bytes(os.urandom(200))
         (pending.image_dir / "core-1.img").write_bytes(os.urandom(9000))
-        (pending.image_dir / "pages-1.img").write_bytes(os.urandom(pages_mb << 20))
+        (pending.image_dir / "pages-1.img").write_bytes(
+            pages if pages is not None else os.urandom(pages_mb << 20)
+        )
         (pending.image_dir / "coldstart-criu.json").write_text('{"pipes": []}')
         store.commit(pending, {"identity": {"engine": {"engine": "fake"}}, "created_at": "now"})
     return store
@@ -90,6 +95,25 @@ def test_pull_through_cache_server_into_empty_host(tmp_path: Path, published) ->
     assert again.remote_bytes < 64 * 1024  # only the ref's manifest/index re-read: they are cached too
     assert again.local_bytes >= report.bytes
     same_files(a, b)
+
+
+def test_a_heap_crosses_compressed_and_lands_as_it_was(tmp_path: Path, chunk_server) -> None:  # type: ignore[no-untyped-def]
+    """Page images are published zstd-compressed: the store holds, and a puller fetches, a fraction of the
+    image; the pulled snapshot's files are the original bytes (full re-hash) and restore as they are."""
+    a = fake_snapshot(tmp_path / "a-snapshots", pages=heap_like(16 << 20))
+    origin = tmp_path / "origin"
+    done = SnapshotTiers([], publish_to=origin).publish(a.lookup(KEY))
+    assert done.ref.compressed == ["pages-1.img"]
+    assert done.ref.size < a.lookup(KEY).total_bytes / 2
+    server = chunk_server(origin)
+    b = SnapshotStore(tmp_path / "b-snapshots")
+    snap, report = SnapshotTiers([server.url], cache_dir=tmp_path / "b-cache").pull(KEY, b)
+    same_files(a, b)  # every file, and the store's full verify
+    assert report.bytes == snap.total_bytes and report.published_bytes == done.ref.size
+    assert report.remote_bytes <= done.ref.size + 64 * 1024  # the compressed bytes crossed, + the index
+    # Publishing raw stays possible (a store read by an older coldstart): the same bytes, uncompressed.
+    raw = SnapshotTiers([], publish_to=tmp_path / "raw", compress=False).publish(a.lookup(KEY))
+    assert raw.ref.compressed == [] and raw.ref.size == a.lookup(KEY).total_bytes
 
 
 def test_gate_refuses_before_any_image_byte(tmp_path: Path, published) -> None:  # type: ignore[no-untyped-def]
