@@ -37,7 +37,9 @@ engine probe, boot or restore, canary included), and what the mount fetched:
 
     local venv, boot                    --engine-python /opt/coldstart/engines/vllm
     lazy image, boot, empty cache       --image + --engine-python '{image}', empty chunk cache, no profile
-    ... boot profile prefetched         the same, with the read order the previous row recorded
+    ... with its boot profile (hot tree) the same, with the read order the previous row recorded beside the
+                                        index: the launcher shows the image as a hot tree (imagefs/hot_tree.py:
+                                        what the boot read copied to local disk, the rest linked lazily)
     copied image, incl. copying it      every file read through a fresh mount (empty cache) and written to
                                         local disk first, then the boot from that copy
     lazy image, restore, empty cache    a CRIU snapshot taken from the lazy image by another launcher (same
@@ -697,7 +699,9 @@ class VllmRows:
             shutil.copy(recorded, profile)
         if profile.exists():
             with_profile = self.image_args(self.index_copy(profile), self.fresh("mnt"), self.fresh("cache"))
-            self.launch("lazy image, boot, empty cache, boot profile prefetched", with_profile).stop()
+            self.launch(
+                "lazy image, boot, empty cache, with its boot profile (hot tree)", with_profile
+            ).stop()
         copy_s, _, copied = self.copy_image()
         self.launch(
             "copied image, boot, incl. copying it first", ["--engine-python", str(copied)], first=copy_s

@@ -15,8 +15,11 @@ registered before it is taken (``ExitStack``), so a failure half-way through und
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
+import hashlib
 import json
+import logging
 import os
 import select
 import signal
@@ -29,7 +32,15 @@ from pathlib import Path
 
 from coldstart.imagefs.daemon import DEFAULT_MAX_BACKGROUND, DEFAULT_READ_AHEAD_KB, MountConfig
 from coldstart.imagefs.errors import MountError, UsageError
+from coldstart.imagefs.fetcher import Fetcher
+from coldstart.imagefs.hot_tree import HotTree, tree_path
+from coldstart.imagefs.hot_tree import build as build_hot_tree
 from coldstart.imagefs.index import ImageIndex
+from coldstart.imagefs.profile import profile_path_for, read_profile
+from coldstart.imagefs.tiers import DirectoryTier, MemoryTier, open_tier
+
+log = logging.getLogger("coldstart.imagefs")
+LAZY_ROOTS = Path("/run/coldstart/imagefs-lazy")  # lazy mounts under a hot tree (tmpfs: gone at reboot)
 
 
 class MountState(enum.Enum):
@@ -63,9 +74,15 @@ def force_unmount(path: str | Path) -> None:
 class Mount:
     """A live mount owned by this process; use ``mounted`` rather than constructing it."""
 
-    def __init__(self, config: MountConfig, log_path: Path, grace_s: float) -> None:
+    def __init__(
+        self, config: MountConfig, log_path: Path, grace_s: float, mountpoint: Path | None = None
+    ) -> None:
         self.config = config
-        self.mountpoint = Path(config.mountpoint)
+        # Where the image is seen; the FUSE mount is at ``lazy_root``: the same place, or with a hot tree
+        # (bound read-only at ``mountpoint``) a folder of its own the tree's symlinks point into.
+        self.lazy_root = Path(config.mountpoint)
+        self.mountpoint = mountpoint or self.lazy_root
+        self.hot_tree: HotTree | None = None
         self.log_path = log_path
         self.grace_s = grace_s
         self.state = MountState.STARTING
@@ -158,8 +175,22 @@ class Mount:
             time.sleep(0.02)
         return {}
 
+    def bind_hot_tree(self, tree: HotTree) -> None:
+        """Show ``tree`` at the mount point, read-only (a bind mount, unmounted by ``stop``)."""
+        self.hot_tree = tree
+        for argv in (
+            ["mount", "--bind", str(tree.path), str(self.mountpoint)],
+            ["mount", "-o", "remount,bind,ro", str(self.mountpoint)],
+        ):
+            done = subprocess.run(argv, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise MountError(f"{' '.join(argv)} failed: {done.stderr.strip() or done.returncode}")
+
     def stop(self) -> None:
-        """SIGTERM, grace, SIGKILL, reap; then make sure nothing is left mounted. Idempotent."""
+        """Unbind the hot tree; SIGTERM, grace, SIGKILL, reap; then make sure nothing is left mounted.
+        Idempotent."""
+        if self.hot_tree is not None:
+            force_unmount(self.mountpoint)
         proc = self._proc
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -168,7 +199,7 @@ class Mount:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        force_unmount(self.mountpoint)
+        force_unmount(self.lazy_root)
         if self.config.stats_path:
             with contextlib.suppress(OSError, ValueError):
                 self.stats = json.loads(Path(self.config.stats_path).read_text())
@@ -192,11 +223,15 @@ def mounted(
     readahead_chunks: int = 16,
     timeout_s: float = 30.0,
     grace_s: float = 10.0,
+    hot_tree: bool = False,
 ) -> Iterator[Mount]:
     """Mount ``index_path`` read-only at ``mountpoint`` until the block exits (see the module docstring).
 
     ``tiers`` are remote tiers nearest first, the origin last: store directories or ``http(s)://`` cache
     servers. ``cache_dir`` is the local disk cache (created if missing; daemon log and stats go there too).
+    ``hot_tree`` (root only): once the image has a boot profile, what the boot reads is copied to local disk
+    and shown at ``mountpoint`` with the rest linked into the lazy mount (``imagefs.hot_tree``); without a
+    profile the mount records one as usual, for the next launch.
     """
     if not tiers:
         raise UsageError("mounted() needs at least one tier: the origin store (a directory or http URL)")
@@ -205,16 +240,25 @@ def mounted(
         raise UsageError(f"mount point {mountpoint} is not a directory; create it first")
     if is_mountpoint(mountpoint):
         raise MountError(f"{mountpoint} is already a mount point; unmount it or pick another directory")
-    ImageIndex.open(index_path)  # refuse a bad index here, with its own error, before any process starts
+    index = ImageIndex.open(index_path)  # refuse a bad index here, with its own error, before any process
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
+    profile = (
+        read_profile(profile_path or profile_path_for(index_path), index.digest)
+        if hot_tree and prefetch and os.geteuid() == 0
+        else []
+    )
+    lazy_root = lazy_root_for(mountpoint) if profile else mountpoint.resolve()
+    if profile:
+        force_unmount(lazy_root)  # a crashed launcher's mount of this mount point: ours, and dead
+        lazy_root.mkdir(parents=True, exist_ok=True)
     config = MountConfig(
         index_path=str(Path(index_path).resolve()),
-        mountpoint=str(mountpoint.resolve()),
+        mountpoint=str(lazy_root),
         cache_dir=str(cache.resolve()),
         tiers=tuple(str(t) for t in tiers),
-        prefetch=prefetch,
-        record_profile=record_profile,
+        prefetch=prefetch and not profile,  # the hot tree's build fetches the profile
+        record_profile=record_profile and not profile,  # it would see only what the tree does not hold
         profile_path=str(profile_path) if profile_path else None,
         read_ahead_kb=read_ahead_kb,
         max_background=max_background,
@@ -223,9 +267,38 @@ def mounted(
     )
     stats_path = cache / f"mount-{os.getpid()}-{id(config):x}.stats.json"
     config = replace(config, stats_path=str(stats_path))
-    mount = Mount(config, cache / "daemon.log", grace_s)
+    mount = Mount(config, cache / "daemon.log", grace_s, mountpoint.resolve())
     with contextlib.ExitStack() as undo:
         undo.callback(stats_path.unlink, missing_ok=True)
         undo.callback(mount.stop)
         mount.start(timeout_s)
+        if profile:
+            mount.bind_hot_tree(_build_hot_tree(index, profile, cache, tiers, lazy_root))
         yield mount
+
+
+def lazy_root_for(mountpoint: str | Path) -> Path:
+    """Where the FUSE mount goes when a hot tree is shown at ``mountpoint``: a folder named after the mount
+    point alone, so a tree built by an earlier launch (its symlinks point here) and a CRIU snapshot (which
+    maps files by path) find the same files at the next launch."""
+    key = hashlib.sha256(str(Path(mountpoint).resolve()).encode()).hexdigest()[:16]
+    return LAZY_ROOTS / key
+
+
+def _build_hot_tree(
+    index: ImageIndex, profile: list[str], cache: Path, tiers: Sequence[str], lazy_root: Path
+) -> HotTree:
+    fetcher = Fetcher(
+        MemoryTier(64 << 20), DirectoryTier(cache, "disk", writable=True), [open_tier(t) for t in tiers]
+    )
+    try:
+        tree = build_hot_tree(index, profile, fetcher, lazy_root, tree_path(cache, index, profile, lazy_root))
+        tree = dataclasses.replace(tree, fetched=fetcher.remote_bytes())
+    finally:
+        fetcher.close()
+    log.info(
+        "hot tree %s: %d files (%.1f MB) local, %d links into %s, %s in %.2fs",
+        tree.path, tree.files, tree.bytes / 1e6, tree.links, lazy_root, "built" if tree.built else "reused",
+        tree.seconds,
+    )  # fmt: skip
+    return tree

@@ -99,6 +99,29 @@ async def engine_from_image(config: ServeConfig) -> EngineAdapter:
     return adapter
 
 
+def hot_tree_fits(config: ServeConfig) -> bool:
+    """Whether the image may be shown as a hot tree (``imagefs.hot_tree``: local copies of what the boot
+    read, links into the lazy mount for the rest). Not as gVisor's container root: the links name host
+    paths, which the container does not have; so not with ``--snapshot runsc``, nor for a root filesystem
+    image that ``auto`` might hand to runsc."""
+    from coldstart.imagefs.index import ROOT, ImageIndex
+
+    if config.image is None or config.snapshot == "runsc":
+        return False
+    index = ImageIndex.open(config.image)
+    usr = index.lookup(ROOT, b"usr")
+    return usr is None or not index.is_dir(usr)
+
+
+def engine_mounts(mountpoint: Path) -> tuple[Path, ...]:
+    """The host mounts an engine run from the image at ``mountpoint`` uses: the mount point, and the lazy
+    mount under it when a hot tree is shown there (CRIU keeps both as external mounts)."""
+    from coldstart.imagefs.mount import is_mountpoint, lazy_root_for
+
+    lazy = lazy_root_for(mountpoint)
+    return (mountpoint, lazy) if is_mountpoint(lazy) else (mountpoint,)
+
+
 @contextlib.asynccontextmanager
 async def image_mounted(config: ServeConfig, metrics: ModelMetrics | None = None) -> AsyncIterator[Any]:
     """Yields the imagefs ``Mount`` (or None without ``--image``); unmounts on exit, also on errors. The
@@ -113,7 +136,7 @@ async def image_mounted(config: ServeConfig, metrics: ModelMetrics | None = None
     tiers = [t for t in (config.image_tiers or "").split(",") if t] or default_tiers(Path(config.image))
     cache = Path(config.image_cache or Path(config.snapshot_dir).parent / "chunks")
     started = time.monotonic()
-    manager = mounted(config.image, mountpoint, cache, tiers)
+    manager = mounted(config.image, mountpoint, cache, tiers, hot_tree=hot_tree_fits(config))
     mount = await asyncio.to_thread(manager.__enter__)
     if metrics is not None:
         metrics.phase_seconds.labels("image_mount").observe(time.monotonic() - started)
@@ -125,6 +148,15 @@ async def image_mounted(config: ServeConfig, metrics: ModelMetrics | None = None
         ", ".join(tiers),
         extra={"event": "image_mounted", "duration_s": round(time.monotonic() - started, 3)},
     )
+    if mount.hot_tree is not None:
+        tree = mount.hot_tree
+        log.info(
+            "image %s shown as a hot tree: %d files (%.1f MB) the boot reads on local disk (%s in %.2fs), "
+            "%d links into the lazy mount at %s",
+            config.image, tree.files, tree.bytes / 1e6, "built" if tree.built else "reused", tree.seconds,
+            tree.links, mount.lazy_root,
+            extra={"event": "image_hot_tree", "files": tree.files, "bytes": tree.bytes},
+        )  # fmt: skip
     if await asyncio.to_thread(holds_rootfs, mount.mountpoint):
         log.info("image %s holds a root filesystem: the container root with --snapshot runsc", config.image)
     try:
@@ -142,6 +174,8 @@ async def boot_over(mount: Any, metrics: ModelMetrics | None = None) -> None:
     if not isinstance(fetched, int):
         log.info("image at %s: its daemon reported no stats after the boot", mount.mountpoint)
         return
+    if mount.hot_tree is not None:
+        fetched += mount.hot_tree.fetched  # what the hot tree's build fetched, before the boot
     if metrics is not None:
         metrics.image_fetched_bytes.set(fetched)
     log.info(

@@ -68,7 +68,7 @@ from coldstart.launcher.errors import (
     SnapshotCorrupt,
     SnapshotError,
 )
-from coldstart.launcher.image import holds_rootfs
+from coldstart.launcher.image import engine_mounts, holds_rootfs
 from coldstart.launcher.metrics import Metrics, ModelMetrics
 from coldstart.launcher.process import host_lock, resident_bytes
 from coldstart.launcher.sandboxes.base import Sandbox
@@ -643,7 +643,7 @@ def snapshots_for(
         from coldstart.launcher.checkpointers.criu import CriuCheckpointer
 
         # The engine's files under the imagefs mount stay visible to it; CRIU treats the mount as external.
-        checkpointer = CriuCheckpointer(external_mounts=(settings.image_mount,))
+        checkpointer = CriuCheckpointer(external_mounts=engine_mounts(settings.image_mount))
     checkpointer.check_engine_args(engine_config.engine_args)
     manager = SnapshotManager(
         checkpointer,

@@ -1,0 +1,112 @@
+"""The hot tree: an image with a boot profile is shown as local copies of what the boot read, the rest
+linked into the lazy FUSE mount. Real FUSE mounts, real bind mounts, a real Python importing from it."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from coldstart.imagefs import hot_tree
+from coldstart.imagefs.build import build
+from coldstart.imagefs.mount import force_unmount, is_mountpoint, mounted
+
+pytestmark = pytest.mark.usefixtures("fuse")
+CHUNK = 64 * 1024
+
+
+def make_source(root: Path) -> Path:
+    """A package a Python imports (its empty ``__init__.py`` is opened, never read), a large file read in
+    part, folders and files the boot never touches, the image's own symlinks."""
+    pkg = root / "site" / "pkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_bytes(b"")
+    (pkg / "mod.py").write_text("VALUE = 42\n")
+    (pkg / "big.so").write_bytes(os.urandom(6 * CHUNK))  # over the test's HOT_FILE_MAX: stays lazy
+    (pkg / "unread.py").write_text("UNREAD = 1\n")
+    (root / "cold" / "deep").mkdir(parents=True)
+    (root / "cold" / "deep" / "data").write_bytes(os.urandom(CHUNK + 5))
+    os.symlink("pkg/mod.py", root / "site" / "alias.py")
+    os.symlink("/etc/hostname", root / "abs-link")
+    os.utime(pkg / "mod.py", ns=(1_000_000_000, 1_234_567_891_000_000_000))
+    return root
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    out = {}
+    for folder, _, names in os.walk(root, followlinks=True):
+        for name in names:
+            path = Path(folder) / name
+            if path.is_file():
+                out[str(path.relative_to(root))] = path.read_bytes()
+    return out
+
+
+IMPORT = "import sys; sys.path.insert(0, sys.argv[1]); import pkg.mod; print(pkg.mod.VALUE, pkg.mod.__file__)"
+
+
+def test_a_profiled_image_is_shown_as_local_copies_and_links_into_the_lazy_mount(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hot_tree, "HOT_FILE_MAX", 4 * CHUNK)
+    src = make_source(tmp_path / "src")
+    store = tmp_path / "store"
+    index = build(src, store, chunk_size=CHUNK).index_path
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    mnt.mkdir()
+    try:
+        # First launch: no profile yet, so the plain lazy mount, which records what the "boot" reads.
+        with mounted(index, mnt, cache, [str(store)], hot_tree=True) as m:
+            assert m.hot_tree is None and m.lazy_root == m.mountpoint == mnt.resolve()
+            run = subprocess.run(
+                [sys.executable, "-c", IMPORT, str(mnt / "site")], capture_output=True, text=True
+            )
+            assert run.stdout.split()[0] == "42", run.stderr
+            with open(mnt / "site" / "pkg" / "big.so", "rb") as f:
+                f.read(100)  # a library read in part
+            m.save_profile()
+            deadline = time.monotonic() + 10
+            while not Path(f"{index}.profile").exists():
+                assert time.monotonic() < deadline, "no profile written"
+                time.sleep(0.05)
+        # Next launch: the hot tree, bound read-only at the mount point.
+        with mounted(index, mnt, cache, [str(store)], hot_tree=True) as m:
+            tree, lazy = m.hot_tree, m.lazy_root
+            assert tree is not None and tree.built and lazy != mnt.resolve()
+            assert is_mountpoint(mnt) and is_mountpoint(lazy)
+            site = mnt / "site"
+            for rel in ("pkg/mod.py", "pkg/__init__.py"):  # read (or opened, when empty): copied
+                assert not (site / rel).is_symlink(), rel
+                assert (site / rel).stat().st_mtime_ns == (src / "site" / rel).stat().st_mtime_ns
+            assert os.readlink(site / "pkg" / "big.so") == str(lazy / "site/pkg/big.so")  # large: lazy
+            assert os.readlink(site / "pkg" / "unread.py") == str(lazy / "site/pkg/unread.py")
+            assert os.readlink(mnt / "cold") == str(lazy / "cold")  # a folder the boot never entered
+            assert os.readlink(site / "alias.py") == "pkg/mod.py"  # the image's own links as they are
+            assert os.readlink(mnt / "abs-link") == "/etc/hostname"
+            assert files_of(mnt) == files_of(src)  # nothing missing, nothing different
+            with pytest.raises(OSError) as err:
+                (site / "new.py").write_text("x")
+            assert err.value.errno == errno.EROFS
+            run = subprocess.run([sys.executable, "-c", IMPORT, str(site)], capture_output=True, text=True)
+            assert run.stdout.split() == ["42", str(site / "pkg" / "mod.py")], run.stderr
+            assert (tree.files, tree.bytes) == (2, len("VALUE = 42\n"))  # mod.py and the empty __init__.py
+        assert not is_mountpoint(mnt) and not is_mountpoint(lazy)
+        # A later launch reuses the tree it built (same image, profile and mount point).
+        with mounted(index, mnt, cache, [str(store)], hot_tree=True) as m:
+            assert m.hot_tree is not None and not m.hot_tree.built and m.hot_tree.path == tree.path
+            assert files_of(mnt) == files_of(src)
+    finally:
+        for point in (mnt, hot_tree_lazy(mnt)):
+            if is_mountpoint(point):
+                force_unmount(point)
+
+
+def hot_tree_lazy(mnt: Path) -> Path:
+    from coldstart.imagefs.mount import lazy_root_for
+
+    return lazy_root_for(mnt)
