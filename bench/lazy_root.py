@@ -38,8 +38,9 @@ engine probe, boot or restore, canary included), and what the mount fetched:
     local venv, boot                    --engine-python /opt/coldstart/engines/vllm
     lazy image, boot, empty cache       --image + --engine-python '{image}', empty chunk cache, no profile
     ... with its boot profile (hot tree) the same, with the read order the previous row recorded beside the
-                                        index: the launcher shows the image as a hot tree (imagefs/hot_tree.py:
-                                        what the boot read copied to local disk, the rest linked lazily)
+                                        index: the launcher shows the image as a hot tree
+                                        (imagefs/hot_tree.py: what the boot read copied to local disk,
+                                        the rest linked lazily)
     copied image, incl. copying it      every file read through a fresh mount (empty cache) and written to
                                         local disk first, then the boot from that copy
     lazy image, restore, empty cache    a CRIU snapshot taken from the lazy image by another launcher (same
