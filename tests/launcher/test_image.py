@@ -60,6 +60,37 @@ def test_the_mount_is_timed_and_the_boot_fetch_counted(tmp_path: Path) -> None:
     # the boot read one file of two: its bytes came from the store, the other's never did
     assert sample(metrics, 'coldstart_image_fetched_bytes{model="m"}') == 3 << 20
     assert Path(f"{index}.profile").exists()  # and its read order is the image's profile
+    # The next launch, on a host with an empty cache: the image as a hot tree, what the boot read fetched
+    # (and counted) before the engine starts, the rest still lazy.
+    again = dataclasses.replace(config, image_cache=tmp_path / "empty-cache-2")
+    metrics = Metrics()
+
+    async def relaunch() -> None:
+        async with image_mounted(again, metrics.for_model("m")) as mount:
+            assert mount.hot_tree is not None and mount.hot_tree.fetched == 3 << 20
+            assert not (mount.mountpoint / "weights.bin").is_symlink()
+            assert (mount.mountpoint / "unread.bin").is_symlink()
+            assert (mount.mountpoint / "unread.bin").read_bytes() == (src / "unread.bin").read_bytes()
+            await boot_over(mount, metrics.for_model("m"))
+
+    asyncio.run(relaunch())
+    assert sample(metrics, 'coldstart_image_fetched_bytes{model="m"}') == (3 << 20) + (1 << 20)
+
+
+def test_no_hot_tree_where_the_image_may_be_gvisors_root(tmp_path: Path) -> None:
+    """The hot tree's links name host paths: not for ``--snapshot runsc``, nor a root filesystem image."""
+    from coldstart.launcher.image import hot_tree_fits
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "root" / "usr" / "bin").mkdir(parents=True)
+    model = build(tmp_path / "model", tmp_path / "store").index_path
+    rootfs = build(tmp_path / "root", tmp_path / "store").index_path
+    config = ServeConfig(model="{image}", image=model, snapshot="criu")
+    assert hot_tree_fits(config)
+    assert not hot_tree_fits(dataclasses.replace(config, snapshot="runsc"))
+    assert not hot_tree_fits(dataclasses.replace(config, image=rootfs))
+    assert not hot_tree_fits(dataclasses.replace(config, image=None))
 
 
 def test_an_engine_environment_inside_the_image_is_looked_for_after_the_mount(tmp_path: Path) -> None:

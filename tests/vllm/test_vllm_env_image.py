@@ -45,25 +45,33 @@ def lazy_root() -> ModuleType:
     return bench_module("lazy_root")
 
 
+def launch_args(work: Path, index: Path, snapshots: Path) -> list[str]:
+    cached = lazy_root().vllm_env_image()
+    return [
+        "vllm", str(make_cached_model("tiny")), "--image", str(index), "--engine-python", "{image}",
+        "--image-mount", str(work / "mnt"), "--image-tiers", str(cached.parent.parent),
+        "--image-cache", str(work / "chunks"), "--snapshot", "criu", "--snapshot-dir", str(snapshots),
+        "--work-dir", str(work / "run"), "--served-model-name", MODEL, "--idle-timeout", "3",
+        "--max-replicas", "1", "--boot-timeout", "600", *LEAN_CPU_ARGS,
+    ]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Served, Path]]:
-    work = tmp_path_factory.mktemp("vllm-env-image")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("vllm-env-image")
+
+
+@pytest.fixture(scope="module")
+def served(work: Path) -> Iterator[tuple[Served, Path]]:
     cached = lazy_root().vllm_env_image()
     index = work / "index" / cached.name  # a copy: this boot's profile is written beside it, not the cache's
     index.parent.mkdir()
     shutil.copy(cached, index)
-    mnt, chunks = work / "mnt", work / "chunks"  # chunks: empty, only the index is on this "host"
-    args = [
-        "vllm", str(make_cached_model("tiny")), "--image", str(index), "--engine-python", "{image}",
-        "--image-mount", str(mnt), "--image-tiers", str(cached.parent.parent), "--image-cache", str(chunks),
-        "--snapshot", "criu", "--snapshot-dir", str(work / "snapshots"), "--work-dir", str(work / "run"),
-        "--served-model-name", MODEL, "--idle-timeout", "3", "--max-replicas", "1", "--boot-timeout", "600",
-        *LEAN_CPU_ARGS,
-    ]  # fmt: skip
-    served = Served(args, work / "serve.log", env=LEAN_CPU_ENV)
+    # The chunk cache (work/chunks) starts empty: only the index is on this "host".
+    served = Served(launch_args(work, index, work / "snapshots"), work / "serve.log", env=LEAN_CPU_ENV)
     try:
         served.wait_ready(timeout=900)
-        yield served, mnt
+        yield served, work / "mnt"
     finally:
         served.stop()
 
@@ -115,3 +123,32 @@ def test_vllm_from_its_venv_in_a_lazy_image_boots_snapshots_and_restores_the_sam
     assert vllm_greedy_ids(proc, MODEL, PROMPT) == (ids, text)
     assert ready_lines(proc, "restore") == 1, proc.log()[-3000:]
     assert proc.stop() == 0
+
+
+def test_relaunched_with_the_boot_profile_it_boots_from_a_hot_tree_and_restores_the_same_tokens(
+    served: tuple[Served, Path], work: Path
+) -> None:
+    """The first launch saved its boot profile beside the index; this one shows the image as a hot tree
+    (``imagefs.hot_tree``: what that boot read on local disk, the rest linked into the lazy mount), boots vLLM
+    from it (a fresh snapshot store), snapshots with CRIU (the mount point and the lazy mount external) and
+    restores a replica that gives the same greedy token ids."""
+    first, mnt = served
+    first.stop()  # the first test's launcher, if it is still up: one mount of mnt at a time
+    index = work / "index" / lazy_root().vllm_env_image().name
+    assert Path(f"{index}.profile").exists()
+    proc = Served(launch_args(work, index, work / "snapshots-hot"), work / "serve-hot.log", env=LEAN_CPU_ENV)
+    try:
+        proc.wait_ready(timeout=900)
+        log = proc.log()
+        hot = re.search(r"shown as a hot tree: (\d+) files \(([\d.]+) MB\)", log)
+        assert hot and int(hot.group(1)) > 1000, log[-3000:]
+        assert (mnt / "bin" / "python").exists() and not (mnt / "pyvenv.cfg").is_symlink()  # read: local
+        assert (mnt / "lib").is_dir() and not (mnt / "lib").is_symlink()
+        ids, text = vllm_greedy_ids(proc, MODEL, PROMPT)
+        assert ids
+        assert re.search(r"snapshot \w+ taken", proc.log()), proc.log()[-3000:]
+        proc.wait_for(lambda h: h["replicas"] == [], timeout=120, what="scale to zero")
+        assert vllm_greedy_ids(proc, MODEL, PROMPT) == (ids, text)
+        assert ready_lines(proc, "restore") == 1, proc.log()[-3000:]
+    finally:
+        assert proc.stop() == 0
