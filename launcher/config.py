@@ -187,7 +187,9 @@ class ServeConfig:
     image: Path | None = opt(
         None,
         "run the engine from this imagefs index, mounted lazily; {image} in MODEL "
-        "and engine args is its mount point",
+        "and engine args is its mount point. The first boot saves its read order beside the index "
+        "(INDEX.profile); with one, what the boot reads is copied to local disk first (a hot tree: no "
+        "FUSE round trip per file) and the rest stays lazy",
     )
     image_mount: Path | None = opt(None, "where to mount --image (default: WORK_DIR/image)")
     image_tiers: str | None = opt(
