@@ -10,6 +10,9 @@ The daemon runs trio in its own process, so an asyncio caller (the launcher) is 
 Unmount on exit, including on exceptions: SIGTERM the daemon (it unmounts and saves its profile), wait
 ``grace_s``, SIGKILL, reap; then, if the mount is somehow still there, ``fusermount3 -u -z``. Every step is
 registered before it is taken (``ExitStack``), so a failure half-way through undoes what was done.
+
+With ``hot_tree=True`` and a boot profile, the FUSE mount goes to ``lazy_root_for(mountpoint)`` and the
+mount point shows the image's hot tree (``imagefs.hot_tree``), bound read-only; ``stop`` unbinds it first.
 """
 
 from __future__ import annotations
@@ -296,7 +299,7 @@ def _build_hot_tree(
         tree = dataclasses.replace(tree, fetched=fetcher.remote_bytes())
     finally:
         fetcher.close()
-    log.info(
+    log.debug(  # the launcher logs it (launcher/image.py), with the image's name
         "hot tree %s: %d files (%.1f MB) local, %d links into %s, %s in %.2fs",
         tree.path, tree.files, tree.bytes / 1e6, tree.links, lazy_root, "built" if tree.built else "reused",
         tree.seconds,
