@@ -34,7 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from coldstart.imagefs.daemon import DEFAULT_MAX_BACKGROUND, DEFAULT_READ_AHEAD_KB, MountConfig
-from coldstart.imagefs.errors import MountError, UsageError
+from coldstart.imagefs.errors import ImageError, MountError, UsageError
 from coldstart.imagefs.fetcher import Fetcher
 from coldstart.imagefs.hot_tree import HotTree, tree_path
 from coldstart.imagefs.hot_tree import build as build_hot_tree
@@ -178,21 +178,24 @@ class Mount:
             time.sleep(0.02)
         return {}
 
-    def bind_hot_tree(self, tree: HotTree) -> None:
-        """Show ``tree`` at the mount point, read-only (a bind mount, unmounted by ``stop``)."""
-        self.hot_tree = tree
+    def show(self, tree: HotTree | None) -> None:
+        """Show ``tree`` (or, None, the lazy mount itself) at the mount point, read-only: a bind mount that
+        ``stop`` unmounts first."""
+        source = tree.path if tree is not None else self.lazy_root
         for argv in (
-            ["mount", "--bind", str(tree.path), str(self.mountpoint)],
+            ["mount", "--bind", str(source), str(self.mountpoint)],
             ["mount", "-o", "remount,bind,ro", str(self.mountpoint)],
         ):
             done = subprocess.run(argv, capture_output=True, text=True, check=False)
             if done.returncode != 0:
+                force_unmount(self.mountpoint)
                 raise MountError(f"{' '.join(argv)} failed: {done.stderr.strip() or done.returncode}")
+        self.hot_tree = tree
 
     def stop(self) -> None:
-        """Unbind the hot tree; SIGTERM, grace, SIGKILL, reap; then make sure nothing is left mounted.
-        Idempotent."""
-        if self.hot_tree is not None:
+        """Unbind what the mount point shows; SIGTERM, grace, SIGKILL, reap; then make sure nothing is left
+        mounted. Idempotent."""
+        if self.mountpoint != self.lazy_root:
             force_unmount(self.mountpoint)
         proc = self._proc
         if proc is not None and proc.poll() is None:
@@ -276,7 +279,12 @@ def mounted(
         undo.callback(mount.stop)
         mount.start(timeout_s)
         if profile:
-            mount.bind_hot_tree(_build_hot_tree(index, profile, cache, tiers, lazy_root))
+            try:
+                tree: HotTree | None = _build_hot_tree(index, profile, cache, tiers, lazy_root)
+            except (ImageError, OSError) as exc:  # a full disk, an origin gone: the image stays lazy
+                log.warning("hot tree of %s not built (%s): the image is served lazily", index_path, exc)
+                tree = None
+            mount.show(tree)
         yield mount
 
 

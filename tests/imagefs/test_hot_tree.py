@@ -110,3 +110,40 @@ def hot_tree_lazy(mnt: Path) -> Path:
     from coldstart.imagefs.mount import lazy_root_for
 
     return lazy_root_for(mnt)
+
+
+def test_a_tree_that_cannot_be_built_leaves_the_image_lazy_at_the_mount_point(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The hot tree is a shortcut: when its build fails (here a chunk the profile names is gone from the
+    origin; a full disk alike) the mount point shows the lazy mount, with a warning, and no half tree
+    stays."""
+    src = make_source(tmp_path / "src")
+    store = tmp_path / "store"
+    index = build(src, store, chunk_size=CHUNK).index_path
+    from coldstart.imagefs.index import ImageIndex
+    from coldstart.imagefs.profile import write_profile
+
+    image = ImageIndex.open(index)
+    big = dict(image.walk())["site/pkg/big.so"]
+    gone = image.chunk_digest(big, 0).hex()
+    mod = dict(image.walk())["site/pkg/mod.py"]
+    write_profile(f"{index}.profile", image.digest, [image.chunk_digest(mod, 0).hex(), gone])
+    (store / "chunks" / gone[:2] / gone).unlink()
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    mnt.mkdir()
+    try:
+        with caplog.at_level("WARNING", logger="coldstart.imagefs"):
+            with mounted(index, mnt, cache, [str(store)], hot_tree=True) as m:
+                assert m.hot_tree is None and is_mountpoint(mnt)
+                assert (
+                    mnt / "site" / "pkg" / "mod.py"
+                ).read_text() == "VALUE = 42\n"  # lazily, through the mount
+                assert not (mnt / "site" / "pkg" / "mod.py").is_symlink()
+        assert "not built" in caplog.text and "served lazily" in caplog.text
+        assert not is_mountpoint(mnt) and not is_mountpoint(hot_tree_lazy(mnt))
+        assert not list((cache / "hot").glob("*"))  # no tree, no half-built folder
+    finally:
+        for point in (mnt, hot_tree_lazy(mnt)):
+            if is_mountpoint(point):
+                force_unmount(point)
