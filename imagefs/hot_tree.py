@@ -123,9 +123,9 @@ def build(
             copied = sum(copies)
             sum(prefetch)  # raises what a fetch raised
         for path in sorted(folders, key=len, reverse=True):  # children first: a folder's mtime is final
-            inode = folder_inodes[path]
-            os.chmod(tmp / path, index.mode[inode] & SAFE_MODE_BITS)
-            os.utime(tmp / path, ns=(index.mtime_ns[inode], index.mtime_ns[inode]))
+            folder = folder_inodes[path]
+            os.chmod(tmp / path, index.mode[folder] & SAFE_MODE_BITS)
+            os.utime(tmp / path, ns=(index.mtime_ns[folder], index.mtime_ns[folder]))
         os.rename(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
