@@ -13,8 +13,8 @@ get the file handle only, not the inode), so the way around the round trips is n
 The tree (``build``), from the index and the profile alone:
 - a regular file of at most ``HOT_FILE_MAX`` bytes the profile touched (any of its chunks), and every empty
   file in a folder that holds one (``__init__.py``: opened, never read, so never in a profile), is copied
-  with its mode bits (``SAFE_MODE_BITS``) and modification time (Python checks a ``.pyc`` against its
-  source's); its chunks are verified as every chunk is;
+  with its owner, mode bits (``SAFE_MODE_BITS``) and modification time (Python checks a ``.pyc`` against
+  its source's); its chunks are verified as every chunk is (extended attributes are not copied);
 - a folder on the way to such a file is a real folder; any other folder, and any other file (the large
   libraries, read in part, stay lazy and share the page cache through the mount), is a symlink to its path
   under the lazy mount, so nothing is copied that the boot did not read, and nothing is missing;
@@ -124,6 +124,7 @@ def build(
             sum(prefetch)  # raises what a fetch raised
         for path in sorted(folders, key=len, reverse=True):  # children first: a folder's mtime is final
             folder = folder_inodes[path]
+            os.chown(tmp / path, index.uid[folder], index.gid[folder])
             os.chmod(tmp / path, index.mode[folder] & SAFE_MODE_BITS)
             os.utime(tmp / path, ns=(index.mtime_ns[folder], index.mtime_ns[folder]))
         os.rename(tmp, dest)
@@ -140,6 +141,7 @@ def _copy(index: ImageIndex, fetcher: Fetcher, root: Path, path: str, inode: int
             view = memoryview(fetcher.get(digest.hex()))
             while view:
                 view = view[f.write(view) :]
+    os.chown(target, index.uid[inode], index.gid[inode])  # as the mount shows them (the build runs as root)
     os.chmod(target, index.mode[inode] & SAFE_MODE_BITS)
     os.utime(target, ns=(index.mtime_ns[inode], index.mtime_ns[inode]))
     return index.size[inode]

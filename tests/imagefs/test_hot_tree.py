@@ -33,6 +33,7 @@ def make_source(root: Path) -> Path:
     (root / "cold" / "deep" / "data").write_bytes(os.urandom(CHUNK + 5))
     os.symlink("pkg/mod.py", root / "site" / "alias.py")
     os.symlink("/etc/hostname", root / "abs-link")
+    os.chown(pkg / "mod.py", 1234, 4321)  # an engine may run as another user: owners are kept
     os.utime(pkg / "mod.py", ns=(1_000_000_000, 1_234_567_891_000_000_000))
     return root
 
@@ -82,7 +83,13 @@ def test_a_profiled_image_is_shown_as_local_copies_and_links_into_the_lazy_mount
             site = mnt / "site"
             for rel in ("pkg/mod.py", "pkg/__init__.py"):  # read (or opened, when empty): copied
                 assert not (site / rel).is_symlink(), rel
-                assert (site / rel).stat().st_mtime_ns == (src / "site" / rel).stat().st_mtime_ns
+                copied, source = (site / rel).stat(), (src / "site" / rel).stat()
+                assert (copied.st_mtime_ns, copied.st_uid, copied.st_gid, copied.st_mode) == (
+                    source.st_mtime_ns,
+                    source.st_uid,
+                    source.st_gid,
+                    source.st_mode,
+                )
             assert os.readlink(site / "pkg" / "big.so") == str(lazy / "site/pkg/big.so")  # large: lazy
             assert os.readlink(site / "pkg" / "unread.py") == str(lazy / "site/pkg/unread.py")
             assert os.readlink(mnt / "cold") == str(lazy / "cold")  # a folder the boot never entered
