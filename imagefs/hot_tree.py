@@ -6,9 +6,10 @@ not; Python's imports make tens of thousands of them (``import vllm``: ~15k open
 process). Measured here (``python -c 'import torch; import vllm.entrypoints.openai.api_server'``, the vLLM
 venv as an image, chunks cached, page cache warm): 9.6 s from local disk, 16.0 s through the mount (5.4 s of
 daemon CPU on the same 2 cores), 10.4-11.4 s through a tree like this one (daemon CPU ~0). An overlayfs of
-the copied files over the mount gained less (15-18 s): its merged folders still read the mount's on every
-``readdir``. pyfuse3 cannot use the kernel's no-open / cached-readdir modes (its ``read`` and ``readdir``
-get the file handle only, not the inode), so the way around the round trips is not to make them.
+the copied files over the mount gained less (15.1-18.1 s in a run where local took 10.8-11.5 s and the mount
+17.2-20.7 s): its merged folders still read the mount's on every ``readdir``. pyfuse3 cannot use the
+kernel's no-open / cached-readdir modes (its ``read`` and ``readdir`` get the file handle only, not the
+inode), so the way around the round trips is not to make them.
 
 The tree (``build``), from the index and the profile alone:
 - a regular file of at most ``HOT_FILE_MAX`` bytes the profile touched (any of its chunks), and every empty
