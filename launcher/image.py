@@ -37,7 +37,7 @@ from typing import Any
 from coldstart.engine_adapters.base import EngineAdapter
 from coldstart.engine_adapters.errors import EngineNotInstalled
 from coldstart.engine_adapters.registry import get_adapter
-from coldstart.launcher.config import ServeConfig
+from coldstart.launcher.config import CheckpointerName, ServeConfig
 from coldstart.launcher.metrics import ModelMetrics
 
 log = logging.getLogger("coldstart.image")
@@ -101,12 +101,22 @@ async def engine_from_image(config: ServeConfig) -> EngineAdapter:
 
 def hot_tree_fits(config: ServeConfig) -> bool:
     """Whether the image may be shown as a hot tree (``imagefs.hot_tree``: local copies of what the boot
-    read, links into the lazy mount for the rest). Not as gVisor's container root: the links name host
-    paths, which the container does not have; so not with ``--snapshot runsc``, nor for a root filesystem
-    image that ``auto`` might hand to runsc."""
+    read, links into the lazy mount for the rest). Not under gVisor: the links name host paths and runsc
+    is not measured with them; so not with ``--snapshot runsc`` (or ``auto`` resolving to it), nor for a
+    root filesystem image (runsc's container root)."""
     from coldstart.imagefs.index import ROOT, ImageIndex
+    from coldstart.launcher.checkpointers.registry import best_available
+    from coldstart.launcher.errors import CheckpointerUnavailable
 
-    if config.image is None or config.snapshot == "runsc":
+    if config.image is None:
+        return False
+    checkpointer = str(config.snapshot)
+    if checkpointer == CheckpointerName.AUTO:
+        try:
+            checkpointer = best_available().name
+        except CheckpointerUnavailable:
+            checkpointer = CheckpointerName.OFF
+    if checkpointer == CheckpointerName.RUNSC:
         return False
     index = ImageIndex.open(config.image)
     usr = index.lookup(ROOT, b"usr")

@@ -89,6 +89,14 @@ def test_no_hot_tree_where_the_image_may_be_gvisors_root(tmp_path: Path) -> None
     config = ServeConfig(model="{image}", image=model, snapshot="criu")
     assert hot_tree_fits(config)
     assert not hot_tree_fits(dataclasses.replace(config, snapshot="runsc"))
+    from coldstart.launcher.checkpointers.registry import best_available
+    from coldstart.launcher.errors import CheckpointerUnavailable
+
+    try:
+        auto = best_available().name  # criu where it works (this machine), runsc where only gVisor does
+    except CheckpointerUnavailable:
+        auto = "off"
+    assert hot_tree_fits(dataclasses.replace(config, snapshot="auto")) == (auto != "runsc")
     assert not hot_tree_fits(dataclasses.replace(config, image=rootfs))
     assert not hot_tree_fits(dataclasses.replace(config, image=None))
 
