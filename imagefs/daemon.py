@@ -40,7 +40,6 @@ from coldstart.imagefs.fs import ImageFS
 from coldstart.imagefs.index import ImageIndex
 from coldstart.imagefs.profile import Recorder, profile_path_for, read_profile, write_profile
 from coldstart.imagefs.store import write_atomic
-from coldstart.imagefs.tiers import DirectoryTier, MemoryTier, open_tier
 
 log = logging.getLogger("coldstart.imagefs")
 
@@ -148,12 +147,7 @@ class Daemon:
         if not config.tiers:
             raise MountError("no tier given; pass at least the origin (--tier DIR|URL)")
         Path(config.cache_dir).mkdir(parents=True, exist_ok=True)
-        remotes = [open_tier(url) for url in config.tiers]
-        self.fetcher = Fetcher(
-            MemoryTier(config.memory_mib << 20),
-            DirectoryTier(config.cache_dir, "disk", writable=True),
-            remotes,
-        )
+        self.fetcher = Fetcher.for_mount(config.cache_dir, config.tiers, config.memory_mib << 20)
         self.recorder = Recorder() if config.record_profile else None
         self.profile = read_profile(config.profile, self.index.digest) if config.prefetch else []
         self.ops = ImageFS(

@@ -25,11 +25,13 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from coldstart.imagefs.errors import ChunkUnavailable, TierError
-from coldstart.imagefs.tiers import DirectoryTier, MemoryTier, Tier
+from coldstart.imagefs.tiers import DirectoryTier, MemoryTier, Tier, open_tier
 
 log = logging.getLogger("coldstart.imagefs")
 
@@ -100,6 +102,16 @@ class Fetcher:
                 st.hits += 1
                 st.bytes += len(data)
         return data
+
+    @classmethod
+    def for_mount(cls, cache_dir: str | Path, tier_urls: Sequence[str], memory_bytes: int) -> Fetcher:
+        """Memory -> the mount's disk cache (``cache_dir``, named "disk" in the stats) -> ``tier_urls``: what
+        a mount's daemon reads through, and what a hot tree is built with (the same cache)."""
+        return cls(
+            MemoryTier(memory_bytes),
+            DirectoryTier(cache_dir, "disk", writable=True),
+            [open_tier(url) for url in tier_urls],
+        )
 
     def get(self, digest_hex: str, must_cache: bool = False) -> bytes:
         """The verified chunk, from the nearest tier that has it; blocks (call it from a worker thread).

@@ -41,9 +41,9 @@ from pathlib import Path
 
 from coldstart.imagefs.fetcher import Fetcher
 from coldstart.imagefs.index import ROOT, ImageIndex
+from coldstart.imagefs.refs import SAFE_MODE_BITS
 
 HOT_FILE_MAX = 8 << 20  # larger files stay lazy: libraries read in part (libtorch_cpu.so: 434 MB)
-SAFE_MODE_BITS = 0o755  # as refs.materialize: no setuid/setgid/sticky, no group/other write
 _FORMAT = "1"
 
 

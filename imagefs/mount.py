@@ -40,7 +40,6 @@ from coldstart.imagefs.hot_tree import HotTree, tree_path
 from coldstart.imagefs.hot_tree import build as build_hot_tree
 from coldstart.imagefs.index import ImageIndex
 from coldstart.imagefs.profile import profile_path_for, read_profile
-from coldstart.imagefs.tiers import DirectoryTier, MemoryTier, open_tier
 
 log = logging.getLogger("coldstart.imagefs")
 LAZY_ROOTS = Path("/run/coldstart/imagefs-lazy")  # lazy mounts under a hot tree (tmpfs: gone at reboot)
@@ -299,9 +298,7 @@ def lazy_root_for(mountpoint: str | Path) -> Path:
 def _build_hot_tree(
     index: ImageIndex, profile: list[str], cache: Path, tiers: Sequence[str], lazy_root: Path
 ) -> HotTree:
-    fetcher = Fetcher(
-        MemoryTier(64 << 20), DirectoryTier(cache, "disk", writable=True), [open_tier(t) for t in tiers]
-    )
+    fetcher = Fetcher.for_mount(cache, tiers, 64 << 20)
     try:
         tree = build_hot_tree(index, profile, fetcher, lazy_root, tree_path(cache, index, profile, lazy_root))
         tree = dataclasses.replace(tree, fetched=fetcher.remote_bytes())

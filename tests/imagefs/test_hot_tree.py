@@ -14,7 +14,7 @@ import pytest
 
 from coldstart.imagefs import hot_tree
 from coldstart.imagefs.build import build
-from coldstart.imagefs.mount import force_unmount, is_mountpoint, mounted
+from coldstart.imagefs.mount import force_unmount, is_mountpoint, lazy_root_for, mounted
 
 pytestmark = pytest.mark.usefixtures("fuse")
 CHUNK = 64 * 1024
@@ -108,15 +108,9 @@ def test_a_profiled_image_is_shown_as_local_copies_and_links_into_the_lazy_mount
             assert m.hot_tree is not None and not m.hot_tree.built and m.hot_tree.path == tree.path
             assert files_of(mnt) == files_of(src)
     finally:
-        for point in (mnt, hot_tree_lazy(mnt)):
+        for point in (mnt, lazy_root_for(mnt)):
             if is_mountpoint(point):
                 force_unmount(point)
-
-
-def hot_tree_lazy(mnt: Path) -> Path:
-    from coldstart.imagefs.mount import lazy_root_for
-
-    return lazy_root_for(mnt)
 
 
 def test_a_tree_that_cannot_be_built_leaves_the_image_lazy_at_the_mount_point(
@@ -148,9 +142,9 @@ def test_a_tree_that_cannot_be_built_leaves_the_image_lazy_at_the_mount_point(
                 ).read_text() == "VALUE = 42\n"  # lazily, through the mount
                 assert not (mnt / "site" / "pkg" / "mod.py").is_symlink()
         assert "not built" in caplog.text and "served lazily" in caplog.text
-        assert not is_mountpoint(mnt) and not is_mountpoint(hot_tree_lazy(mnt))
+        assert not is_mountpoint(mnt) and not is_mountpoint(lazy_root_for(mnt))
         assert not list((cache / "hot").glob("*"))  # no tree, no half-built folder
     finally:
-        for point in (mnt, hot_tree_lazy(mnt)):
+        for point in (mnt, lazy_root_for(mnt)):
             if is_mountpoint(point):
                 force_unmount(point)
